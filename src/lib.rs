@@ -1,0 +1,28 @@
+//! ws-notify: Redis pub/sub to authenticated WebSocket clients.
+//!
+//! ```text
+//!  backend --PUBLISH user_noti:<id>--> Redis
+//!                                        |
+//!                     PSUBSCRIBE user_noti:*  (blocking connection)
+//!                                        v
+//!  [redis reader thread] --bounded queue + one Waker wake per batch-->
+//!  [event loop thread: mio Poll]
+//!       listener, waker, signal pipe, Slab<Connection>
+//!       hub: user_id -> connection keys --> each connection's OutboundQueue --> socket
+//! ```
+//!
+//! Two threads: the event loop owns every socket and all per-connection state;
+//! the Redis reader owns the Redis connection and only hands raw messages over.
+//! Health state crossing the two lives in atomics (`redis_reader::RedisStatus`).
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod conn;
+pub mod http;
+pub mod hub;
+pub mod logging;
+pub mod message;
+pub mod metrics;
+pub mod redis_reader;
+pub mod server;
