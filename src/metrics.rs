@@ -1,1 +1,206 @@
-//! TODO
+//! Counters and their rendering for `/metrics` (Prometheus text 0.0.4, and the Go
+//! service's JSON shape with `?format=json`) and `/health`.
+//!
+//! The counters are plain integers owned by the event loop (no atomics on the hot
+//! path); the Redis side's numbers come from `RedisStatus` atomics.
+
+use std::fmt::Write as _;
+
+use crate::clock::Timestamp;
+use crate::conn::CloseReason;
+use crate::http::Rejection;
+use crate::redis_reader::RedisStatus;
+
+/// Counters bumped by the event loop.
+#[derive(Default)]
+pub struct Metrics {
+    /// WebSocket upgrades completed.
+    pub connections_accepted: u64,
+    /// Requests answered with an error, by `Rejection as usize`.
+    pub rejected: [u64; Rejection::ALL.len()],
+    /// Clients that did not finish their request head in time.
+    pub handshake_timeouts: u64,
+    /// Message frames queued to connections (one per connection a message reaches).
+    pub delivered: u64,
+    /// Messages for users with no connection here.
+    pub dropped_offline: u64,
+    /// Deliveries dropped because a connection's queue was full.
+    pub dropped_buffer_full: u64,
+    /// Published messages that are not `{"type": string, "payload": any}`.
+    pub dropped_invalid: u64,
+    /// Connections ended, by `CloseReason as usize`.
+    pub disconnects: [u64; CloseReason::ALL.len()],
+    /// `accept` failures for lack of file descriptors (EMFILE/ENFILE).
+    pub accept_fd_exhausted: u64,
+}
+
+/// Point-in-time numbers that are not counters.
+pub struct Gauges {
+    pub connections: usize,
+    pub users: usize,
+    pub uptime_seconds: u64,
+    pub resident_bytes: Option<u64>,
+    pub open_fds: Option<u64>,
+}
+
+impl Gauges {
+    /// Reads the process numbers from /proc (only when /metrics is asked for).
+    pub fn sample(connections: usize, users: usize, uptime_seconds: u64) -> Gauges {
+        Gauges {
+            connections,
+            users,
+            uptime_seconds,
+            resident_bytes: resident_bytes(),
+            open_fds: open_fds(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render_prometheus(&self, gauges: &Gauges, redis: &RedisStatus) -> String {
+        let mut out = String::with_capacity(4096);
+        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP ws_notify_{name} {help}");
+            let _ = writeln!(out, "# TYPE ws_notify_{name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(out, "ws_notify_{name}{labels} {value}");
+            }
+        };
+        metric("connections", "gauge", "Open WebSocket connections.", &[("", gauges.connections as u64)]);
+        metric("users", "gauge", "Users with at least one open connection.", &[("", gauges.users as u64)]);
+        metric(
+            "connections_accepted_total",
+            "counter",
+            "WebSocket upgrades completed.",
+            &[("", self.connections_accepted)],
+        );
+        let rejected: Vec<(String, u64)> = Rejection::ALL
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.label()), self.rejected[*r as usize]))
+            .chain(std::iter::once(("{reason=\"handshake_timeout\"}".to_string(), self.handshake_timeouts)))
+            .collect();
+        let rejected: Vec<(&str, u64)> = rejected.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric("connections_rejected_total", "counter", "Connections refused before or during the upgrade, by reason.", &rejected);
+        metric(
+            "messages_received_total",
+            "counter",
+            "Messages read from Redis.",
+            &[("", redis.received())],
+        );
+        metric(
+            "messages_delivered_total",
+            "counter",
+            "Message frames queued to client connections.",
+            &[("", self.delivered)],
+        );
+        metric(
+            "messages_dropped_total",
+            "counter",
+            "Messages or deliveries dropped, by reason.",
+            &[
+                ("{reason=\"offline_user\"}", self.dropped_offline),
+                ("{reason=\"buffer_full\"}", self.dropped_buffer_full),
+                ("{reason=\"invalid\"}", self.dropped_invalid),
+                ("{reason=\"queue_full\"}", redis.dropped_queue_full()),
+            ],
+        );
+        let disconnects: Vec<(String, u64)> = CloseReason::ALL
+            .iter()
+            .map(|r| (format!("{{reason=\"{}\"}}", r.label()), self.disconnects[*r as usize]))
+            .collect();
+        let disconnects: Vec<(&str, u64)> = disconnects.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric("disconnects_total", "counter", "WebSocket connections ended, by reason.", &disconnects);
+        metric(
+            "accept_fd_exhausted_total",
+            "counter",
+            "accept() failures for lack of file descriptors (EMFILE/ENFILE).",
+            &[("", self.accept_fd_exhausted)],
+        );
+        metric(
+            "redis_connected",
+            "gauge",
+            "1 while subscribed to Redis.",
+            &[("", u64::from(redis.is_subscribed()))],
+        );
+        metric(
+            "redis_reconnects_total",
+            "counter",
+            "Successful re-subscriptions to Redis after a lost connection.",
+            &[("", redis.reconnects())],
+        );
+        metric(
+            "redis_connect_failures_total",
+            "counter",
+            "Failed attempts to connect and subscribe to Redis.",
+            &[("", redis.connect_failures())],
+        );
+        metric("uptime_seconds", "gauge", "Seconds since start.", &[("", gauges.uptime_seconds)]);
+        if let Some(rss) = gauges.resident_bytes {
+            metric("resident_memory_bytes", "gauge", "Resident set size of the process.", &[("", rss)]);
+        }
+        if let Some(fds) = gauges.open_fds {
+            metric("open_fds", "gauge", "Open file descriptors of the process.", &[("", fds)]);
+        }
+        out
+    }
+
+    /// The Go service's `/metrics` JSON shape.
+    pub fn render_json(&self, gauges: &Gauges, redis: &RedisStatus, now: &Timestamp) -> String {
+        serde_json::json!({
+            "service": "websocket-service",
+            "timestamp": now.as_str(),
+            "uptime_seconds": gauges.uptime_seconds,
+            "connections": {
+                "active": gauges.connections,
+                "total_unique_users": gauges.users,
+            },
+            "messages": {
+                "received_from_redis": redis.received(),
+                "sent_to_clients": self.delivered,
+                "failed": self.dropped_buffer_full + self.dropped_invalid + redis.dropped_queue_full(),
+            },
+        })
+        .to_string()
+    }
+}
+
+/// `/health`: (HTTP status, JSON body). 503 while not subscribed to Redis.
+pub fn render_health(gauges: &Gauges, redis: &RedisStatus, now: &Timestamp) -> (u16, String) {
+    let subscribed = redis.is_subscribed();
+    let mut redis_json = serde_json::json!({
+        "status": if subscribed { "connected" } else { "disconnected" },
+    });
+    if let Some(micros) = redis.ping_micros().filter(|_| subscribed) {
+        redis_json["ping_ms"] = serde_json::json!(micros as f64 / 1000.0);
+    }
+    if let Some(error) = redis.last_error().filter(|_| !subscribed) {
+        redis_json["error"] = serde_json::json!(error);
+    }
+    let body = serde_json::json!({
+        "status": if subscribed { "healthy" } else { "degraded" },
+        "timestamp": now.as_str(),
+        "redis": redis_json,
+        "websocket": {
+            "active_connections": gauges.connections,
+            "total_unique_users": gauges.users,
+        },
+        "uptime_seconds": gauges.uptime_seconds,
+    });
+    (if subscribed { 200 } else { 503 }, body.to_string())
+}
+
+/// Resident set size from /proc/self/statm.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page_size).ok().map(|size| pages * size)
+}
+
+/// Entries of /proc/self/fd (minus the one the listing itself holds open).
+fn open_fds() -> Option<u64> {
+    let count = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some(count.saturating_sub(1))
+}

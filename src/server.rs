@@ -1,1 +1,726 @@
-//! TODO
+//! The event loop: one thread, one mio `Poll`, owning the listener, the waker, the
+//! signal pipe and a `Slab` of connections (the slab key is the mio `Token`).
+//!
+//! Each turn: wait for events (the timeout is the earliest deadline), accept until
+//! `WouldBlock`, run the read path of readable connections, deliver a bounded batch
+//! of Redis messages (each encoded once, queued on every connection of the user),
+//! flush each touched connection once, then fire the deadlines that are due.
+//! Deadlines live in a heap with at most a couple of entries per connection, so
+//! their cost grows with the deadlines that fire, not with the connections held.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io::{self, Read};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use slab::Slab;
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::auth::Authenticator;
+use crate::clock::{self, Timestamp};
+use crate::config::Config;
+use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
+use crate::conn::outbound::{FlushResult, MAX_CONTROL_BYTES};
+use crate::conn::{CloseReason, Connection, FramesRead, HeadRead, PING_FRAME, SessionParams, State};
+use crate::http;
+use crate::hub::Hub;
+use crate::logging::RateLimited;
+use crate::message::MessageEncoder;
+use crate::metrics::{self, Gauges, Metrics};
+use crate::redis_reader::{Inbox, Published, RedisReader, RedisStatus};
+
+// Reserved tokens sit at the top of the range so a slab key is directly a token.
+const LISTENER_TOKEN: Token = Token(usize::MAX - 1);
+const WAKER_TOKEN: Token = Token(usize::MAX - 2);
+const SIGNAL_TOKEN: Token = Token(usize::MAX - 3);
+
+/// Events taken from one `poll`.
+const EVENTS_CAPACITY: usize = 1024;
+/// Redis messages delivered per loop turn, so sockets are never starved.
+const INBOX_BATCH: usize = 4096;
+/// WebSocket messages read from one connection per turn before others get their turn.
+const READ_BUDGET: usize = 64;
+/// How long accepting pauses when the process is out of file descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Bytes tungstenite reads at a time for one connection (clients send little).
+const WS_READ_BUFFER: usize = 1024;
+/// Time to write an HTTP answer and see the client go.
+const RESPOND_WAIT: Duration = Duration::from_secs(5);
+
+/// The event loop and everything it owns.
+pub struct Server {
+    poll: Poll,
+    /// None once shutdown has begun.
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    /// Read end of the pipe the signal handler writes to.
+    signals: UnixStream,
+    conns: Slab<Connection>,
+    hub: Hub,
+    /// (deadline, slab key, connection id); stale entries are skipped when popped.
+    timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    metrics: Metrics,
+    inbox: Inbox,
+    /// Reused buffer for one batch of Redis messages.
+    inbound: Vec<Published>,
+    /// More Redis messages may be waiting (a wake arrived or the last batch was full).
+    inbox_pending: bool,
+    reader: RedisReader,
+    redis: Arc<RedisStatus>,
+    authenticator: Authenticator,
+    config: Config,
+    encoder: MessageEncoder,
+    ws_config: WebSocketConfig,
+    /// Connections with output queued during this turn, flushed once at its end.
+    to_flush: Vec<usize>,
+    /// Connections that used their read budget and have more to read.
+    read_again: Vec<usize>,
+    started: Instant,
+    next_connection_id: u64,
+    accept_paused_until: Option<Instant>,
+    shutdown_deadline: Option<Instant>,
+    invalid_warnings: RateLimited,
+    accept_warnings: RateLimited,
+}
+
+impl ConnectionCounts for Hub {
+    fn open_connections(&self) -> usize {
+        self.connection_count()
+    }
+
+    fn connections_of(&self, user_id: &str) -> usize {
+        Hub::connections_of(self, user_id).map_or(0, <[usize]>::len)
+    }
+}
+
+impl Server {
+    /// Binds the listener, installs the signal pipe and starts the Redis reader.
+    pub fn bind(config: Config, authenticator: Authenticator) -> io::Result<Server> {
+        let address = config
+            .listen_addr_text()
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "WS_HOST resolves to no address"))?;
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(address)?;
+        let local_addr = listener.local_addr()?;
+        poll.registry().register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
+
+        let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
+        read_end.set_nonblocking(true)?;
+        write_end.set_nonblocking(true)?;
+        signal_hook::low_level::pipe::register(libc::SIGTERM, write_end.try_clone()?)?;
+        signal_hook::low_level::pipe::register(libc::SIGINT, write_end)?;
+        let mut signals = UnixStream::from_std(read_end);
+        poll.registry().register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
+        let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
+
+        let max_message = config.max_message_size;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(WS_READ_BUFFER)
+            .write_buffer_size(0)
+            .max_write_buffer_size(MAX_CONTROL_BYTES)
+            .max_message_size(Some(max_message))
+            // Control frames may carry 125 bytes whatever the data limit is.
+            .max_frame_size(Some(max_message.max(125)));
+        Ok(Server {
+            poll,
+            listener: Some(listener),
+            local_addr,
+            signals,
+            conns: Slab::with_capacity(1024),
+            hub: Hub::default(),
+            timers: BinaryHeap::new(),
+            metrics: Metrics::default(),
+            inbox,
+            inbound: Vec::with_capacity(INBOX_BATCH),
+            inbox_pending: true,
+            reader,
+            redis,
+            authenticator,
+            config,
+            encoder: MessageEncoder::new(),
+            ws_config,
+            to_flush: Vec::new(),
+            read_again: Vec::new(),
+            started: Instant::now(),
+            next_connection_id: 1,
+            accept_paused_until: None,
+            shutdown_deadline: None,
+            invalid_warnings: RateLimited::new(Duration::from_secs(10)),
+            accept_warnings: RateLimited::new(Duration::from_secs(10)),
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Runs until a graceful shutdown completes.
+    pub fn run(mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        info!("listening on {}", self.local_addr);
+        loop {
+            let timeout = self.poll_timeout(Instant::now());
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let now = Instant::now();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER_TOKEN => self.accept(now),
+                    WAKER_TOKEN => self.inbox_pending = true,
+                    SIGNAL_TOKEN => self.on_signal(now),
+                    Token(key) => {
+                        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                        self.on_socket(key, readable, event.is_writable(), now);
+                    }
+                }
+            }
+            self.read_leftovers(now);
+            if self.inbox_pending {
+                self.deliver_inbox(now);
+            }
+            self.flush_touched(now);
+            self.fire_timers(now);
+            if self.accept_paused_until.is_some_and(|until| now >= until) {
+                self.accept_paused_until = None;
+                self.accept(now);
+            }
+            if let Some(deadline) = self.shutdown_deadline
+                && (self.conns.is_empty() || now >= deadline)
+            {
+                info!(
+                    "shutdown complete: {} connections left at the deadline",
+                    self.conns.len()
+                );
+                return Ok(());
+            }
+        }
+    }
+
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if (self.inbox_pending && self.shutdown_deadline.is_none()) || !self.read_again.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let next = [
+            self.timers.peek().map(|Reverse((at, _, _))| *at),
+            self.accept_paused_until,
+            self.shutdown_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        // Round up so a deadline is never woken for a millisecond early, spinning.
+        next.map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
+    }
+
+    fn accept(&mut self, now: Instant) {
+        if self.accept_paused_until.is_some() {
+            return;
+        }
+        loop {
+            let accepted = match &self.listener {
+                Some(listener) => listener.accept(),
+                None => return,
+            };
+            match accepted {
+                Ok((mut socket, _)) => {
+                    // Small frames must go out at once.
+                    let _ = socket.set_nodelay(true);
+                    let entry = self.conns.vacant_entry();
+                    let key = entry.key();
+                    if let Err(e) = self.poll.registry().register(&mut socket, Token(key), Interest::READABLE) {
+                        warn!("cannot register an accepted socket: {e}");
+                        continue;
+                    }
+                    let id = self.next_connection_id;
+                    self.next_connection_id += 1;
+                    entry.insert(Connection::new(socket, id, now, now + self.config.handshake_timeout));
+                    self.schedule(key);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e) => {
+                    // EMFILE/ENFILE (or ENOBUFS/ENOMEM): the pending connection stays in the
+                    // backlog; pause instead of spinning on an always-ready listener.
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE)) {
+                        self.metrics.accept_fd_exhausted += 1;
+                    }
+                    if let Some(suppressed) = self.accept_warnings.check(now) {
+                        warn!("accept failed, pausing accepts for {ACCEPT_PAUSE:?}: {e} ({suppressed} similar suppressed)");
+                    }
+                    self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_signal(&mut self, now: Instant) {
+        let mut buf = [0u8; 16];
+        let mut received = 0;
+        loop {
+            match self.signals.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => received += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        if received == 0 {
+            return;
+        }
+        if self.shutdown_deadline.is_some() || received > 1 {
+            warn!("second signal: exiting without waiting for clients");
+            std::process::exit(1);
+        }
+        self.begin_shutdown(now);
+    }
+
+    /// DESIGN.md section 5: stop accepting, stop the Redis reader, send 1001 to every
+    /// client, and wait for their close replies up to `SHUTDOWN_TIMEOUT`.
+    fn begin_shutdown(&mut self, now: Instant) {
+        let deadline = now + self.config.shutdown_timeout;
+        self.shutdown_deadline = Some(deadline);
+        info!(
+            "shutting down: closing {} connections (timeout {:?})",
+            self.conns.len(),
+            self.config.shutdown_timeout
+        );
+        if let Some(mut listener) = self.listener.take() {
+            // The listener is dropped (closed) right after; a failed deregister changes nothing.
+            let _ = self.poll.registry().deregister(&mut listener);
+        }
+        self.reader.stop();
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            match &mut conn.state {
+                State::Open(_) => self.end_session(key, CloseReason::Shutdown, now),
+                State::Closing(closing) => closing.deadline = closing.deadline.min(deadline),
+                State::Handshake { .. } | State::Respond { .. } | State::Gone => self.remove(key),
+            }
+            self.settle(key, now);
+        }
+    }
+
+    fn on_socket(&mut self, key: usize, readable: bool, writable: bool, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if writable && !conn.out.is_empty() && conn.flush(now).is_err() {
+            self.end_session(key, CloseReason::ConnectionLost, now);
+            self.remove(key);
+            return;
+        }
+        if readable {
+            match conn.state {
+                State::Handshake { .. } => self.read_handshake(key, now),
+                State::Respond { write_shut, .. } => {
+                    if write_shut && conn.drain_input() {
+                        self.remove(key);
+                    }
+                }
+                State::Open(_) | State::Closing(_) => self.read_session(key, now),
+                State::Gone => {}
+            }
+        }
+        self.settle(key, now);
+    }
+
+    fn read_handshake(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        match conn.fill_head() {
+            HeadRead::WouldBlock => return,
+            HeadRead::Closed => {
+                self.remove(key);
+                return;
+            }
+            HeadRead::Progress => {}
+        }
+        let rules = HandshakeRules {
+            authenticator: &self.authenticator,
+            allowed_origins: &self.config.allowed_origins,
+            cookie_name: self.config.jwt.cookie_name.as_deref(),
+            max_connections: self.config.max_connections,
+            max_connections_per_user: self.config.max_connections_per_user,
+        };
+        let respond_deadline = now + RESPOND_WAIT;
+        match handshake::evaluate(conn.head(), &rules, &self.hub) {
+            Decision::NeedMore => {}
+            Decision::Reject(rejection) => {
+                self.metrics.rejected[rejection as usize] += 1;
+                debug!(
+                    "request refused: {} {} (connection_id={})",
+                    rejection.status(),
+                    rejection.label(),
+                    conn.id
+                );
+                conn.respond(&rejection.response(), now, respond_deadline);
+            }
+            Decision::Health => {
+                let (status, body) = metrics::render_health(&gauges(&self.hub, self.started), &self.redis, &Timestamp::now());
+                let answer = http::response(status, "application/json", "", body.as_bytes());
+                conn.respond(&answer, now, respond_deadline);
+            }
+            Decision::Metrics { json } => {
+                let gauges = gauges(&self.hub, self.started);
+                let answer = if json {
+                    let body = self.metrics.render_json(&gauges, &self.redis, &Timestamp::now());
+                    http::response(200, "application/json", "", body.as_bytes())
+                } else {
+                    let body = self.metrics.render_prometheus(&gauges, &self.redis);
+                    http::response(200, "text/plain; version=0.0.4; charset=utf-8", "", body.as_bytes())
+                };
+                conn.respond(&answer, now, respond_deadline);
+            }
+            Decision::Upgrade(upgrade) => {
+                self.metrics.connections_accepted += 1;
+                let user_id = self.hub.add(&upgrade.user_id, key);
+                let connected = self.encoder.encode_connected(&upgrade.user_id, conn.id, &Timestamp::now());
+                let expires_at = instant_of_expiry(upgrade.expires_at, self.config.jwt.leeway, now);
+                let peer = conn.socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                info!(
+                    "client connected user_id={} connection_id={} remote={peer}",
+                    upgrade.user_id, conn.id
+                );
+                conn.open(
+                    &http::switching_protocols(&upgrade.accept_key),
+                    connected,
+                    upgrade.head_len,
+                    SessionParams {
+                        user_id,
+                        expires_at,
+                        now,
+                        ping_interval: self.config.ping_interval,
+                        ws_config: self.ws_config,
+                    },
+                );
+                // Frames that came with the request head are already buffered: read them now.
+                self.read_session(key, now);
+            }
+        }
+    }
+
+    fn read_session(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let (result, ping_requests) = conn.read_messages(READ_BUDGET, now);
+        if ping_requests > 0 && matches!(conn.state, State::Open(_)) {
+            let pong = self.encoder.encode_pong(&Timestamp::now());
+            for _ in 0..ping_requests {
+                if !conn.queue_message(pong.clone(), self.config.send_buffer, now) {
+                    self.metrics.dropped_buffer_full += 1;
+                }
+            }
+        }
+        match result {
+            FramesRead::WouldBlock => {}
+            FramesRead::BudgetSpent => self.read_again.push(key),
+            FramesRead::Closed(reason) => self.end_session(key, reason, now),
+        }
+    }
+
+    /// Connections that had more to read than one turn's budget.
+    fn read_leftovers(&mut self, now: Instant) {
+        if self.read_again.is_empty() {
+            return;
+        }
+        let mut keys = std::mem::take(&mut self.read_again);
+        for key in keys.drain(..) {
+            self.read_session(key, now);
+            self.settle(key, now);
+        }
+        if self.read_again.is_empty() {
+            self.read_again = keys;
+        }
+    }
+
+    /// Delivers one batch of Redis messages: each is validated and encoded once,
+    /// then queued on every connection of its user.
+    fn deliver_inbox(&mut self, now: Instant) {
+        let drained = self.inbox.drain_into(&mut self.inbound, INBOX_BATCH);
+        self.inbox_pending = drained == INBOX_BATCH;
+        if drained == 0 {
+            return;
+        }
+        let received_at = Timestamp::now();
+        for published in self.inbound.drain(..) {
+            let Some(keys) = std::str::from_utf8(published.user_id())
+                .ok()
+                .and_then(|user_id| self.hub.connections_of(user_id))
+            else {
+                self.metrics.dropped_offline += 1;
+                debug!(
+                    "no connection for user_id={}: message dropped",
+                    String::from_utf8_lossy(published.user_id())
+                );
+                continue;
+            };
+            let frame = match self.encoder.encode_published(published.payload(), &received_at) {
+                Ok(frame) => frame,
+                Err(invalid) => {
+                    self.metrics.dropped_invalid += 1;
+                    if let Some(suppressed) = self.invalid_warnings.check(now) {
+                        warn!(
+                            "invalid message on channel {}{} dropped: {} ({suppressed} similar suppressed)",
+                            self.config.redis.channel_prefix,
+                            String::from_utf8_lossy(published.user_id()),
+                            invalid.as_str()
+                        );
+                    }
+                    continue;
+                }
+            };
+            debug!(
+                "routing message for user_id={} to {} connections",
+                String::from_utf8_lossy(published.user_id()),
+                keys.len()
+            );
+            for &key in keys {
+                let Some(conn) = self.conns.get_mut(key) else { continue };
+                if conn.queue_message(frame.clone(), self.config.send_buffer, now) {
+                    self.metrics.delivered += 1;
+                    if !conn.flush_pending {
+                        conn.flush_pending = true;
+                        self.to_flush.push(key);
+                    }
+                } else {
+                    self.metrics.dropped_buffer_full += 1;
+                }
+            }
+        }
+    }
+
+    /// Flushes every connection that got output this turn, once.
+    fn flush_touched(&mut self, now: Instant) {
+        let mut keys = std::mem::take(&mut self.to_flush);
+        for key in keys.drain(..) {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.flush_pending = false;
+            }
+            self.settle(key, now);
+        }
+        self.to_flush = keys;
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(&Reverse((at, key, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            if conn.id != id || conn.timer_at != Some(at) {
+                continue; // superseded by an earlier entry, or the slot was reused
+            }
+            conn.timer_at = None;
+            self.on_deadline(key, now);
+            self.settle(key, now);
+        }
+    }
+
+    /// A connection's earliest deadline passed: act on whichever ones are due.
+    fn on_deadline(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let pong_wait = self.config.pong_wait;
+        let write_wait = self.config.write_wait;
+        match &mut conn.state {
+            State::Handshake { deadline, .. } if now >= *deadline => {
+                self.metrics.handshake_timeouts += 1;
+                debug!("handshake timeout (connection_id={})", conn.id);
+                self.remove(key);
+            }
+            State::Respond { deadline, .. } if now >= *deadline => self.remove(key),
+            State::Closing(closing) if now >= closing.deadline => self.remove(key),
+            State::Open(session) => {
+                let stalled = !conn.out.is_empty() && now >= conn.last_write_progress + write_wait;
+                if now >= session.expires_at {
+                    self.end_session(key, CloseReason::TokenExpired, now);
+                } else if now >= session.last_seen + pong_wait {
+                    self.end_session(key, CloseReason::PongTimeout, now);
+                } else if stalled {
+                    self.end_session(key, CloseReason::SlowClient, now);
+                } else if now >= session.next_ping {
+                    session.next_ping = now + self.config.ping_interval;
+                    // A full control budget means pings are already waiting unsent.
+                    conn.queue_control(&PING_FRAME, now);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Ends an open session for `reason` (hub, log, metrics, close frame), or moves a
+    /// closing one along.
+    fn end_session(&mut self, key: usize, reason: CloseReason, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        match &mut conn.state {
+            State::Open(session) => {
+                self.hub.remove(&session.user_id, key);
+                self.metrics.disconnects[reason as usize] += 1;
+                let lived = now.saturating_duration_since(conn.accepted_at);
+                if reason == CloseReason::Shutdown {
+                    debug!(
+                        "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
+                        session.user_id,
+                        conn.id,
+                        reason.label(),
+                        lived.as_millis()
+                    );
+                } else {
+                    info!(
+                        "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
+                        session.user_id,
+                        conn.id,
+                        reason.label(),
+                        lived.as_millis()
+                    );
+                }
+                let deadline = self.shutdown_deadline.unwrap_or(now + self.config.write_wait);
+                if !conn.begin_close(reason, now, deadline) {
+                    self.remove(key);
+                }
+            }
+            State::Closing(closing) if reason == CloseReason::ClientClosed => {
+                closing.awaiting_reply = false;
+            }
+            State::Closing(_) => self.remove(key),
+            _ => {}
+        }
+    }
+
+    /// After any activity: write what is queued, finish connections that are done,
+    /// keep `WRITABLE` interest only while output is pending, and re-arm the deadline.
+    fn settle(&mut self, key: usize, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if !conn.out.is_empty() {
+            match conn.flush(now) {
+                Ok(FlushResult::Drained | FlushResult::WouldBlock) => {}
+                Err(_) => {
+                    self.end_session(key, CloseReason::ConnectionLost, now);
+                    self.remove(key);
+                    return;
+                }
+            }
+        }
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.out.is_empty() {
+            match &conn.state {
+                State::Respond { write_shut: false, .. } => {
+                    conn.shut_write();
+                    if conn.drain_input() {
+                        self.remove(key);
+                        return;
+                    }
+                }
+                State::Closing(closing) if !closing.awaiting_reply => {
+                    self.remove(key);
+                    return;
+                }
+                _ => {}
+            }
+        }
+        let want_writable = !conn.out.is_empty();
+        if want_writable != conn.writable_interest {
+            let interest = if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            };
+            if self.poll.registry().reregister(&mut conn.socket, Token(key), interest).is_err() {
+                self.end_session(key, CloseReason::ConnectionLost, now);
+                self.remove(key);
+                return;
+            }
+            conn.writable_interest = want_writable;
+        }
+        self.schedule(key);
+    }
+
+    /// Makes sure the heap holds an entry no later than the connection's next deadline.
+    fn schedule(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let next = match &conn.state {
+            State::Handshake { deadline, .. } | State::Respond { deadline, .. } => *deadline,
+            State::Closing(closing) => closing.deadline,
+            State::Open(session) => {
+                let mut next = session
+                    .expires_at
+                    .min(session.last_seen + self.config.pong_wait)
+                    .min(session.next_ping);
+                if !conn.out.is_empty() {
+                    next = next.min(conn.last_write_progress + self.config.write_wait);
+                }
+                next
+            }
+            State::Gone => return,
+        };
+        if conn.timer_at.is_none_or(|armed| next < armed) {
+            conn.timer_at = Some(next);
+            self.timers.push(Reverse((next, key, conn.id)));
+        }
+    }
+
+    /// Drops a connection: deregisters and closes its socket.
+    fn remove(&mut self, key: usize) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        if let State::Open(session) = &conn.state {
+            // Normally done by end_session; keeps the hub true whatever path got here.
+            self.hub.remove(&session.user_id, key);
+        }
+        // The socket is closed right after; a failed deregister leaves nothing behind.
+        let _ = self.poll.registry().deregister(&mut conn.socket);
+    }
+
+}
+
+fn gauges(hub: &Hub, started: Instant) -> Gauges {
+    Gauges::sample(hub.connection_count(), hub.user_count(), started.elapsed().as_secs())
+}
+
+/// When a token that expires at `exp` (unix seconds) stops being valid, with leeway.
+fn instant_of_expiry(exp: u64, leeway: Duration, now: Instant) -> Instant {
+    let expiry_millis = exp.saturating_mul(1000).saturating_add(leeway.as_millis() as u64);
+    let now_millis = clock::unix_millis(SystemTime::now());
+    now + Duration::from_millis(expiry_millis.saturating_sub(now_millis))
+}
+
+/// Raises the soft open-file limit to the hard limit (DESIGN.md section 4) and warns
+/// when `max_connections` cannot fit in it. Returns the soft limit in effect.
+pub fn raise_open_file_limit(max_connections: usize) -> u64 {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    let soft = limit.rlim_cur as u64;
+    // The listener, waker, signal pipe, Redis and std streams need a few descriptors too.
+    let needed = max_connections as u64 + 32;
+    if soft < needed {
+        warn!(
+            "open-file limit {soft} is below WS_MAX_CONNECTIONS + 32 = {needed}: connections past the limit will be refused at accept"
+        );
+    }
+    soft
+}
