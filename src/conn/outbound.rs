@@ -209,7 +209,8 @@ mod tests {
         q.push_control(b"!");
         let mut sink = ShortWriter { taken: Vec::new(), per_call: 3, calls_left: 2 };
         let (written, result) = q.flush(&mut sink).unwrap();
-        assert_eq!((written, result), (6, FlushResult::WouldBlock));
+        // The default `write_vectored` writes only the first non-empty slice: "HEA", then "D".
+        assert_eq!((written, result), (4, FlushResult::WouldBlock));
         sink.calls_left = 100;
         let (_, result) = q.flush(&mut sink).unwrap();
         assert_eq!(result, FlushResult::Drained);
