@@ -202,7 +202,7 @@ impl Server {
                 && (self.conns.is_empty() || now >= deadline)
             {
                 info!(
-                    "shutdown complete: {} connections left at the deadline",
+                    "shutdown complete ({} connections still open were dropped)",
                     self.conns.len()
                 );
                 return Ok(());
