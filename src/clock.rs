@@ -96,7 +96,10 @@ mod tests {
 
     #[test]
     fn formats_epoch() {
-        assert_eq!(Timestamp::from_unix_millis(0).as_str(), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            Timestamp::from_unix_millis(0).as_str(),
+            "1970-01-01T00:00:00.000Z"
+        );
     }
 
     #[test]

@@ -105,7 +105,12 @@ impl Rejection {
         // Messages are static ASCII without quotes; serde_json keeps this honest anyway.
         body.push_str(&serde_json::to_string(self.message()).unwrap_or_default());
         body.push('}');
-        response(self.status(), "application/json", self.extra_headers(), body.as_bytes())
+        response(
+            self.status(),
+            "application/json",
+            self.extra_headers(),
+            body.as_bytes(),
+        )
     }
 }
 
@@ -153,7 +158,10 @@ fn reason_phrase(status: u16) -> &'static str {
 /// `application/x-www-form-urlencoded` query strings and URL user info.
 /// Malformed escapes are kept literally, like browsers and Go's lenient parsers do.
 pub fn percent_decode(input: &[u8], plus_as_space: bool) -> Cow<'_, [u8]> {
-    if !input.iter().any(|&b| b == b'%' || (plus_as_space && b == b'+')) {
+    if !input
+        .iter()
+        .any(|&b| b == b'%' || (plus_as_space && b == b'+'))
+    {
         return Cow::Borrowed(input);
     }
     let mut out = Vec::with_capacity(input.len());

@@ -33,8 +33,12 @@ impl Hub {
 
     /// Removes a connection; the user's entry goes with its last connection.
     pub fn remove(&mut self, user_id: &str, key: usize) {
-        let Some(keys) = self.users.get_mut(user_id) else { return };
-        let Some(position) = keys.iter().position(|&k| k == key) else { return };
+        let Some(keys) = self.users.get_mut(user_id) else {
+            return;
+        };
+        let Some(position) = keys.iter().position(|&k| k == key) else {
+            return;
+        };
         keys.swap_remove(position);
         self.connections -= 1;
         if keys.is_empty() {

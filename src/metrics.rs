@@ -67,8 +67,18 @@ impl Metrics {
                 let _ = writeln!(out, "ws_notify_{name}{labels} {value}");
             }
         };
-        metric("connections", "gauge", "Open WebSocket connections.", &[("", gauges.connections as u64)]);
-        metric("users", "gauge", "Users with at least one open connection.", &[("", gauges.users as u64)]);
+        metric(
+            "connections",
+            "gauge",
+            "Open WebSocket connections.",
+            &[("", gauges.connections as u64)],
+        );
+        metric(
+            "users",
+            "gauge",
+            "Users with at least one open connection.",
+            &[("", gauges.users as u64)],
+        );
         metric(
             "connections_accepted_total",
             "counter",
@@ -77,11 +87,24 @@ impl Metrics {
         );
         let rejected: Vec<(String, u64)> = Rejection::ALL
             .iter()
-            .map(|r| (format!("{{reason=\"{}\"}}", r.label()), self.rejected[*r as usize]))
-            .chain(std::iter::once(("{reason=\"handshake_timeout\"}".to_string(), self.handshake_timeouts)))
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.label()),
+                    self.rejected[*r as usize],
+                )
+            })
+            .chain(std::iter::once((
+                "{reason=\"handshake_timeout\"}".to_string(),
+                self.handshake_timeouts,
+            )))
             .collect();
         let rejected: Vec<(&str, u64)> = rejected.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric("connections_rejected_total", "counter", "Connections refused before or during the upgrade, by reason.", &rejected);
+        metric(
+            "connections_rejected_total",
+            "counter",
+            "Connections refused before or during the upgrade, by reason.",
+            &rejected,
+        );
         metric(
             "messages_received_total",
             "counter",
@@ -107,10 +130,21 @@ impl Metrics {
         );
         let disconnects: Vec<(String, u64)> = CloseReason::ALL
             .iter()
-            .map(|r| (format!("{{reason=\"{}\"}}", r.label()), self.disconnects[*r as usize]))
+            .map(|r| {
+                (
+                    format!("{{reason=\"{}\"}}", r.label()),
+                    self.disconnects[*r as usize],
+                )
+            })
             .collect();
-        let disconnects: Vec<(&str, u64)> = disconnects.iter().map(|(l, v)| (l.as_str(), *v)).collect();
-        metric("disconnects_total", "counter", "WebSocket connections ended, by reason.", &disconnects);
+        let disconnects: Vec<(&str, u64)> =
+            disconnects.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        metric(
+            "disconnects_total",
+            "counter",
+            "WebSocket connections ended, by reason.",
+            &disconnects,
+        );
         metric(
             "accept_fd_exhausted_total",
             "counter",
@@ -135,12 +169,27 @@ impl Metrics {
             "Failed attempts to connect and subscribe to Redis.",
             &[("", redis.connect_failures())],
         );
-        metric("uptime_seconds", "gauge", "Seconds since start.", &[("", gauges.uptime_seconds)]);
+        metric(
+            "uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+            &[("", gauges.uptime_seconds)],
+        );
         if let Some(rss) = gauges.resident_bytes {
-            metric("resident_memory_bytes", "gauge", "Resident set size of the process.", &[("", rss)]);
+            metric(
+                "resident_memory_bytes",
+                "gauge",
+                "Resident set size of the process.",
+                &[("", rss)],
+            );
         }
         if let Some(fds) = gauges.open_fds {
-            metric("open_fds", "gauge", "Open file descriptors of the process.", &[("", fds)]);
+            metric(
+                "open_fds",
+                "gauge",
+                "Open file descriptors of the process.",
+                &[("", fds)],
+            );
         }
         out
     }

@@ -26,7 +26,9 @@ use crate::clock::{self, Timestamp};
 use crate::config::Config;
 use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
 use crate::conn::outbound::{FlushResult, MAX_CONTROL_BYTES};
-use crate::conn::{CloseReason, Connection, FramesRead, HeadRead, PING_FRAME, SessionParams, State};
+use crate::conn::{
+    CloseReason, Connection, FramesRead, HeadRead, PING_FRAME, SessionParams, State,
+};
 use crate::http;
 use crate::hub::Hub;
 use crate::logging::RateLimited;
@@ -105,11 +107,17 @@ impl Server {
             .listen_addr_text()
             .to_socket_addrs()?
             .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "WS_HOST resolves to no address"))?;
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "WS_HOST resolves to no address",
+                )
+            })?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(address)?;
         let local_addr = listener.local_addr()?;
-        poll.registry().register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
 
         let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
         read_end.set_nonblocking(true)?;
@@ -117,7 +125,8 @@ impl Server {
         signal_hook::low_level::pipe::register(libc::SIGTERM, write_end.try_clone()?)?;
         signal_hook::low_level::pipe::register(libc::SIGINT, write_end)?;
         let mut signals = UnixStream::from_std(read_end);
-        poll.registry().register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
 
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
@@ -183,7 +192,8 @@ impl Server {
                     WAKER_TOKEN => self.inbox_pending = true,
                     SIGNAL_TOKEN => self.on_signal(now),
                     Token(key) => {
-                        let readable = event.is_readable() || event.is_read_closed() || event.is_error();
+                        let readable =
+                            event.is_readable() || event.is_read_closed() || event.is_error();
                         self.on_socket(key, readable, event.is_writable(), now);
                     }
                 }
@@ -241,17 +251,30 @@ impl Server {
                     let _ = socket.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
                     let key = entry.key();
-                    if let Err(e) = self.poll.registry().register(&mut socket, Token(key), Interest::READABLE) {
+                    if let Err(e) =
+                        self.poll
+                            .registry()
+                            .register(&mut socket, Token(key), Interest::READABLE)
+                    {
                         warn!("cannot register an accepted socket: {e}");
                         continue;
                     }
                     let id = self.next_connection_id;
                     self.next_connection_id += 1;
-                    entry.insert(Connection::new(socket, id, now, now + self.config.handshake_timeout));
+                    entry.insert(Connection::new(
+                        socket,
+                        id,
+                        now,
+                        now + self.config.handshake_timeout,
+                    ));
                     self.schedule(key);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
                 Err(e) => {
                     // EMFILE/ENFILE (or ENOBUFS/ENOMEM): the pending connection stays in the
                     // backlog; pause instead of spinning on an always-ready listener.
@@ -259,7 +282,9 @@ impl Server {
                         self.metrics.accept_fd_exhausted += 1;
                     }
                     if let Some(suppressed) = self.accept_warnings.check(now) {
-                        warn!("accept failed, pausing accepts for {ACCEPT_PAUSE:?}: {e} ({suppressed} similar suppressed)");
+                        warn!(
+                            "accept failed, pausing accepts for {ACCEPT_PAUSE:?}: {e} ({suppressed} similar suppressed)"
+                        );
                     }
                     self.accept_paused_until = Some(now + ACCEPT_PAUSE);
                     return;
@@ -306,7 +331,9 @@ impl Server {
         self.reader.stop();
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             match &mut conn.state {
                 State::Open(_) => self.end_session(key, CloseReason::Shutdown, now),
                 State::Closing(closing) => closing.deadline = closing.deadline.min(deadline),
@@ -317,7 +344,9 @@ impl Server {
     }
 
     fn on_socket(&mut self, key: usize, readable: bool, writable: bool, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if writable && !conn.out.is_empty() && conn.flush(now).is_err() {
             self.end_session(key, CloseReason::ConnectionLost, now);
             self.remove(key);
@@ -339,7 +368,9 @@ impl Server {
     }
 
     fn read_handshake(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         match conn.fill_head() {
             HeadRead::WouldBlock => return,
             HeadRead::Closed => {
@@ -369,27 +400,44 @@ impl Server {
                 conn.respond(&rejection.response(), now, respond_deadline);
             }
             Decision::Health => {
-                let (status, body) = metrics::render_health(&gauges(&self.hub, self.started), &self.redis, &Timestamp::now());
+                let (status, body) = metrics::render_health(
+                    &gauges(&self.hub, self.started),
+                    &self.redis,
+                    &Timestamp::now(),
+                );
                 let answer = http::response(status, "application/json", "", body.as_bytes());
                 conn.respond(&answer, now, respond_deadline);
             }
             Decision::Metrics { json } => {
                 let gauges = gauges(&self.hub, self.started);
                 let answer = if json {
-                    let body = self.metrics.render_json(&gauges, &self.redis, &Timestamp::now());
+                    let body = self
+                        .metrics
+                        .render_json(&gauges, &self.redis, &Timestamp::now());
                     http::response(200, "application/json", "", body.as_bytes())
                 } else {
                     let body = self.metrics.render_prometheus(&gauges, &self.redis);
-                    http::response(200, "text/plain; version=0.0.4; charset=utf-8", "", body.as_bytes())
+                    http::response(
+                        200,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        "",
+                        body.as_bytes(),
+                    )
                 };
                 conn.respond(&answer, now, respond_deadline);
             }
             Decision::Upgrade(upgrade) => {
                 self.metrics.connections_accepted += 1;
                 let user_id = self.hub.add(&upgrade.user_id, key);
-                let connected = self.encoder.encode_connected(&upgrade.user_id, conn.id, &Timestamp::now());
+                let connected =
+                    self.encoder
+                        .encode_connected(&upgrade.user_id, conn.id, &Timestamp::now());
                 let expires_at = instant_of_expiry(upgrade.expires_at, self.config.jwt.leeway, now);
-                let peer = conn.socket.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                let peer = conn
+                    .socket
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
                 info!(
                     "client connected user_id={} connection_id={} remote={peer}",
                     upgrade.user_id, conn.id
@@ -413,7 +461,9 @@ impl Server {
     }
 
     fn read_session(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         let (result, ping_requests) = conn.read_messages(READ_BUDGET, now);
         if ping_requests > 0 && matches!(conn.state, State::Open(_)) {
             let pong = self.encoder.encode_pong(&Timestamp::now());
@@ -466,7 +516,10 @@ impl Server {
                 );
                 continue;
             };
-            let frame = match self.encoder.encode_published(published.payload(), &received_at) {
+            let frame = match self
+                .encoder
+                .encode_published(published.payload(), &received_at)
+            {
                 Ok(frame) => frame,
                 Err(invalid) => {
                     self.metrics.dropped_invalid += 1;
@@ -487,7 +540,9 @@ impl Server {
                 keys.len()
             );
             for &key in keys {
-                let Some(conn) = self.conns.get_mut(key) else { continue };
+                let Some(conn) = self.conns.get_mut(key) else {
+                    continue;
+                };
                 if conn.queue_message(frame.clone(), self.config.send_buffer, now) {
                     self.metrics.delivered += 1;
                     if !conn.flush_pending {
@@ -519,7 +574,9 @@ impl Server {
                 break;
             }
             self.timers.pop();
-            let Some(conn) = self.conns.get_mut(key) else { continue };
+            let Some(conn) = self.conns.get_mut(key) else {
+                continue;
+            };
             if conn.id != id || conn.timer_at != Some(at) {
                 continue; // superseded by an earlier entry, or the slot was reused
             }
@@ -531,7 +588,9 @@ impl Server {
 
     /// A connection's earliest deadline passed: act on whichever ones are due.
     fn on_deadline(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         let pong_wait = self.config.pong_wait;
         let write_wait = self.config.write_wait;
         match &mut conn.state {
@@ -563,7 +622,9 @@ impl Server {
     /// Ends an open session for `reason` (hub, log, metrics, close frame), or moves a
     /// closing one along.
     fn end_session(&mut self, key: usize, reason: CloseReason, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         match &mut conn.state {
             State::Open(session) => {
                 self.hub.remove(&session.user_id, key);
@@ -586,7 +647,9 @@ impl Server {
                         lived.as_millis()
                     );
                 }
-                let deadline = self.shutdown_deadline.unwrap_or(now + self.config.write_wait);
+                let deadline = self
+                    .shutdown_deadline
+                    .unwrap_or(now + self.config.write_wait);
                 if !conn.begin_close(reason, now, deadline) {
                     self.remove(key);
                 }
@@ -602,7 +665,9 @@ impl Server {
     /// After any activity: write what is queued, finish connections that are done,
     /// keep `WRITABLE` interest only while output is pending, and re-arm the deadline.
     fn settle(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if !conn.out.is_empty() {
             match conn.flush(now) {
                 Ok(FlushResult::Drained | FlushResult::WouldBlock) => {}
@@ -613,10 +678,14 @@ impl Server {
                 }
             }
         }
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         if conn.out.is_empty() {
             match &conn.state {
-                State::Respond { write_shut: false, .. } => {
+                State::Respond {
+                    write_shut: false, ..
+                } => {
                     conn.shut_write();
                     if conn.drain_input() {
                         self.remove(key);
@@ -637,7 +706,12 @@ impl Server {
             } else {
                 Interest::READABLE
             };
-            if self.poll.registry().reregister(&mut conn.socket, Token(key), interest).is_err() {
+            if self
+                .poll
+                .registry()
+                .reregister(&mut conn.socket, Token(key), interest)
+                .is_err()
+            {
                 self.end_session(key, CloseReason::ConnectionLost, now);
                 self.remove(key);
                 return;
@@ -649,7 +723,9 @@ impl Server {
 
     /// Makes sure the heap holds an entry no later than the connection's next deadline.
     fn schedule(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else { return };
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
         let next = match &conn.state {
             State::Handshake { deadline, .. } | State::Respond { deadline, .. } => *deadline,
             State::Closing(closing) => closing.deadline,
@@ -684,16 +760,21 @@ impl Server {
         // The socket is closed right after; a failed deregister leaves nothing behind.
         let _ = self.poll.registry().deregister(&mut conn.socket);
     }
-
 }
 
 fn gauges(hub: &Hub, started: Instant) -> Gauges {
-    Gauges::sample(hub.connection_count(), hub.user_count(), started.elapsed().as_secs())
+    Gauges::sample(
+        hub.connection_count(),
+        hub.user_count(),
+        started.elapsed().as_secs(),
+    )
 }
 
 /// When a token that expires at `exp` (unix seconds) stops being valid, with leeway.
 fn instant_of_expiry(exp: u64, leeway: Duration, now: Instant) -> Instant {
-    let expiry_millis = exp.saturating_mul(1000).saturating_add(leeway.as_millis() as u64);
+    let expiry_millis = exp
+        .saturating_mul(1000)
+        .saturating_add(leeway.as_millis() as u64);
     let now_millis = clock::unix_millis(SystemTime::now());
     now + Duration::from_millis(expiry_millis.saturating_sub(now_millis))
 }
@@ -701,20 +782,26 @@ fn instant_of_expiry(exp: u64, leeway: Duration, now: Instant) -> Instant {
 /// Raises the soft open-file limit to the hard limit (DESIGN.md section 4) and warns
 /// when `max_connections` cannot fit in it. Returns the soft limit in effect.
 pub fn raise_open_file_limit(max_connections: usize) -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
             return 0;
         }
         if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
             if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                 limit.rlim_cur = limit.rlim_max;
             }
         }
     }
-    let soft = limit.rlim_cur as u64;
+    let soft: u64 = limit.rlim_cur;
     // The listener, waker, signal pipe, Redis and std streams need a few descriptors too.
     let needed = max_connections as u64 + 32;
     if soft < needed {

@@ -109,7 +109,11 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
     if head.value("sec-websocket-version").map(trim) != Some(b"13".as_slice()) {
         return Decision::Reject(Rejection::UnsupportedVersion);
     }
-    let Some(key) = head.value("sec-websocket-key").map(trim).filter(|k| is_valid_key(k)) else {
+    let Some(key) = head
+        .value("sec-websocket-key")
+        .map(trim)
+        .filter(|k| is_valid_key(k))
+    else {
         return Decision::Reject(Rejection::BadKey);
     };
     if !rules.allowed_origins.is_empty() {
@@ -130,7 +134,11 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
 
     let mut cookies = [&[][..]; MAX_COOKIE_HEADERS];
     let mut cookie_count = 0;
-    for header in head.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("cookie")) {
+    for header in head
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+    {
         if cookie_count < MAX_COOKIE_HEADERS {
             cookies[cookie_count] = header.value;
             cookie_count += 1;

@@ -195,7 +195,10 @@ impl Connection {
         Connection {
             socket,
             id,
-            state: State::Handshake { head: Vec::new(), deadline: handshake_deadline },
+            state: State::Handshake {
+                head: Vec::new(),
+                deadline: handshake_deadline,
+            },
             out: OutboundQueue::default(),
             last_write_progress: now,
             timer_at: None,
@@ -244,7 +247,11 @@ impl Connection {
                 }
             }
         }
-        if progressed { HeadRead::Progress } else { HeadRead::WouldBlock }
+        if progressed {
+            HeadRead::Progress
+        } else {
+            HeadRead::WouldBlock
+        }
     }
 
     /// The bytes of the request head read so far.
@@ -258,12 +265,21 @@ impl Connection {
     /// Queues a plain HTTP answer; the connection closes once it is written.
     pub fn respond(&mut self, answer: &[u8], now: Instant, deadline: Instant) {
         self.queue_control(answer, now);
-        self.state = State::Respond { deadline, write_shut: false };
+        self.state = State::Respond {
+            deadline,
+            write_shut: false,
+        };
     }
 
     /// Completes the upgrade: queues the 101 answer and the `connected` message and
     /// hands bytes that followed the head to the WebSocket reader.
-    pub fn open(&mut self, answer: &[u8], connected: Frame, head_len: usize, session: SessionParams) {
+    pub fn open(
+        &mut self,
+        answer: &[u8],
+        connected: Frame,
+        head_len: usize,
+        session: SessionParams,
+    ) {
         let State::Handshake { head, .. } = std::mem::replace(&mut self.state, State::Gone) else {
             return;
         };
@@ -386,7 +402,11 @@ impl Connection {
             None if reason == CloseReason::ClientClosed => false,
             None => return false,
         };
-        self.state = State::Closing(Box::new(Closing { ws, awaiting_reply, deadline }));
+        self.state = State::Closing(Box::new(Closing {
+            ws,
+            awaiting_reply,
+            deadline,
+        }));
         true
     }
 
@@ -526,7 +546,10 @@ mod tests {
 
     #[test]
     fn close_frame_layout() {
-        assert_eq!(close_frame(4008, "slow client"), b"\x88\x0d\x0f\xa8slow client");
+        assert_eq!(
+            close_frame(4008, "slow client"),
+            b"\x88\x0d\x0f\xa8slow client"
+        );
         assert_eq!(close_frame(1000, "").len(), 4);
     }
 }

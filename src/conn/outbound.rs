@@ -117,7 +117,11 @@ impl OutboundQueue {
             let mut count = 0;
             for (i, chunk) in self.chunks.iter().take(MAX_IOVECS).enumerate() {
                 let bytes = chunk.bytes();
-                slices[count] = IoSlice::new(if i == 0 { &bytes[self.front_written..] } else { bytes });
+                slices[count] = IoSlice::new(if i == 0 {
+                    &bytes[self.front_written..]
+                } else {
+                    bytes
+                });
                 count += 1;
             }
             match sink.write_vectored(&slices[..count]) {
@@ -139,7 +143,9 @@ impl OutboundQueue {
     /// Marks `written` bytes from the front as sent.
     fn consume(&mut self, mut written: usize) {
         while written > 0 {
-            let Some(front) = self.chunks.front() else { return };
+            let Some(front) = self.chunks.front() else {
+                return;
+            };
             let remaining = front.bytes().len() - self.front_written;
             if written < remaining {
                 self.front_written += written;
@@ -207,7 +213,11 @@ mod tests {
         q.push_message(frame(b"one"), 10);
         q.push_message(frame(b"two"), 10);
         q.push_control(b"!");
-        let mut sink = ShortWriter { taken: Vec::new(), per_call: 3, calls_left: 2 };
+        let mut sink = ShortWriter {
+            taken: Vec::new(),
+            per_call: 3,
+            calls_left: 2,
+        };
         let (written, result) = q.flush(&mut sink).unwrap();
         // The default `write_vectored` writes only the first non-empty slice: "HEA", then "D".
         assert_eq!((written, result), (4, FlushResult::WouldBlock));
@@ -226,7 +236,11 @@ mod tests {
         q.push_message(frame(b"second"), 10);
         q.push_control(b"X");
         q.push_message(frame(b"third"), 10);
-        let mut sink = ShortWriter { taken: Vec::new(), per_call: 2, calls_left: 1 };
+        let mut sink = ShortWriter {
+            taken: Vec::new(),
+            per_call: 2,
+            calls_left: 1,
+        };
         q.flush(&mut sink).unwrap();
         assert_eq!(q.discard_unsent_messages(), 2);
         sink.calls_left = 100;
