@@ -1,0 +1,324 @@
+//! An open connection's life: client frames, close codes, token expiry, slow
+//! clients and keep-alive (DESIGN.md sections 2 and 3; issue 2 items 5, 8, 9, 10).
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use tungstenite::Message;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+
+fn setup(extra_env: &[(&str, &str)]) -> (RedisServer, Gateway) {
+    let redis = RedisServer::start();
+    let gw = Gateway::start(redis.port, extra_env);
+    gw.wait_redis_connected(PROMPT);
+    (redis, gw)
+}
+
+#[test]
+fn ping_frame_gets_a_pong_frame() {
+    let (_redis, gw) = setup(&[]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    ws.send(Message::Ping(b"are you there".to_vec().into()))
+        .expect("send ping");
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        match recv_message(&mut ws, deadline.saturating_duration_since(Instant::now())) {
+            Some(Message::Pong(data)) => {
+                assert_eq!(
+                    &data[..],
+                    b"are you there",
+                    "pong must echo the ping's data"
+                );
+                break;
+            }
+            Some(Message::Ping(_)) => {}
+            Some(other) => panic!("expected a pong, got {other:?}"),
+            None => panic!("no pong"),
+        }
+    }
+}
+
+#[test]
+fn text_ping_gets_a_pong_message() {
+    let (_redis, gw) = setup(&[]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    send_text(&mut ws, r#"{"type":"ping"}"#);
+    let text = recv_text(&mut ws, PROMPT);
+    assert!(text.contains(r#""payload":null"#), "{text}");
+    let msg: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_message(&msg, "pong");
+}
+
+#[test]
+fn other_client_messages_are_ignored() {
+    let (redis, gw) = setup(&[]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    send_text(&mut ws, "hello");
+    send_text(&mut ws, r#"{"type":"subscribe","payload":1}"#);
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .expect("send binary");
+    // Still open, and the next message is the published one.
+    redis.notify("alice", r#"{"type":"after","payload":1}"#);
+    assert_eq!(recv_json(&mut ws, PROMPT)["type"], "after");
+    send_text(&mut ws, r#"{"type":"ping"}"#);
+    assert_eq!(recv_json(&mut ws, PROMPT)["type"], "pong");
+}
+
+#[test]
+fn client_close_is_answered_and_the_connection_removed() {
+    let (_redis, gw) = setup(&[]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    gw.wait_active_connections(1);
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    }))
+    .expect("close");
+    let (code, _) = expect_close(&mut ws, PROMPT);
+    assert_eq!(code, 1000, "close reply code");
+    gw.wait_active_connections(0);
+    wait_until(PROMPT, "total_unique_users == 0", || gw.unique_users() == 0);
+}
+
+#[test]
+fn too_big_message_closes_with_1009() {
+    let (_redis, gw) = setup(&[("WS_MAX_MESSAGE_SIZE", "512")]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    // 512 bytes is allowed.
+    send_text(&mut ws, &"a".repeat(512));
+    send_text(&mut ws, r#"{"type":"ping"}"#);
+    assert_eq!(recv_json(&mut ws, PROMPT)["type"], "pong");
+    send_text(&mut ws, &"a".repeat(1000));
+    let (code, _) = expect_close(&mut ws, PROMPT);
+    assert_eq!(code, 1009);
+    gw.wait_active_connections(0);
+}
+
+#[test]
+fn unmasked_client_frame_closes_with_1002() {
+    let (_redis, gw) = setup(&[]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    raw.send_frame(0x81, b"hi", None)
+        .expect("write unmasked frame");
+    let (code, _) = raw.expect_close(PROMPT);
+    assert_eq!(code, 1002);
+    gw.wait_active_connections(0);
+}
+
+#[test]
+fn reserved_opcode_closes_with_1002() {
+    let (_redis, gw) = setup(&[]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    raw.send_masked(0x83, b"??")
+        .expect("write frame with opcode 3");
+    let (code, _) = raw.expect_close(PROMPT);
+    assert_eq!(code, 1002);
+}
+
+#[test]
+fn invalid_utf8_closes_with_1007() {
+    let (_redis, gw) = setup(&[]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    raw.send_masked(0x81, &[b'o', b'k', 0xff, 0xfe])
+        .expect("write bad text frame");
+    let (code, _) = raw.expect_close(PROMPT);
+    assert_eq!(code, 1007);
+}
+
+#[test]
+fn raw_client_text_ping_works() {
+    // The hand-made client is a valid client when it masks its frames.
+    let (_redis, gw) = setup(&[]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    raw.send_masked(0x81, br#"{"type":"ping"}"#).expect("write");
+    match raw.read_event(PROMPT) {
+        RawEvent::Frame { opcode: 1, payload } => {
+            let v: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+            assert_eq!(v["type"], "pong");
+        }
+        _ => panic!("expected the pong text frame"),
+    }
+    raw.send_masked(0x88, &1000u16.to_be_bytes())
+        .expect("write close");
+    let (code, _) = raw.expect_close(PROMPT);
+    assert_eq!(code, 1000);
+    assert!(
+        raw.wait_gone(PROMPT),
+        "server should close the TCP connection after the close handshake"
+    );
+}
+
+#[test]
+fn token_expiry_closes_with_4001() {
+    let (_redis, gw) = setup(&[]);
+    let start = Instant::now();
+    let (mut ws, _) = ws_open(gw.port, &token(&gw.secret, "alice", 2));
+    let (code, reason) = expect_close(&mut ws, secs(6));
+    let elapsed = start.elapsed();
+    assert_eq!((code, reason.as_str()), (4001, "token expired"));
+    assert!(
+        elapsed >= ms(900),
+        "closed after {elapsed:?}, before the token expired"
+    );
+    gw.wait_active_connections(0);
+}
+
+#[test]
+fn slow_client_is_closed_with_4008_while_a_reading_one_gets_everything() {
+    let (redis, gw) = setup(&[
+        ("WS_SEND_BUFFER", "4"),
+        ("WS_WRITE_WAIT", "500ms"),
+        ("LOGGER_LEVEL", "info"),
+    ]);
+    // The slow client reads its `connected` message and then nothing more.
+    let (mut slow, _) = ws_open(gw.port, &gw.token("alice"));
+    let (mut fast, _) = ws_open(gw.port, &gw.token("alice"));
+    gw.wait_active_connections(2);
+
+    let filler = "x".repeat(64 * 1024);
+    let full = r#"ws_notify_messages_dropped_total{reason="buffer_full"}"#;
+    let slow_disconnect = r#"ws_notify_disconnects_total{reason="slow_client"}"#;
+    let mut sent = 0u32;
+    let mut saw_drop = false;
+    // Publish one message at a time and let the reading client take each one,
+    // so only the client that never reads falls behind.
+    while sent < 600 {
+        redis.notify(
+            "alice",
+            format!(r#"{{"type":"bulk","payload":{{"seq":{sent},"fill":"{filler}"}}}}"#),
+        );
+        let msg = recv_json(&mut fast, PROMPT);
+        assert_eq!(
+            msg["payload"]["seq"], sent,
+            "the reading client must get every message in order"
+        );
+        sent += 1;
+        if sent.is_multiple_of(8) {
+            let text = gw.metrics_text();
+            if metric_value(&text, full).unwrap_or(0.0) >= 1.0 {
+                saw_drop = true;
+            }
+            if saw_drop && metric_value(&text, slow_disconnect).unwrap_or(0.0) >= 1.0 {
+                break;
+            }
+        }
+    }
+    assert!(
+        saw_drop,
+        "no buffer-full drop after {sent} messages of 64 KiB; /metrics:\n{}",
+        gw.metrics_text()
+    );
+    gw.wait_metric_at_least(slow_disconnect, 1.0);
+    gw.wait_active_connections(1);
+
+    // The slow client now reads what the kernel still holds, then sees 4008 or
+    // the end of the connection; what it got is an in-order prefix.
+    slow.get_mut()
+        .set_read_timeout(Some(ms(20)))
+        .expect("timeout");
+    let mut last_seq: i64 = -1;
+    let deadline = Instant::now() + secs(10);
+    let end = loop {
+        assert!(
+            Instant::now() < deadline,
+            "slow client neither closed nor at EOF"
+        );
+        match slow.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).expect("JSON");
+                let seq = v["payload"]["seq"].as_i64().expect("seq");
+                assert!(seq > last_seq, "out of order: {seq} after {last_seq}");
+                last_seq = seq;
+            }
+            Ok(Message::Close(frame)) => break frame.map(|f| u16::from(f.code)),
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break None,
+        }
+    };
+    if let Some(code) = end {
+        assert_eq!(code, 4008, "slow client close code");
+    }
+    assert!(
+        last_seq < i64::from(sent) - 1,
+        "the slow client got everything ({last_seq}), so it was not slow"
+    );
+
+    // The reading connection is unaffected.
+    redis.notify("alice", r#"{"type":"after","payload":1}"#);
+    assert_eq!(recv_json(&mut fast, PROMPT)["type"], "after");
+}
+
+#[test]
+fn keepalive_pings_a_reading_client_which_stays_connected() {
+    let (_redis, gw) = setup(&[("WS_PING_INTERVAL", "200ms"), ("WS_PONG_WAIT", "600ms")]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    let start = Instant::now();
+    let mut pings = 0;
+    while start.elapsed() < ms(2200) {
+        // Reading answers pings with pongs (tungstenite does that for us).
+        match recv_message(&mut ws, ms(100)) {
+            Some(Message::Ping(_)) => pings += 1,
+            Some(other) => panic!("unexpected {other:?}"),
+            None => {}
+        }
+    }
+    assert!(
+        pings >= 4,
+        "only {pings} pings in 2.2 s with a 200ms interval"
+    );
+    send_text(&mut ws, r#"{"type":"ping"}"#);
+    assert_eq!(recv_json(&mut ws, PROMPT)["type"], "pong");
+    assert_eq!(gw.active_connections(), 1);
+}
+
+#[test]
+fn keepalive_drops_a_silent_client() {
+    let (_redis, gw) = setup(&[("WS_PING_INTERVAL", "200ms"), ("WS_PONG_WAIT", "600ms")]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    let start = Instant::now();
+    // It never reads or writes; the gateway gives up on it.
+    gw.wait_active_connections(1);
+    wait_until(secs(5), "the silent client is dropped", || {
+        gw.active_connections() == 0
+    });
+    assert!(
+        start.elapsed() >= ms(500),
+        "dropped after {:?}, before WS_PONG_WAIT",
+        start.elapsed()
+    );
+    assert!(
+        raw.wait_gone(PROMPT),
+        "the socket of the silent client is still open"
+    );
+}
+
+#[test]
+fn keepalive_counts_any_client_frame_as_alive() {
+    let (_redis, gw) = setup(&[("WS_PING_INTERVAL", "200ms"), ("WS_PONG_WAIT", "600ms")]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    let start = Instant::now();
+    // Sends a text ping every 200 ms and never answers pings: still alive.
+    while start.elapsed() < ms(1800) {
+        raw.send_masked(0x81, br#"{"type":"ping"}"#).expect("write");
+        let tick = Instant::now() + ms(200);
+        while Instant::now() < tick {
+            match raw.read_event(tick.saturating_duration_since(Instant::now())) {
+                RawEvent::Frame { .. } | RawEvent::Timeout => {}
+                RawEvent::Eof => panic!(
+                    "dropped after {:?} although it kept sending",
+                    start.elapsed()
+                ),
+                RawEvent::Error(e) => panic!("dropped after {:?}: {e}", start.elapsed()),
+            }
+        }
+    }
+    assert_eq!(gw.active_connections(), 1);
+}
