@@ -25,9 +25,10 @@ use crate::auth::Authenticator;
 use crate::clock::{self, Timestamp};
 use crate::config::Config;
 use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
-use crate::conn::outbound::{FlushResult, MAX_CONTROL_BYTES};
+use crate::conn::outbound::FlushResult;
 use crate::conn::{
     CloseReason, Connection, FramesRead, HeadRead, PING_FRAME, SessionParams, State,
+    websocket_config,
 };
 use crate::http;
 use crate::hub::Hub;
@@ -49,8 +50,6 @@ const INBOX_BATCH: usize = 4096;
 const READ_BUDGET: usize = 64;
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// Bytes tungstenite reads at a time for one connection (clients send little).
-const WS_READ_BUFFER: usize = 1024;
 /// Time to write an HTTP answer and see the client go.
 const RESPOND_WAIT: Duration = Duration::from_secs(5);
 
@@ -131,14 +130,7 @@ impl Server {
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
 
-        let max_message = config.max_message_size;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(WS_READ_BUFFER)
-            .write_buffer_size(0)
-            .max_write_buffer_size(MAX_CONTROL_BYTES)
-            .max_message_size(Some(max_message))
-            // Control frames may carry 125 bytes whatever the data limit is.
-            .max_frame_size(Some(max_message.max(125)));
+        let ws_config = websocket_config(config.max_message_size);
         Ok(Server {
             poll,
             listener: Some(listener),

@@ -33,6 +33,20 @@ use outbound::{FlushResult, OutboundQueue};
 
 /// Largest amount read from a socket in one `read` call during the handshake.
 const HEAD_READ_CHUNK: usize = 1024;
+/// Bytes tungstenite reads at a time for one connection (clients send little).
+const WS_READ_BUFFER: usize = 1024;
+
+/// tungstenite's settings for a server connection: small read buffer, no write
+/// buffering (writes go straight into the outbound queue), and the message limit.
+pub fn websocket_config(max_message_size: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(outbound::MAX_CONTROL_BYTES)
+        .max_message_size(Some(max_message_size))
+        // Control frames may carry 125 bytes whatever the data limit is.
+        .max_frame_size(Some(max_message_size.max(125)))
+}
 
 /// Why a connection ended; feeds the log line and the metrics label alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -327,58 +341,19 @@ impl Connection {
     /// Reads WebSocket frames until `WouldBlock`, the budget, or the end of the session.
     /// Returns how many `{"type":"ping"}` messages asked for a pong.
     pub fn read_messages(&mut self, budget: usize, now: Instant) -> (FramesRead, usize) {
-        let mut ping_requests = 0;
         let (ws, discard_writes) = match &mut self.state {
             State::Open(session) => (&mut session.ws, false),
             // Replies to the peer's close are not needed: ours is already queued.
             State::Closing(closing) => (&mut closing.ws, true),
             _ => return (FramesRead::WouldBlock, 0),
         };
-        let mut io = WsIo {
-            socket: &mut self.socket,
-            out: &mut self.out,
-            bytes_read: 0,
-            discard_writes,
-        };
-        let mut result = FramesRead::BudgetSpent;
-        for _ in 0..budget {
-            match ws.read(&mut io) {
-                Ok(Message::Text(text)) => {
-                    if is_ping_request(text.as_bytes()) {
-                        ping_requests += 1;
-                    }
-                }
-                Ok(Message::Close(_)) => {
-                    // tungstenite queued the close reply; move it into the outbound queue.
-                    flush_context(ws, &mut io);
-                    result = FramesRead::Closed(CloseReason::ClientClosed);
-                    break;
-                }
-                // Pings are answered by tungstenite (the pong goes through `io`); pongs,
-                // binary frames and other text only count as activity.
-                Ok(_) => {}
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                    result = FramesRead::WouldBlock;
-                    break;
-                }
-                Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    result = FramesRead::Closed(close_reason_for(&e));
-                    break;
-                }
-            }
-        }
-        if !matches!(result, FramesRead::Closed(_)) {
-            // Move an automatic pong into the queue now rather than on the next read.
-            flush_context(ws, &mut io);
-        }
-        let bytes_read = io.bytes_read;
-        if bytes_read > 0
+        let read = read_frames(ws, &mut self.socket, &mut self.out, budget, discard_writes);
+        if read.bytes_read > 0
             && let State::Open(session) = &mut self.state
         {
             session.last_seen = now;
         }
-        (result, ping_requests)
+        (read.result, read.ping_requests)
     }
 
     /// Leaves `Open`: queues the close frame for `reason` (if it has one) and moves to
@@ -449,14 +424,14 @@ pub struct SessionParams {
 
 /// The I/O tungstenite sees: reads come from the socket, writes go into the
 /// outbound queue (so every byte leaves through one ordered path).
-struct WsIo<'a> {
-    socket: &'a mut TcpStream,
+struct WsIo<'a, S> {
+    socket: &'a mut S,
     out: &'a mut OutboundQueue,
     bytes_read: usize,
     discard_writes: bool,
 }
 
-impl Read for WsIo<'_> {
+impl<S: Read> Read for WsIo<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.socket.read(buf)?;
         self.bytes_read += n;
@@ -464,7 +439,7 @@ impl Read for WsIo<'_> {
     }
 }
 
-impl Write for WsIo<'_> {
+impl<S> Write for WsIo<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.discard_writes || self.out.push_control(buf) {
             Ok(buf.len())
@@ -480,9 +455,74 @@ impl Write for WsIo<'_> {
     }
 }
 
+/// What one `read_frames` call saw.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FramesReport {
+    pub result: FramesRead,
+    /// `{"type":"ping"}` messages that asked for a pong message.
+    pub ping_requests: usize,
+    pub bytes_read: usize,
+}
+
+/// The WebSocket read path: reads up to `budget` messages from `socket` through
+/// tungstenite; control replies (pongs, close replies) go into `out` unless
+/// `discard_writes`. The server runs it on a socket, the fuzz target on bytes in memory.
+pub fn read_frames<S: Read>(
+    ws: &mut WebSocketContext,
+    socket: &mut S,
+    out: &mut OutboundQueue,
+    budget: usize,
+    discard_writes: bool,
+) -> FramesReport {
+    let mut io = WsIo {
+        socket,
+        out,
+        bytes_read: 0,
+        discard_writes,
+    };
+    let mut ping_requests = 0;
+    let mut result = FramesRead::BudgetSpent;
+    for _ in 0..budget {
+        match ws.read(&mut io) {
+            Ok(Message::Text(text)) => {
+                if is_ping_request(text.as_bytes()) {
+                    ping_requests += 1;
+                }
+            }
+            Ok(Message::Close(_)) => {
+                // tungstenite queued the close reply; move it into the outbound queue.
+                flush_context(ws, &mut io);
+                result = FramesRead::Closed(CloseReason::ClientClosed);
+                break;
+            }
+            // Pings are answered by tungstenite (the pong goes through `io`); pongs,
+            // binary frames and other text only count as activity.
+            Ok(_) => {}
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                result = FramesRead::WouldBlock;
+                break;
+            }
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                result = FramesRead::Closed(close_reason_for(&e));
+                break;
+            }
+        }
+    }
+    if !matches!(result, FramesRead::Closed(_)) {
+        // Move an automatic pong into the queue now rather than on the next read.
+        flush_context(ws, &mut io);
+    }
+    FramesReport {
+        result,
+        ping_requests,
+        bytes_read: io.bytes_read,
+    }
+}
+
 /// Moves tungstenite's pending control frames into the queue. A full control
 /// budget (`WouldBlock`) or a closed context leaves nothing more to do here.
-fn flush_context(ws: &mut WebSocketContext, io: &mut WsIo<'_>) {
+fn flush_context<S: Read>(ws: &mut WebSocketContext, io: &mut WsIo<'_, S>) {
     // Errors: WouldBlock (retried on the next read) or the context already closed.
     let _ = ws.flush(io);
 }
