@@ -202,11 +202,11 @@ fn invalid_payloads_are_dropped_and_counted() {
 #[test]
 fn messages_for_offline_users_are_counted() {
     let (redis, gw) = setup(&[]);
-    let before = gw.metric(r#"ws_notify_messages_dropped_total{reason="offline"}"#);
+    let before = gw.metric(r#"ws_notify_messages_dropped_total{reason="offline_user"}"#);
     redis.notify("nobody", r#"{"type":"x","payload":1}"#);
     redis.notify("nobody", r#"{"type":"x","payload":2}"#);
     gw.wait_metric_at_least(
-        r#"ws_notify_messages_dropped_total{reason="offline"}"#,
+        r#"ws_notify_messages_dropped_total{reason="offline_user"}"#,
         before + 2.0,
     );
     gw.wait_metric_at_least("ws_notify_messages_received_total", 2.0);
@@ -276,5 +276,8 @@ fn two_instances_one_redis() {
     let (mut bob_b, _) = ws_open(b.port, &token(&secret, "bob", 3600));
     redis.notify("bob", r#"{"type":"bob","payload":1}"#);
     assert_eq!(recv_json(&mut bob_b, PROMPT)["type"], "bob");
-    a.wait_metric_at_least(r#"ws_notify_messages_dropped_total{reason="offline"}"#, 1.0);
+    a.wait_metric_at_least(
+        r#"ws_notify_messages_dropped_total{reason="offline_user"}"#,
+        1.0,
+    );
 }

@@ -342,4 +342,29 @@ fn survives_running_out_of_file_descriptors() {
     );
     redis.notify("alice", r#"{"type":"recovered","payload":1}"#);
     assert_eq!(recv_json(&mut ws, PROMPT)["type"], "recovered");
+    gw.wait_metric_at_least("ws_notify_accept_fd_exhausted_total", 1.0);
+}
+
+#[test]
+fn idle_gateway_does_not_spin() {
+    let redis = RedisServer::start();
+    let gw = Gateway::start(redis.port, &[("LOGGER_LEVEL", "info")]);
+    gw.wait_redis_connected(PROMPT);
+    let _clients: Vec<Ws> = (0..20)
+        .map(|i| ws_open(gw.port, &gw.token(&format!("user{i}"))).0)
+        .collect();
+    gw.wait_active_connections(20);
+    let before = cpu_ticks(gw.pid());
+    let t0 = Instant::now();
+    // Measuring CPU over a window is the point here, not waiting for an event.
+    std::thread::sleep(secs(1));
+    let used = cpu_ticks(gw.pid()) - before;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = used as f64 / hz / t0.elapsed().as_secs_f64();
+    assert!(
+        cpu < 0.2,
+        "idle gateway with 20 connections uses {:.0}% CPU",
+        cpu * 100.0
+    );
 }

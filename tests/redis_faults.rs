@@ -156,3 +156,24 @@ fn redis_url_overrides_host_and_port() {
     redis.notify("alice", r#"{"type":"url","payload":1}"#);
     assert_eq!(recv_json(&mut ws, PROMPT)["type"], "url");
 }
+
+#[test]
+fn reconnects_back_off_while_redis_is_down() {
+    let gw = Gateway::start(free_port(), &[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
+    let failures = "ws_notify_redis_connect_failures_total";
+    gw.wait_metric_at_least(failures, 1.0);
+    let first = gw.metric(failures);
+    // Counting attempts over a window is the point here, not waiting for an event.
+    std::thread::sleep(secs(2));
+    let attempts = gw.metric(failures) - first;
+    // 100 ms doubling with full jitter: a handful of attempts in 2 s, not a busy loop.
+    assert!(
+        attempts >= 1.0,
+        "the reader stopped trying ({attempts} attempts in 2 s)"
+    );
+    assert!(
+        attempts <= 30.0,
+        "{attempts} connection attempts in 2 s: no backoff"
+    );
+    assert_degraded(&gw);
+}

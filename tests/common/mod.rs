@@ -165,8 +165,13 @@ impl RedisServer {
         match username {
             None => Self::start_with(&["--requirepass", password], None, Some(password)),
             Some(user) => {
-                let rule = format!("{user} on >{password} ~* &* +@all");
-                Self::start_with(&["--user", &rule], Some(user), Some(password))
+                // One argument per word: redis-server joins them into one config line.
+                let pass = format!(">{password}");
+                Self::start_with(
+                    &["--user", user, "on", &pass, "~*", "&*", "+@all"],
+                    Some(user),
+                    Some(password),
+                )
             }
         }
     }
