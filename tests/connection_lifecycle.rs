@@ -243,6 +243,7 @@ fn slow_client_is_closed_with_4008_while_a_reading_one_gets_everything() {
             Err(_) => break None,
         }
     };
+    eprintln!("slow client: {sent} published, read up to seq {last_seq}, close code {end:?}");
     if let Some(code) = end {
         assert_eq!(code, 4008, "slow client close code");
     }
