@@ -95,6 +95,12 @@ fn too_big_message_closes_with_1009() {
     let (code, _) = expect_close(&mut ws, PROMPT);
     assert_eq!(code, 1009);
     gw.wait_active_connections(0);
+
+    // Binary data frames have the same limit.
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    ws.send(Message::Binary(vec![0u8; 1000].into()))
+        .expect("send binary");
+    assert_eq!(expect_close(&mut ws, PROMPT).0, 1009);
 }
 
 #[test]
@@ -116,6 +122,72 @@ fn reserved_opcode_closes_with_1002() {
         .expect("write frame with opcode 3");
     let (code, _) = raw.expect_close(PROMPT);
     assert_eq!(code, 1002);
+}
+
+#[test]
+fn reserved_bits_close_with_1002() {
+    let (_redis, gw) = setup(&[]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    // RSV1 set without a negotiated extension (RFC 6455 section 5.2).
+    raw.send_masked(0xc1, b"hi").expect("write frame with RSV1");
+    assert_eq!(raw.expect_close(PROMPT).0, 1002);
+}
+
+#[test]
+fn oversized_control_frame_closes_with_1002() {
+    let (_redis, gw) = setup(&[]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    // Control frames carry at most 125 bytes (RFC 6455 section 5.5).
+    raw.send_masked(0x89, &[b'p'; 200]).expect("write big ping");
+    assert_eq!(raw.expect_close(PROMPT).0, 1002);
+}
+
+#[test]
+fn fragmented_message_is_reassembled() {
+    let (_redis, gw) = setup(&[]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    raw.send_masked(0x01, br#"{"type":"#)
+        .expect("first fragment");
+    // A control frame may come between fragments (RFC 6455 section 5.4).
+    raw.send_masked(0x89, b"mid")
+        .expect("ping between fragments");
+    raw.send_masked(0x80, br#""ping"}"#).expect("last fragment");
+    let mut got_pong_frame = false;
+    let deadline = Instant::now() + PROMPT;
+    loop {
+        match raw.read_event(deadline.saturating_duration_since(Instant::now())) {
+            RawEvent::Frame {
+                opcode: 0xa,
+                payload,
+            } => {
+                assert_eq!(payload, b"mid");
+                got_pong_frame = true;
+            }
+            RawEvent::Frame { opcode: 1, payload } => {
+                let v: serde_json::Value = serde_json::from_slice(&payload).expect("JSON");
+                assert_eq!(v["type"], "pong", "{v}");
+                break;
+            }
+            RawEvent::Frame { opcode: 9, .. } => {}
+            RawEvent::Frame { opcode, .. } => panic!("unexpected opcode {opcode}"),
+            _ => panic!("no pong message for the fragmented ping"),
+        }
+    }
+    assert!(
+        got_pong_frame,
+        "the ping between fragments was not answered before the message"
+    );
+}
+
+#[test]
+fn fragmented_message_over_the_limit_closes_with_1009() {
+    let (_redis, gw) = setup(&[("WS_MAX_MESSAGE_SIZE", "512")]);
+    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+    // Each fragment is small; the message is not.
+    raw.send_masked(0x01, &[b'a'; 300]).expect("fragment");
+    raw.send_masked(0x00, &[b'a'; 300]).expect("fragment");
+    raw.send_masked(0x80, &[b'a'; 300]).expect("fragment");
+    assert_eq!(raw.expect_close(PROMPT).0, 1009);
 }
 
 #[test]

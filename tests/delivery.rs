@@ -106,6 +106,35 @@ fn user_ids_may_contain_colons() {
 }
 
 #[test]
+fn non_ascii_user_ids() {
+    let (redis, gw) = setup(&[]);
+    let user = "jos\u{e9}-\u{1f600}";
+    let (mut ws, hello) = ws_open(gw.port, &gw.token(user));
+    assert_eq!(hello["user_id"], user);
+    assert!(redis.notify(user, r#"{"type":"utf8","payload":"\u00e9"}"#) >= 1);
+    let msg = recv_json(&mut ws, PROMPT);
+    assert_message(&msg, "utf8");
+    assert_eq!(msg["payload"], "\u{e9}");
+}
+
+#[test]
+fn large_payload_is_delivered_intact() {
+    let (redis, gw) = setup(&[("LOGGER_LEVEL", "info")]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    let big = "y".repeat(1 << 20);
+    redis.notify(
+        "alice",
+        format!(r#"{{"type":"big","payload":{{"data":"{big}"}}}}"#),
+    );
+    let msg = recv_json(&mut ws, PROMPT);
+    assert_message(&msg, "big");
+    assert_eq!(msg["payload"]["data"].as_str().map(str::len), Some(1 << 20));
+    // And the connection goes on normally afterwards.
+    redis.notify("alice", r#"{"type":"small","payload":1}"#);
+    assert_eq!(recv_json(&mut ws, PROMPT)["type"], "small");
+}
+
+#[test]
 fn payload_bytes_are_passed_through() {
     let (redis, gw) = setup(&[]);
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
@@ -279,5 +308,43 @@ fn two_instances_one_redis() {
     a.wait_metric_at_least(
         r#"ws_notify_messages_dropped_total{reason="offline_user"}"#,
         1.0,
+    );
+}
+
+#[test]
+fn invalid_message_warnings_are_rate_limited() {
+    let (redis, gw) = setup(&[("LOGGER_LEVEL", "info")]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    let (_spammer, _) = ws_open(gw.port, &gw.token("spammer"));
+    for i in 0..300 {
+        redis.publish("user_noti:spammer", format!("not json {i}"));
+    }
+    redis.notify("alice", r#"{"type":"done","payload":1}"#);
+    assert_eq!(recv_json(&mut ws, PROMPT)["type"], "done");
+    gw.wait_metric_at_least(
+        r#"ws_notify_messages_dropped_total{reason="invalid"}"#,
+        300.0,
+    );
+    let logs = gw.logs();
+    let lines = logs.lines().filter(|l| l.contains("spammer")).count();
+    assert!(lines >= 1, "invalid messages are not logged at all");
+    assert!(
+        lines <= 20,
+        "{lines} log lines for 300 invalid messages: not rate-limited"
+    );
+}
+
+#[test]
+fn invalid_messages_for_offline_users_are_counted_invalid() {
+    // DESIGN.md section 3: anything that is not a JSON object with a string
+    // `type` is dropped, counted as invalid and logged with the channel,
+    // whether or not the user has a connection here.
+    let (redis, gw) = setup(&[("LOGGER_LEVEL", "info")]);
+    redis.publish("user_noti:nobody-here", "not json");
+    gw.wait_metric_at_least(r#"ws_notify_messages_dropped_total{reason="invalid"}"#, 1.0);
+    wait_until(
+        PROMPT,
+        "a log line naming the channel user_noti:nobody-here",
+        || gw.logs().contains("user_noti:nobody-here"),
     );
 }

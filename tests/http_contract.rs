@@ -548,7 +548,29 @@ fn metrics_prometheus_text_with_live_numbers() {
     recv_json(&mut a1, PROMPT);
     gw.wait_metric_at_least("ws_notify_messages_received_total", 1.0);
     gw.wait_metric_at_least("ws_notify_messages_delivered_total", 2.0);
+    gw.wait_metric_at_least("ws_notify_connections_accepted_total", 3.0);
+    a1.close(None).expect("close");
+    let _ = close_or_gone(&mut a1, PROMPT);
+    gw.wait_metric_at_least(
+        r#"ws_notify_disconnects_total{reason="client_closed"}"#,
+        1.0,
+    );
     let text = gw.metrics_text();
+    assert_eq!(
+        metric_value(&text, "ws_notify_connections"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(metric_value(&text, "ws_notify_users"), Some(2.0), "{text}");
+    // Every metric is declared once.
+    let mut declared: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .collect();
+    let count = declared.len();
+    declared.sort_unstable();
+    declared.dedup();
+    assert_eq!(declared.len(), count, "a metric is declared twice:\n{text}");
     for name in ["ws_notify_resident_memory_bytes", "ws_notify_open_fds"] {
         assert!(
             metric_value(&text, name).is_some_and(|v| v > 0.0),

@@ -150,6 +150,10 @@ fn second_signal_exits_at_once() {
             }
         }
     }
+    // The Redis reader stops: the gateway no longer subscribes.
+    wait_until(PROMPT, "the gateway unsubscribes from Redis", || {
+        redis.notify("alice", r#"{"type":"late","payload":1}"#) == 0
+    });
     assert!(
         gw.is_running(),
         "exited before the shutdown timeout with a client that never replied"
@@ -285,8 +289,11 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn survives_running_out_of_file_descriptors() {
     let redis = RedisServer::start();
-    let mut gw =
-        Gateway::start_with_nofile(redis.port, &[("WS_HANDSHAKE_TIMEOUT", "30s")], Some(48));
+    let mut gw = Gateway::start_with_nofile(
+        redis.port,
+        &[("WS_HANDSHAKE_TIMEOUT", "30s")],
+        Some((48, 48)),
+    );
     gw.wait_redis_connected(PROMPT);
     // WS_MAX_CONNECTIONS (10000) cannot fit in 48 descriptors: a warning names it.
     assert!(
@@ -366,5 +373,26 @@ fn idle_gateway_does_not_spin() {
         cpu < 0.2,
         "idle gateway with 20 connections uses {:.0}% CPU",
         cpu * 100.0
+    );
+}
+
+#[test]
+fn raises_the_soft_open_file_limit_to_the_hard_limit() {
+    let gw = Gateway::start_with_nofile(
+        free_port(),
+        &[("WS_MAX_CONNECTIONS", "100")],
+        Some((64, 4096)),
+    );
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(
+        fields[3..5],
+        ["4096", "4096"],
+        "soft and hard open-file limits: {line}"
     );
 }

@@ -177,3 +177,23 @@ fn reconnects_back_off_while_redis_is_down() {
     );
     assert_degraded(&gw);
 }
+
+#[test]
+fn redis_that_hangs_is_detected_by_the_ping() {
+    let mut redis = RedisServer::start();
+    let gw = Gateway::start(redis.port, &[FAST_REDIS]);
+    gw.wait_redis_connected(PROMPT);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    // A stopped Redis keeps its sockets open but answers nothing.
+    redis.signal(libc::SIGSTOP);
+    let stopped = std::time::Instant::now();
+    wait_until(PROMPT, "/health notices the hung Redis", || {
+        gw.health().0 == 503
+    });
+    eprintln!("hung Redis noticed after {:?}", stopped.elapsed());
+    redis.signal(libc::SIGCONT);
+    gw.wait_redis_connected(secs(15));
+    assert!(redis.notify("alice", r#"{"type":"back","payload":1}"#) >= 1);
+    assert_message(&recv_json(&mut ws, PROMPT), "back");
+    redis.kill();
+}

@@ -258,6 +258,14 @@ impl RedisServer {
         self.child.is_some()
     }
 
+    /// Sends a signal to redis-server (SIGSTOP/SIGCONT to make it hang).
+    pub fn signal(&self, sig: libc::c_int) {
+        let child = self.child.as_ref().expect("redis-server is not running");
+        // SAFETY: plain kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill(redis-server, {sig}) failed");
+    }
+
     /// SIGKILL and reap; the port is free afterwards.
     pub fn kill(&mut self) {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -397,27 +405,27 @@ impl Gateway {
         Self::start_with_nofile(redis_port, extra_env, None)
     }
 
-    /// Like [`Gateway::start`], with the open-file limit (soft and hard) of the
-    /// child set to `nofile`.
+    /// Like [`Gateway::start`], with the child's open-file limit set to
+    /// `(soft, hard)`.
     pub fn start_with_nofile(
         redis_port: u16,
         extra_env: &[(&str, &str)],
-        nofile: Option<u64>,
+        nofile: Option<(u64, u64)>,
     ) -> Self {
         let secret = random_hex(2);
         let mut last = String::new();
         for _ in 0..3 {
             let port = free_port();
             let mut cmd = build_command(port, redis_port, &secret, extra_env);
-            if let Some(limit) = nofile {
+            if let Some((soft, hard)) = nofile {
                 use std::os::unix::process::CommandExt;
                 // SAFETY: setrlimit is async-signal-safe; nothing else runs in the
                 // child between fork and exec.
                 unsafe {
                     cmd.pre_exec(move || {
                         let rl = libc::rlimit {
-                            rlim_cur: limit as libc::rlim_t,
-                            rlim_max: limit as libc::rlim_t,
+                            rlim_cur: soft as libc::rlim_t,
+                            rlim_max: hard as libc::rlim_t,
                         };
                         if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
                             return Err(io::Error::last_os_error());
