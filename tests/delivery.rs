@@ -348,3 +348,36 @@ fn invalid_messages_for_offline_users_are_counted_invalid() {
         || gw.logs().contains("user_noti:nobody-here"),
     );
 }
+
+#[test]
+fn fan_out_to_many_users_and_connections() {
+    let (redis, gw) = setup(&[("LOGGER_LEVEL", "info")]);
+    let users: Vec<String> = (0..60).map(|i| format!("user-{i}")).collect();
+    let mut conns: Vec<(usize, Ws)> = Vec::new();
+    for (u, user) in users.iter().enumerate() {
+        for _ in 0..3 {
+            conns.push((u, ws_open(gw.port, &gw.token(user)).0));
+        }
+    }
+    gw.wait_active_connections(conns.len() as u64);
+    assert_eq!(gw.unique_users(), users.len() as u64);
+    for round in 0..5 {
+        for user in &users {
+            redis.notify(
+                user,
+                format!(r#"{{"type":"fan","payload":{{"user":"{user}","round":{round}}}}}"#),
+            );
+        }
+    }
+    for (u, ws) in conns.iter_mut() {
+        for round in 0..5 {
+            let msg = recv_json(ws, PROMPT);
+            assert_eq!(msg["payload"]["user"], users[*u].as_str(), "{msg}");
+            assert_eq!(msg["payload"]["round"], round, "{msg}");
+        }
+    }
+    gw.wait_metric_at_least(
+        "ws_notify_messages_delivered_total",
+        (conns.len() * 5) as f64,
+    );
+}

@@ -40,6 +40,38 @@ fn upgrade_answers_101_with_the_rfc_accept_key() {
 }
 
 #[test]
+fn browser_style_upgrade_headers_are_accepted() {
+    // Firefox sends `Connection: keep-alive, Upgrade`; header names and the
+    // `websocket` token are case-insensitive (RFC 6455 section 4.2.1).
+    let (_redis, gw) = setup(&[]);
+    let path = format!("/ws?token={}", gw.token("alice"));
+    let head = request_head(
+        "GET",
+        &path,
+        &[
+            ("upgrade", "WebSocket"),
+            ("connection", "keep-alive, Upgrade"),
+            ("sec-websocket-key", SAMPLE_KEY),
+            ("sec-websocket-version", "13"),
+            ("Origin", "https://app.example"),
+            (
+                "Sec-WebSocket-Extensions",
+                "permessage-deflate; client_max_window_bits",
+            ),
+            ("User-Agent", "Mozilla/5.0"),
+        ],
+    );
+    let resp = raw_request(gw.port, head);
+    assert_eq!(resp.status, 101, "{resp:?}");
+    assert_eq!(resp.header("sec-websocket-accept"), Some(SAMPLE_ACCEPT));
+    // No extension was negotiated: frames stay plain.
+    assert!(
+        resp.header("sec-websocket-extensions").is_none(),
+        "{resp:?}"
+    );
+}
+
+#[test]
 fn request_head_may_arrive_in_pieces() {
     let (_redis, gw) = setup(&[]);
     let request = upgrade_request(&format!("/ws?token={}", gw.token("alice")), &[]);
