@@ -54,7 +54,7 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local_addr").port()
 }
 
-/// `n` random bytes as hex (enough for per-test secrets and nonces).
+/// `n_words` random 64-bit words as hex (per-test secrets and nonces).
 pub fn random_hex(n_words: usize) -> String {
     let mut out = String::new();
     for i in 0..n_words {
