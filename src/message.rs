@@ -166,6 +166,12 @@ impl MessageEncoder {
     }
 }
 
+/// Checks a published payload without encoding it (for messages that reach no
+/// connection here: still counted as invalid when they are).
+pub fn validate_published(published: &[u8]) -> Result<(), InvalidMessage> {
+    parse_published(published).map(|_| ())
+}
+
 /// Appends a server text-frame header (FIN, opcode 1, no mask, 7/16/64-bit
 /// length per RFC 6455 5.2) for `len` payload bytes.
 pub fn write_text_frame_header(len: usize, out: &mut Vec<u8>) {

@@ -33,7 +33,7 @@ use crate::conn::{
 use crate::http;
 use crate::hub::Hub;
 use crate::logging::RateLimited;
-use crate::message::MessageEncoder;
+use crate::message::{self, InvalidMessage, MessageEncoder};
 use crate::metrics::{self, Gauges, Metrics};
 use crate::redis_reader::{Inbox, Published, RedisReader, RedisStatus};
 
@@ -496,16 +496,24 @@ impl Server {
             return;
         }
         let received_at = Timestamp::now();
-        for published in self.inbound.drain(..) {
-            let Some(keys) = std::str::from_utf8(published.user_id())
+        let mut inbound = std::mem::take(&mut self.inbound);
+        for published in inbound.drain(..) {
+            let keys = std::str::from_utf8(published.user_id())
                 .ok()
-                .and_then(|user_id| self.hub.connections_of(user_id))
-            else {
-                self.metrics.dropped_offline += 1;
-                debug!(
-                    "no connection for user_id={}: message dropped",
-                    String::from_utf8_lossy(published.user_id())
-                );
+                .and_then(|user_id| self.hub.connections_of(user_id));
+            let Some(keys) = keys else {
+                // Not encoded, but still validated: a publisher's mistake is counted as
+                // invalid whichever instance sees it.
+                match message::validate_published(published.payload()) {
+                    Ok(()) => {
+                        self.metrics.dropped_offline += 1;
+                        debug!(
+                            "no connection for user_id={}: message dropped",
+                            String::from_utf8_lossy(published.user_id())
+                        );
+                    }
+                    Err(invalid) => self.invalid_message(&published, invalid, now),
+                }
                 continue;
             };
             let frame = match self
@@ -514,15 +522,7 @@ impl Server {
             {
                 Ok(frame) => frame,
                 Err(invalid) => {
-                    self.metrics.dropped_invalid += 1;
-                    if let Some(suppressed) = self.invalid_warnings.check(now) {
-                        warn!(
-                            "invalid message on channel {}{} dropped: {} ({suppressed} similar suppressed)",
-                            self.config.redis.channel_prefix,
-                            String::from_utf8_lossy(published.user_id()),
-                            invalid.as_str()
-                        );
-                    }
+                    self.invalid_message(&published, invalid, now);
                     continue;
                 }
             };
@@ -545,6 +545,21 @@ impl Server {
                     self.metrics.dropped_buffer_full += 1;
                 }
             }
+        }
+        // Keep the buffer's capacity for the next batch.
+        self.inbound = inbound;
+    }
+
+    /// Counts and (rate-limited) logs a published message that is not valid.
+    fn invalid_message(&mut self, published: &Published, invalid: InvalidMessage, now: Instant) {
+        self.metrics.dropped_invalid += 1;
+        if let Some(suppressed) = self.invalid_warnings.check(now) {
+            warn!(
+                "invalid message on channel {}{} dropped: {} ({suppressed} similar suppressed)",
+                self.config.redis.channel_prefix,
+                String::from_utf8_lossy(published.user_id()),
+                invalid.as_str()
+            );
         }
     }
 
