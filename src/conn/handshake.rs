@@ -85,7 +85,7 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
     };
     match path {
         "/ws" => {}
-        "/health" | "/metrics" if method != "GET" && method != "HEAD" => {
+        "/health" | "/metrics" if method != "GET" => {
             return Decision::Reject(Rejection::MethodNotAllowed);
         }
         "/health" => return Decision::Health,
