@@ -212,6 +212,210 @@ fn is_valid_key(key: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+
+    const SECRET: &str = "handshake-test-secret";
+
+    struct Counts {
+        open: usize,
+        per_user: usize,
+    }
+
+    impl ConnectionCounts for Counts {
+        fn open_connections(&self) -> usize {
+            self.open
+        }
+        fn connections_of(&self, _user_id: &str) -> usize {
+            self.per_user
+        }
+    }
+
+    const NO_LOAD: Counts = Counts {
+        open: 0,
+        per_user: 0,
+    };
+
+    fn authenticator() -> Authenticator {
+        let config =
+            Config::from_lookup(|name| (name == "JWT_SECRET_KEY").then(|| SECRET.to_string()))
+                .expect("test config");
+        Authenticator::new(&config.jwt).expect("authenticator")
+    }
+
+    fn token(sub: &str) -> String {
+        let claims = serde_json::json!({ "sub": sub, "exp": crate::clock::unix_secs_now() + 600 });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign")
+    }
+
+    fn upgrade_head(target: &str, extra: &str) -> String {
+        format!(
+            "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    }
+
+    fn decide(head: &[u8], origins: &[String], counts: &Counts) -> Decision {
+        let authenticator = authenticator();
+        let rules = HandshakeRules {
+            authenticator: &authenticator,
+            allowed_origins: origins,
+            cookie_name: None,
+            max_connections: 10,
+            max_connections_per_user: 2,
+        };
+        evaluate(head, &rules, counts)
+    }
+
+    fn rejection(head: &[u8]) -> Option<Rejection> {
+        match decide(head, &[], &NO_LOAD) {
+            Decision::Reject(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn valid_upgrade_keeps_pipelined_bytes_out_of_the_head() {
+        let head = upgrade_head(&format!("/ws?token={}", token("alice")), "");
+        let mut bytes = head.clone().into_bytes();
+        bytes.extend_from_slice(b"\x81\x85frame");
+        match decide(&bytes, &[], &NO_LOAD) {
+            Decision::Upgrade(upgrade) => {
+                assert_eq!(upgrade.head_len, head.len());
+                assert_eq!(upgrade.user_id, "alice");
+                assert_eq!(upgrade.accept_key, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+            }
+            other => panic!("expected an upgrade, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_head_in_pieces_needs_more_until_complete() {
+        let head = upgrade_head(&format!("/ws?token={}", token("bob")), "");
+        for cut in [0, 1, 10, head.len() - 1] {
+            assert_eq!(
+                decide(&head.as_bytes()[..cut], &[], &NO_LOAD),
+                Decision::NeedMore
+            );
+        }
+    }
+
+    #[test]
+    fn plain_endpoints() {
+        assert_eq!(
+            decide(b"GET /health HTTP/1.1\r\n\r\n", &[], &NO_LOAD),
+            Decision::Health
+        );
+        assert_eq!(
+            decide(b"GET /metrics?format=json HTTP/1.1\r\n\r\n", &[], &NO_LOAD),
+            Decision::Metrics { json: true }
+        );
+        assert_eq!(
+            decide(b"GET /metrics HTTP/1.1\r\n\r\n", &[], &NO_LOAD),
+            Decision::Metrics { json: false }
+        );
+        assert_eq!(
+            rejection(b"GET /nope HTTP/1.1\r\n\r\n"),
+            Some(Rejection::NotFound)
+        );
+        assert_eq!(
+            rejection(b"POST /health HTTP/1.1\r\n\r\n"),
+            Some(Rejection::MethodNotAllowed)
+        );
+    }
+
+    #[test]
+    fn upgrade_errors() {
+        let ok = upgrade_head(&format!("/ws?token={}", token("carol")), "");
+        assert_eq!(
+            rejection(ok.replace("GET", "POST").as_bytes()),
+            Some(Rejection::MethodNotAllowed)
+        );
+        assert_eq!(
+            rejection(ok.replace("HTTP/1.1", "HTTP/1.0").as_bytes()),
+            Some(Rejection::BadRequest)
+        );
+        assert_eq!(
+            rejection(ok.replace("Upgrade: websocket", "Upgrade: h2c").as_bytes()),
+            Some(Rejection::UpgradeRequired)
+        );
+        assert_eq!(
+            rejection(ok.replace("Version: 13", "Version: 12").as_bytes()),
+            Some(Rejection::UnsupportedVersion)
+        );
+        assert_eq!(
+            rejection(ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "short").as_bytes()),
+            Some(Rejection::BadKey)
+        );
+        assert_eq!(
+            rejection(upgrade_head("/ws", "").as_bytes()),
+            Some(Rejection::MissingToken)
+        );
+        assert_eq!(
+            rejection(upgrade_head("/ws?token=abc.def.ghi", "").as_bytes()),
+            Some(Rejection::InvalidToken)
+        );
+    }
+
+    #[test]
+    fn limits_and_origins() {
+        let head = upgrade_head(
+            &format!("/ws?token={}", token("dave")),
+            "Origin: https://app.example\r\n",
+        );
+        let allowed = ["https://app.example".to_string()];
+        let other = ["https://other.example".to_string()];
+        assert!(matches!(
+            decide(head.as_bytes(), &allowed, &NO_LOAD),
+            Decision::Upgrade(_)
+        ));
+        assert_eq!(
+            decide(head.as_bytes(), &other, &NO_LOAD),
+            Decision::Reject(Rejection::OriginNotAllowed)
+        );
+        let full = Counts {
+            open: 10,
+            per_user: 0,
+        };
+        assert_eq!(
+            decide(head.as_bytes(), &[], &full),
+            Decision::Reject(Rejection::ConnectionLimit)
+        );
+        // The global limit is checked before the token.
+        assert_eq!(
+            decide(upgrade_head("/ws", "").as_bytes(), &[], &full),
+            Decision::Reject(Rejection::ConnectionLimit)
+        );
+        let busy_user = Counts {
+            open: 3,
+            per_user: 2,
+        };
+        assert_eq!(
+            decide(head.as_bytes(), &[], &busy_user),
+            Decision::Reject(Rejection::UserLimit)
+        );
+    }
+
+    #[test]
+    fn oversized_heads() {
+        let mut big = b"GET /ws HTTP/1.1\r\nX: ".to_vec();
+        big.resize(MAX_HEAD_BYTES + 1, b'a');
+        assert_eq!(rejection(&big), Some(Rejection::HeadTooLarge));
+        let mut many = b"GET /ws HTTP/1.1\r\n".to_vec();
+        for _ in 0..=MAX_HEADERS {
+            many.extend_from_slice(b"A: b\r\n");
+        }
+        many.extend_from_slice(b"\r\n");
+        assert_eq!(rejection(&many), Some(Rejection::HeadTooLarge));
+        assert_eq!(
+            rejection(b"GET /ws HTTP/1.1\r\nBad\0Header: x\r\n\r\n"),
+            Some(Rejection::BadRequest)
+        );
+    }
 
     #[test]
     fn key_validation() {
