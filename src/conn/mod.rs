@@ -575,6 +575,110 @@ pub const PING_FRAME: [u8; 2] = [0x89, 0x00];
 mod tests {
     use super::*;
 
+    /// Client bytes in memory; `WouldBlock` once they run out, like a drained socket.
+    struct ClientBytes {
+        data: Vec<u8>,
+        pos: usize,
+    }
+
+    impl Read for ClientBytes {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.pos == self.data.len() {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            // Short reads: at most 7 bytes at a time.
+            let n = buf.len().min(self.data.len() - self.pos).min(7);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    /// A masked client frame (RFC 6455 5.3), FIN set, payload under 126 bytes.
+    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        frame
+    }
+
+    fn read_all(bytes: Vec<u8>, max_message_size: usize) -> (FramesReport, Vec<u8>) {
+        let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(max_message_size)));
+        let mut socket = ClientBytes {
+            data: bytes,
+            pos: 0,
+        };
+        let mut out = OutboundQueue::default();
+        let report = read_frames(&mut ws, &mut socket, &mut out, 64, false);
+        let mut written = Vec::new();
+        out.flush(&mut written).expect("flush into a Vec");
+        (report, written)
+    }
+
+    #[test]
+    fn ping_frame_is_answered_with_a_pong_in_the_queue() {
+        let (report, written) = read_all(client_frame(0x9, b"hi"), 512);
+        assert_eq!(report.result, FramesRead::WouldBlock);
+        assert_eq!(written, b"\x8a\x02hi");
+    }
+
+    #[test]
+    fn text_ping_requests_are_counted() {
+        let mut bytes = client_frame(0x1, br#"{"type":"ping"}"#);
+        bytes.extend(client_frame(0x1, br#"{"type":"other"}"#));
+        bytes.extend(client_frame(0x1, br#"{"type":"ping"}"#));
+        let (report, _) = read_all(bytes, 512);
+        assert_eq!(report.ping_requests, 2);
+        assert_eq!(report.result, FramesRead::WouldBlock);
+    }
+
+    #[test]
+    fn client_close_is_answered() {
+        let (report, written) = read_all(client_frame(0x8, &1000u16.to_be_bytes()), 512);
+        assert_eq!(report.result, FramesRead::Closed(CloseReason::ClientClosed));
+        assert_eq!(written, b"\x88\x02\x03\xe8");
+    }
+
+    #[test]
+    fn violations_map_to_close_reasons() {
+        let unmasked = vec![0x81, 0x02, b'h', b'i'];
+        assert_eq!(
+            read_all(unmasked, 512).0.result,
+            FramesRead::Closed(CloseReason::ProtocolError)
+        );
+        let too_big = client_frame(0x1, &[b'a'; 100]);
+        assert_eq!(
+            read_all(too_big, 64).0.result,
+            FramesRead::Closed(CloseReason::MessageTooBig)
+        );
+        let bad_utf8 = client_frame(0x1, &[0xff, 0xfe]);
+        assert_eq!(
+            read_all(bad_utf8, 512).0.result,
+            FramesRead::Closed(CloseReason::InvalidUtf8)
+        );
+        let reserved_opcode = client_frame(0x3, b"");
+        assert_eq!(
+            read_all(reserved_opcode, 512).0.result,
+            FramesRead::Closed(CloseReason::ProtocolError)
+        );
+    }
+
+    #[test]
+    fn the_budget_bounds_one_turn() {
+        let bytes: Vec<u8> = (0..10).flat_map(|_| client_frame(0x2, b"x")).collect();
+        let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(512)));
+        let mut socket = ClientBytes {
+            data: bytes,
+            pos: 0,
+        };
+        let mut out = OutboundQueue::default();
+        let first = read_frames(&mut ws, &mut socket, &mut out, 4, false);
+        assert_eq!(first.result, FramesRead::BudgetSpent);
+        let rest = read_frames(&mut ws, &mut socket, &mut out, 64, false);
+        assert_eq!(rest.result, FramesRead::WouldBlock);
+    }
+
     #[test]
     fn ping_request_detection() {
         assert!(is_ping_request(br#"{"type":"ping"}"#));
