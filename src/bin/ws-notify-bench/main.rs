@@ -1,0 +1,325 @@
+//! ws-notify-bench: the load generator for ws-notify (issue 5, DESIGN.md
+//! section 6). It connects to a running server and to its Redis; it never
+//! starts either.
+//!
+//! ```text
+//!  main thread ── sign tokens ── spawn clients ── wait: all open ── hold ── PUBLISH (pipelined) ── drain ── report
+//!                                    │                                            │
+//!  client thread 0..T: mio Poll ── connect / upgrade / count frames ◄── server ◄──┘ Redis
+//! ```
+//!
+//! The client threads share nothing but a few atomics with the main thread
+//! (progress, open connections per user, the stop flag); each keeps its own
+//! histograms, merged after `join`.
+
+mod args;
+mod client;
+mod frame;
+mod histogram;
+mod publish;
+mod report;
+mod sock;
+mod token;
+
+use std::error::Error;
+use std::net::Ipv4Addr;
+use std::process;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use args::{Command, Options};
+use client::{Client, Plan, Report, Shared};
+use publish::Publisher;
+use report::Summary;
+
+/// How often the main thread checks the client threads' progress.
+const PROGRESS_TICK: Duration = Duration::from_millis(2);
+/// How often progress is printed while connecting.
+const PROGRESS_PRINT: Duration = Duration::from_secs(1);
+
+fn main() {
+    let options = match args::parse(std::env::args().skip(1)) {
+        Ok(Command::Help) => {
+            print!("{}", args::USAGE);
+            return;
+        }
+        Ok(Command::Run(options)) => options,
+        Err(e) => {
+            eprintln!("ws-notify-bench: {e}");
+            process::exit(2);
+        }
+    };
+    match run(&options) {
+        Ok(summary) => {
+            println!("{}", summary.to_json());
+            eprint!("{}", summary.to_table());
+            process::exit(if summary.complete() { 0 } else { 3 });
+        }
+        Err(e) => {
+            eprintln!("ws-notify-bench: {e}");
+            process::exit(1);
+        }
+    }
+}
+
+/// 127.0.0.1..=K when the server is on loopback and one address's ephemeral
+/// ports may not suffice; empty means "let the kernel choose".
+fn source_addresses(options: &Options) -> Vec<Ipv4Addr> {
+    if !options.server.ip().is_loopback() {
+        if options.source_addrs.is_some_and(|k| k > 1) {
+            eprintln!("warning: --source-addrs ignored: the server is not on loopback");
+        }
+        return Vec::new();
+    }
+    let usable_ports = sock::ephemeral_ports() * 9 / 10;
+    let k = options.source_addrs.unwrap_or(if options.churn {
+        // Each cycle uses a port; spread them so none runs short.
+        8
+    } else {
+        options.connections.div_ceil(usable_ports.max(1)).max(1)
+    });
+    if k <= 1 {
+        return Vec::new();
+    }
+    (1..=k).map(|x| Ipv4Addr::new(127, 0, 0, x as u8)).collect()
+}
+
+/// Deliveries expected when message k goes to user k % U and user u has
+/// `user_conns[u]` open connections.
+fn expected_deliveries(user_conns: &[AtomicU32], messages: u64) -> u64 {
+    let users = user_conns.len() as u64;
+    user_conns
+        .iter()
+        .enumerate()
+        .map(|(u, conns)| {
+            let per_user = messages / users + u64::from((u as u64) < messages % users);
+            u64::from(conns.load(Relaxed)) * per_user
+        })
+        .sum()
+}
+
+fn seconds(from: Instant, to: Option<Instant>) -> f64 {
+    to.map_or(0.0, |to| to.saturating_duration_since(from).as_secs_f64())
+}
+
+fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
+    let nofile = sock::raise_nofile_limit().map_err(|e| format!("raising RLIMIT_NOFILE: {e}"))?;
+    let fds_needed = if options.churn {
+        options.concurrency
+    } else {
+        options.connections
+    } + 32;
+    if fds_needed as u64 > nofile {
+        eprintln!("warning: open-file limit {nofile} < {fds_needed}: some connections will fail");
+    }
+    let sources: Arc<[Ipv4Addr]> = source_addresses(options).into();
+    let requests = Arc::new(token::upgrade_requests(options)?);
+    let accept: Arc<[u8]> = tungstenite::handshake::derive_accept_key(frame::WS_KEY.as_bytes())
+        .into_bytes()
+        .into();
+
+    let mut publisher = if options.messages > 0 {
+        let mut p = Publisher::connect(&options.redis_url, &options.channel_prefix, options.users)
+            .map_err(|e| format!("Redis {}: {e}", options.redis_url))?;
+        if p.pattern_subscribers()? == 0 {
+            eprintln!(
+                "warning: no pattern subscription on {}: is ws-notify connected to this Redis?",
+                options.redis_url
+            );
+        }
+        Some(p)
+    } else {
+        None
+    };
+
+    let rss = |pid: Option<u32>| pid.and_then(report::rss_kib);
+    let rss_before = rss(options.server_pid);
+    if options.server_pid.is_some() && rss_before.is_none() {
+        eprintln!(
+            "warning: cannot read VmRSS of --server-pid {:?}",
+            options.server_pid
+        );
+    }
+
+    let shared = Arc::new(Shared::new(options.threads, options.users));
+    let start = Instant::now();
+    let churn_until = options.churn.then(|| start + options.duration);
+    let max_in_flight = options.concurrency.div_ceil(options.threads);
+    let mut handles = Vec::with_capacity(options.threads);
+    for thread in 0..options.threads {
+        let plan = Plan {
+            thread,
+            threads: options.threads,
+            connections: options.connections,
+            users: options.users,
+            max_in_flight,
+            churn_until,
+            connect_timeout: options.connect_timeout,
+            server: options.server,
+            sources: sources.clone(),
+            requests: requests.clone(),
+            accept: accept.clone(),
+        };
+        let shared = shared.clone();
+        let client = Client::new(plan, shared)?;
+        handles.push(
+            thread::Builder::new()
+                .name(format!("bench-client-{thread}"))
+                .spawn(move || client.run())?,
+        );
+    }
+
+    // Connect (hold) or churn until every thread has settled.
+    let what = if options.churn {
+        "handshaking"
+    } else {
+        "connecting"
+    };
+    let mut next_print = start + PROGRESS_PRINT;
+    while !shared.all_settled() {
+        thread::sleep(PROGRESS_TICK);
+        let now = Instant::now();
+        if now >= next_print {
+            next_print = now + PROGRESS_PRINT;
+            eprintln!(
+                "{what}: {} open, {} failed ({:.1} s)",
+                shared.sum(|c| &c.opened),
+                shared.sum(|c| &c.failed),
+                now.duration_since(start).as_secs_f64()
+            );
+        }
+    }
+    let rss_connected = rss(options.server_pid);
+
+    if !options.hold.is_zero() {
+        eprintln!(
+            "holding {} connections for {:.1} s",
+            shared.sum(|c| &c.opened),
+            options.hold.as_secs_f64()
+        );
+        thread::sleep(options.hold);
+    }
+
+    let mut expected = 0;
+    let mut published = None;
+    let mut metrics_before = None;
+    let mut metrics_error = None;
+    if let Some(publisher) = publisher.as_mut() {
+        if options.metrics {
+            match report::scrape_metrics(options.server, &options.host) {
+                Ok(m) => metrics_before = Some(m),
+                Err(e) => metrics_error = Some(e.to_string()),
+            }
+        }
+        expected = expected_deliveries(&shared.user_conns, options.messages);
+        eprintln!(
+            "publishing {} messages ({} deliveries expected){}",
+            options.messages,
+            expected,
+            options
+                .rate
+                .map_or(String::new(), |r| format!(" at {r} msg/s"))
+        );
+        let p = publisher.run(options.messages, options.rate, options.batch)?;
+        // Wait for every delivery, or until none arrives for --drain-timeout.
+        let mut seen = 0;
+        let mut progress_at = Instant::now();
+        loop {
+            let delivered = shared.sum(|c| &c.delivered);
+            if delivered >= expected {
+                break;
+            }
+            let now = Instant::now();
+            if delivered != seen {
+                seen = delivered;
+                progress_at = now;
+            } else if now.duration_since(progress_at) >= options.drain_timeout {
+                eprintln!(
+                    "drain timeout: {delivered} of {expected} delivered, none for {:.1} s",
+                    options.drain_timeout.as_secs_f64()
+                );
+                break;
+            }
+            thread::sleep(PROGRESS_TICK);
+        }
+        published = Some(p);
+    }
+    let rss_end = rss(options.server_pid);
+    let server_metrics = match metrics_before {
+        Some(before) => match report::scrape_metrics(options.server, &options.host) {
+            Ok(after) => Some(report::metrics_delta(&before, &after)),
+            Err(e) => {
+                metrics_error = Some(e.to_string());
+                None
+            }
+        },
+        None => None,
+    };
+
+    shared.stop.store(true, Relaxed);
+    let mut total = Report::default();
+    for handle in handles {
+        let report = handle
+            .join()
+            .map_err(|_| "a client thread panicked")?
+            .map_err(|e| format!("client thread: {e}"))?;
+        total.merge(&report);
+    }
+
+    let (published_count, publish_secs, unheard, deliver_secs) = match &published {
+        Some(p) => (
+            p.sent,
+            p.last.duration_since(p.first).as_secs_f64(),
+            p.unheard,
+            seconds(p.first, total.last_receive),
+        ),
+        None => (0, 0.0, 0, 0.0),
+    };
+    Ok(Summary {
+        preset: options.preset.name(),
+        churn: options.churn,
+        target_connections: options.connections,
+        users: options.users,
+        threads: options.threads,
+        concurrency: options.concurrency,
+        source_addrs: sources.len().max(1),
+        opened: total.opened,
+        failures: total.failures,
+        lost: total.lost,
+        connect_secs: seconds(start, total.last_open),
+        handshake: total.handshake,
+        cycles: total.cycles,
+        close_timeouts: total.close_timeouts,
+        messages: options.messages,
+        published: published_count,
+        publish_secs,
+        unheard,
+        expected,
+        delivered: total.delivered,
+        deliver_secs,
+        latency: total.latency,
+        rss_before,
+        rss_connected,
+        rss_end,
+        server_metrics,
+        metrics_error,
+        other_frames: total.other_frames,
+        pings: total.pings,
+        masked_frames: total.masked_frames,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_counts_connections_per_user() {
+        // 3 users with 2, 0, 1 connections; 7 messages: users get 3, 2, 2.
+        let conns = [AtomicU32::new(2), AtomicU32::new(0), AtomicU32::new(1)];
+        assert_eq!(expected_deliveries(&conns, 7), 6 + 2);
+        assert_eq!(expected_deliveries(&conns, 0), 0);
+    }
+}

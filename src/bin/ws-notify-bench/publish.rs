@@ -1,0 +1,102 @@
+//! The publisher: `PUBLISH user_noti:bench-{k % U} {"type":"bench","payload":{"seq":k,"t":T}}`
+//! for k in 0..M, pipelined in batches, optionally paced to a fixed rate.
+//! Runs on the main thread with a blocking Redis connection.
+
+use std::fmt::Write as _;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use redis::{Connection, RedisResult};
+
+use crate::client::unix_micros;
+use crate::token::user_id;
+
+/// What publishing did.
+pub struct Published {
+    /// When the first batch was sent.
+    pub first: Instant,
+    /// When the last batch was acknowledged.
+    pub last: Instant,
+    pub sent: u64,
+    /// Messages Redis delivered to no subscriber (the server was not subscribed).
+    pub unheard: u64,
+}
+
+pub struct Publisher {
+    con: Connection,
+    /// `<prefix>bench-<u>` for every user.
+    channels: Vec<String>,
+}
+
+impl Publisher {
+    pub fn connect(url: &str, prefix: &str, users: usize) -> RedisResult<Publisher> {
+        let con = redis::Client::open(url)?.get_connection()?;
+        let channels = (0..users)
+            .map(|u| format!("{prefix}{}", user_id(u)))
+            .collect();
+        Ok(Publisher { con, channels })
+    }
+
+    /// Pattern subscriptions on the Redis server (the gateway holds one).
+    pub fn pattern_subscribers(&mut self) -> RedisResult<i64> {
+        redis::cmd("PUBSUB").arg("NUMPAT").query(&mut self.con)
+    }
+
+    /// Publishes `messages` messages, `batch` per pipeline, at `rate` msgs/s
+    /// if given. At a fixed rate a pipeline holds a millisecond's worth (at
+    /// least one), so the latency measured is not dominated by batching.
+    pub fn run(
+        &mut self,
+        messages: u64,
+        rate: Option<f64>,
+        batch: usize,
+    ) -> RedisResult<Published> {
+        let batch = match rate {
+            Some(rate) => ((rate / 1000.0) as usize).clamp(1, batch),
+            None => batch,
+        } as u64;
+        let users = self.channels.len() as u64;
+        let mut pipe = redis::pipe();
+        let mut payload = String::with_capacity(96);
+        let start = Instant::now();
+        let mut first = None;
+        let mut unheard = 0;
+        let mut seq = 0;
+        while seq < messages {
+            if let Some(rate) = rate {
+                let due = start + Duration::from_secs_f64(seq as f64 / rate);
+                let now = Instant::now();
+                if due > now {
+                    thread::sleep(due - now);
+                }
+            }
+            let n = batch.min(messages - seq);
+            pipe.clear();
+            // One timestamp per batch, taken before it is encoded and sent, so
+            // the measured latency includes the batch's own encoding.
+            let t = unix_micros();
+            for k in seq..seq + n {
+                payload.clear();
+                // Writing to a String cannot fail.
+                let _ = write!(
+                    payload,
+                    r#"{{"type":"bench","payload":{{"seq":{k},"t":{t}}}}}"#
+                );
+                pipe.cmd("PUBLISH")
+                    .arg(&self.channels[(k % users) as usize])
+                    .arg(payload.as_bytes());
+            }
+            first.get_or_insert_with(Instant::now);
+            let heard: Vec<i64> = pipe.query(&mut self.con)?;
+            unheard += heard.iter().filter(|&&h| h == 0).count() as u64;
+            seq += n;
+        }
+        let last = Instant::now();
+        Ok(Published {
+            first: first.unwrap_or(last),
+            last,
+            sent: seq,
+            unheard,
+        })
+    }
+}

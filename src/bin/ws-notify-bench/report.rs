@@ -1,0 +1,362 @@
+//! Measurements of the server from outside (RSS from /proc, counters from
+//! /metrics) and the final report: one JSON line on stdout, a table on stderr.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, SocketAddrV4, TcpStream};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::client::Failures;
+use crate::histogram::Histogram;
+
+/// Resident set size of `pid` in KiB (`VmRSS` in /proc/<pid>/status).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Series whose name starts with this are kept from /metrics.
+const METRICS_PREFIX: &str = "ws_notify_messages_";
+
+/// Fetches the server's /metrics and returns the `ws_notify_messages_*`
+/// series (name with labels -> value).
+pub fn scrape_metrics(server: SocketAddrV4, host: &str) -> io::Result<BTreeMap<String, f64>> {
+    let timeout = Duration::from_secs(2);
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(server), timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut body = String::new();
+    stream.take(4 << 20).read_to_string(&mut body)?;
+    if !body.starts_with("HTTP/1.1 200") {
+        let status = body.lines().next().unwrap_or("no answer").to_string();
+        return Err(io::Error::other(format!("/metrics: {status}")));
+    }
+    Ok(parse_metrics(&body))
+}
+
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with(METRICS_PREFIX))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// `after - before` per series (the server's counters are cumulative).
+pub fn metrics_delta(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+) -> BTreeMap<String, f64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+        .collect()
+}
+
+/// Everything the run measured.
+pub struct Summary {
+    pub preset: &'static str,
+    pub churn: bool,
+    pub target_connections: usize,
+    pub users: usize,
+    pub threads: usize,
+    pub concurrency: usize,
+    pub source_addrs: usize,
+    pub opened: u64,
+    pub failures: Failures,
+    pub lost: u64,
+    /// Seconds from the first connect to the last `connected` message.
+    pub connect_secs: f64,
+    pub handshake: Histogram,
+    pub cycles: u64,
+    pub close_timeouts: u64,
+    pub messages: u64,
+    pub published: u64,
+    pub publish_secs: f64,
+    pub unheard: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    /// Seconds from the first publish to the last receive.
+    pub deliver_secs: f64,
+    pub latency: Histogram,
+    pub rss_before: Option<u64>,
+    pub rss_connected: Option<u64>,
+    pub rss_end: Option<u64>,
+    pub server_metrics: Option<BTreeMap<String, f64>>,
+    pub metrics_error: Option<String>,
+    pub other_frames: u64,
+    pub pings: u64,
+    pub masked_frames: u64,
+}
+
+fn rate(count: u64, secs: f64) -> f64 {
+    if secs > 0.0 { count as f64 / secs } else { 0.0 }
+}
+
+fn quantiles(h: &Histogram) -> Value {
+    json!({
+        "count": h.count(),
+        "min": h.min(),
+        "mean": (h.mean() * 10.0).round() / 10.0,
+        "p50": h.quantile(0.5),
+        "p90": h.quantile(0.9),
+        "p99": h.quantile(0.99),
+        "p99_9": h.quantile(0.999),
+        "max": h.max(),
+    })
+}
+
+impl Summary {
+    pub fn failed(&self) -> u64 {
+        self.failures.total()
+    }
+
+    /// Every connection opened and every expected message arrived.
+    pub fn complete(&self) -> bool {
+        self.failed() == 0 && self.delivered >= self.expected && (self.churn || self.lost == 0)
+    }
+
+    pub fn handshakes_per_sec(&self) -> f64 {
+        rate(self.opened, self.connect_secs)
+    }
+
+    pub fn deliveries_per_sec(&self) -> f64 {
+        rate(self.delivered, self.deliver_secs)
+    }
+
+    /// Server RSS growth per opened connection, bytes.
+    pub fn rss_per_connection(&self) -> Option<f64> {
+        let (before, after) = (self.rss_before?, self.rss_connected?);
+        (self.opened > 0).then(|| (after as f64 - before as f64) * 1024.0 / self.opened as f64)
+    }
+
+    fn drops(&self) -> Option<BTreeMap<String, f64>> {
+        let metrics = self.server_metrics.as_ref()?;
+        Some(
+            metrics
+                .iter()
+                .filter_map(|(k, v)| {
+                    let reason = k.strip_prefix("ws_notify_messages_dropped_total{reason=\"")?;
+                    Some((reason.trim_end_matches("\"}").to_string(), *v))
+                })
+                .collect(),
+        )
+    }
+
+    fn server_counter(&self, name: &str) -> Option<f64> {
+        self.server_metrics.as_ref()?.get(name).copied()
+    }
+
+    /// The machine-readable line.
+    pub fn to_json(&self) -> Value {
+        let mut status = serde_json::Map::new();
+        for (code, n) in &self.failures.status {
+            status.insert(code.to_string(), (*n).into());
+        }
+        json!({
+            "preset": self.preset,
+            "connections": self.target_connections,
+            "users": self.users,
+            "threads": self.threads,
+            "concurrency": self.concurrency,
+            "source_addrs": self.source_addrs,
+            "opened": self.opened,
+            "failed": self.failed(),
+            "failures": {
+                "socket": self.failures.socket,
+                "connect": self.failures.connect,
+                "status": status,
+                "timeout": self.failures.timeout,
+                "closed": self.failures.closed,
+                "protocol": self.failures.protocol,
+            },
+            "lost": self.lost,
+            "connect_seconds": self.connect_secs,
+            "handshakes_per_sec": self.handshakes_per_sec().round(),
+            "handshake_us": quantiles(&self.handshake),
+            "closed_cleanly": self.cycles,
+            "close_timeouts": self.close_timeouts,
+            "messages": self.messages,
+            "published": self.published,
+            "publish_seconds": self.publish_secs,
+            "publish_per_sec": rate(self.published, self.publish_secs).round(),
+            "published_unheard": self.unheard,
+            "expected": self.expected,
+            "delivered": self.delivered,
+            "missing": self.expected.saturating_sub(self.delivered),
+            "deliver_seconds": self.deliver_secs,
+            "delivered_per_sec": self.deliveries_per_sec().round(),
+            "latency_us": quantiles(&self.latency),
+            "server_rss_kib": {
+                "before": self.rss_before,
+                "connected": self.rss_connected,
+                "end": self.rss_end,
+            },
+            "rss_per_connection_bytes": self.rss_per_connection().map(f64::round),
+            "server_received": self.server_counter("ws_notify_messages_received_total"),
+            "server_delivered": self.server_counter("ws_notify_messages_delivered_total"),
+            "server_drops": self.drops(),
+            "metrics_error": self.metrics_error,
+            "other_frames": self.other_frames,
+            "pings": self.pings,
+            "masked_frames": self.masked_frames,
+            "complete": self.complete(),
+        })
+    }
+
+    /// The human-readable table.
+    pub fn to_table(&self) -> String {
+        let mut t = String::new();
+        let mut row = |name: &str, value: String| {
+            let _ = writeln!(t, "  {name:<26} {value}");
+        };
+        let hist = |h: &Histogram| {
+            format!(
+                "p50 {} | p90 {} | p99 {} | p99.9 {} | max {}  (n={})",
+                h.quantile(0.5),
+                h.quantile(0.9),
+                h.quantile(0.99),
+                h.quantile(0.999),
+                h.max(),
+                h.count()
+            )
+        };
+        row(
+            "preset",
+            format!(
+                "{} ({} threads, {} in flight, {} source addr)",
+                self.preset, self.threads, self.concurrency, self.source_addrs
+            ),
+        );
+        if self.churn {
+            row(
+                "handshakes",
+                format!("{} in {:.2} s", self.opened, self.connect_secs),
+            );
+            row(
+                "closed cleanly",
+                format!("{} ({} close timeouts)", self.cycles, self.close_timeouts),
+            );
+        } else {
+            row(
+                "connections",
+                format!(
+                    "{} opened of {} ({} users)",
+                    self.opened, self.target_connections, self.users
+                ),
+            );
+            row("connect time", format!("{:.2} s", self.connect_secs));
+        }
+        row(
+            "failed",
+            format!("{} {:?}", self.failed(), self.failures).replace("Failures ", ""),
+        );
+        row("handshakes/s", format!("{:.0}", self.handshakes_per_sec()));
+        row("handshake us", hist(&self.handshake));
+        if !self.churn {
+            row("lost while open", self.lost.to_string());
+        }
+        if self.messages > 0 {
+            row(
+                "published",
+                format!(
+                    "{} in {:.2} s ({:.0}/s; {} heard by no subscriber)",
+                    self.published,
+                    self.publish_secs,
+                    rate(self.published, self.publish_secs),
+                    self.unheard
+                ),
+            );
+            row(
+                "delivered / expected",
+                format!(
+                    "{} / {} (missing {})",
+                    self.delivered,
+                    self.expected,
+                    self.expected.saturating_sub(self.delivered)
+                ),
+            );
+            row(
+                "delivered/s",
+                format!(
+                    "{:.0} (first publish to last receive: {:.2} s)",
+                    self.deliveries_per_sec(),
+                    self.deliver_secs
+                ),
+            );
+            row("latency us", hist(&self.latency));
+        }
+        let kib = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} KiB"));
+        if self.rss_before.is_some() {
+            row(
+                "server RSS",
+                format!(
+                    "before {} | connected {} | end {}",
+                    kib(self.rss_before),
+                    kib(self.rss_connected),
+                    kib(self.rss_end)
+                ),
+            );
+            if let Some(per) = self.rss_per_connection() {
+                row("server RSS / connection", format!("{per:.0} bytes"));
+            }
+        }
+        if let Some(drops) = self.drops() {
+            let list: Vec<String> = drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            row("server drops (this run)", list.join(" "));
+            if let (Some(r), Some(d)) = (
+                self.server_counter("ws_notify_messages_received_total"),
+                self.server_counter("ws_notify_messages_delivered_total"),
+            ) {
+                row("server received/delivered", format!("{r} / {d}"));
+            }
+        }
+        if let Some(e) = &self.metrics_error {
+            row("server /metrics", e.clone());
+        }
+        if self.other_frames + self.pings + self.masked_frames > 0 {
+            row(
+                "other frames",
+                format!(
+                    "{} text, {} pings, {} masked",
+                    self.other_frames, self.pings, self.masked_frames
+                ),
+            );
+        }
+        row("complete", self.complete().to_string());
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_message_series() {
+        let text = "# HELP x\n# TYPE ws_notify_messages_dropped_total counter\n\
+                    ws_notify_messages_dropped_total{reason=\"buffer_full\"} 12\n\
+                    ws_notify_messages_received_total 100\nws_notify_connections 5\n";
+        let m = parse_metrics(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m["ws_notify_messages_received_total"], 100.0);
+        let mut before = BTreeMap::new();
+        before.insert("ws_notify_messages_received_total".to_string(), 40.0);
+        let d = metrics_delta(&before, &m);
+        assert_eq!(d["ws_notify_messages_received_total"], 60.0);
+        assert_eq!(
+            d["ws_notify_messages_dropped_total{reason=\"buffer_full\"}"],
+            12.0
+        );
+    }
+}
