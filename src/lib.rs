@@ -16,6 +16,7 @@
 //! Health state crossing the two lives in atomics (`redis_reader::RedisStatus`).
 
 pub mod auth;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod conn;

@@ -395,7 +395,7 @@ impl RedisReader {
 /// Builds the redis-rs client from the resolved configuration. The password
 /// goes into redis-rs's `RedisConnectionInfo` (whose Debug redacts it), never
 /// into a URL string.
-fn build_client(config: &RedisConfig) -> io::Result<Client> {
+pub(crate) fn build_client(config: &RedisConfig) -> io::Result<Client> {
     let invalid = |what: &str, e: redis::RedisError| {
         io::Error::new(io::ErrorKind::InvalidInput, format!("{what}: {e}"))
     };

@@ -1,0 +1,309 @@
+//! `ws-notify listen`: a debugging WebSocket client. Connects with
+//! tungstenite's blocking client over a plain `TcpStream` (`ws://` only),
+//! answers pings, prints every message as one JSON line on stdout, and
+//! reports the close on stderr.
+
+use std::io::{self, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::HandshakeError;
+use tungstenite::http::HeaderValue;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+use super::{Arg, EXIT_FAILURE, ParseStop, Parser, env_var, local_gateway};
+
+pub const USAGE: &str = "\
+Usage: ws-notify listen [--url <ws-url>] [--token <jwt>]
+
+Connects to the gateway, prints every message it receives as one JSON line on
+stdout (pings are answered), and when the connection ends prints the close
+code and reason on stderr.
+
+  --url <ws-url>    default ws://127.0.0.1:<WS_PORT>/ws (ws:// only; no TLS)
+  --token <jwt>     sent as 'Authorization: Bearer <jwt>'; default $WS_TOKEN.
+                    Not needed if the URL carries ?token=...
+
+Exit codes: 0 after a normal close (1000), 1 after any other close, a lost
+connection or a refused upgrade, 2 a bad argument.";
+
+/// How long connecting and the opening handshake may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The parsed `listen` arguments (the token already taken from `WS_TOKEN`
+/// if not given).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ListenArgs {
+    pub url: String,
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ListenArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenArgs")
+            .field("url", &self.url)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+pub fn parse(parser: &mut Parser) -> Result<ListenArgs, ParseStop> {
+    let mut url = None;
+    let mut token = None;
+    while let Some(arg) = parser.next_arg()? {
+        match arg {
+            Arg::Option(name, inline) => match name.as_str() {
+                "url" => url = Some(parser.value("url", inline)?),
+                "token" => token = Some(parser.value("token", inline)?),
+                _ => return Err(parser.unknown_option(&name)),
+            },
+            Arg::Positional(arg) => return Err(parser.unexpected(&arg)),
+        }
+    }
+    let url = match url {
+        Some(url) => url,
+        None => {
+            let (host, port) = local_gateway().map_err(ParseStop::Usage)?;
+            format!("ws://{host}:{port}/ws")
+        }
+    };
+    if url.starts_with("wss://") {
+        return Err(ParseStop::Usage(
+            "wss:// is not supported (this client has no TLS); connect to the gateway's ws:// port"
+                .to_string(),
+        ));
+    }
+    if !url.starts_with("ws://") {
+        return Err(ParseStop::Usage(format!(
+            "--url {url:?} is not a ws:// URL"
+        )));
+    }
+    let token = token
+        .filter(|t| !t.is_empty())
+        .or_else(|| env_var("WS_TOKEN"));
+    if token.is_none() && !url_has_token(&url) {
+        return Err(ParseStop::Usage(
+            "no token: pass --token <jwt>, set WS_TOKEN, or put ?token= in the URL".to_string(),
+        ));
+    }
+    Ok(ListenArgs { url, token })
+}
+
+/// Whether the URL's query has a `token` parameter.
+fn url_has_token(url: &str) -> bool {
+    url.split_once('?').is_some_and(|(_, query)| {
+        query
+            .split('&')
+            .any(|pair| pair == "token" || pair.starts_with("token="))
+    })
+}
+
+/// How the session ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// A close handshake, with the peer's code and reason (1005 if none).
+    Closed(u16, String),
+    /// The connection dropped without a close frame, or failed.
+    Lost(String),
+}
+
+pub fn run(args: &ListenArgs) -> ExitCode {
+    let mut ws = match connect(args) {
+        Ok(ws) => ws,
+        Err(e) => {
+            eprintln!("ws-notify listen: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let stdout = io::stdout();
+    let mut out = stdout.lock();
+    let end = read_loop(&mut ws, &mut out);
+    match end {
+        End::Closed(code, reason) => {
+            eprintln!("ws-notify listen: closed: {code} {reason}");
+            if code == u16::from(CloseCode::Normal) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_FAILURE)
+            }
+        }
+        End::Lost(why) => {
+            eprintln!("ws-notify listen: connection lost: {why}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Opens the TCP connection and does the opening handshake.
+fn connect(args: &ListenArgs) -> Result<WebSocket<TcpStream>, String> {
+    let mut request = args
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("bad URL {:?}: {e}", args.url))?;
+    if let Some(token) = &args.token {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| "the token contains characters not allowed in a header".to_string())?;
+        request.headers_mut().insert("Authorization", value);
+    }
+    let uri = request.uri();
+    let host = uri.host().ok_or("the URL has no host")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = connect_tcp(host, port)?;
+    stream
+        .set_read_timeout(Some(CONNECT_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(CONNECT_TIMEOUT)))
+        .and_then(|()| stream.set_nodelay(true))
+        .map_err(|e| format!("socket setup: {e}"))?;
+    let (ws, _response) = match tungstenite::client::client(request, stream) {
+        Ok(done) => done,
+        Err(HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            let body = response
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default();
+            return Err(format!(
+                "upgrade refused: HTTP {} {}",
+                response.status().as_u16(),
+                body.trim()
+            ));
+        }
+        Err(HandshakeError::Failure(e)) => return Err(format!("handshake failed: {e}")),
+        Err(HandshakeError::Interrupted(_)) => {
+            return Err(format!(
+                "no handshake answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ));
+        }
+    };
+    // From here on reads block until the server sends something: the server
+    // pings every WS_PING_INTERVAL, so a dead connection is still noticed.
+    ws.get_ref()
+        .set_read_timeout(None)
+        .map_err(|e| format!("socket setup: {e}"))?;
+    Ok(ws)
+}
+
+fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
+    let addrs = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+    let mut last = format!("{host} has no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = format!("cannot connect to {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Reads until the connection ends, printing each data message as a line.
+fn read_loop<S: io::Read + io::Write>(ws: &mut WebSocket<S>, out: &mut impl Write) -> End {
+    let mut close: Option<(u16, String)> = None;
+    loop {
+        let message = match ws.read() {
+            Ok(message) => message,
+            // After the close handshake completed (tungstenite replied to the
+            // server's close frame).
+            Err(tungstenite::Error::ConnectionClosed) => {
+                return match close {
+                    Some((code, reason)) => End::Closed(code, reason),
+                    None => End::Lost("closed".to_string()),
+                };
+            }
+            Err(e) => {
+                return match close {
+                    // The server may drop the TCP connection right after its
+                    // close frame; the close was still received.
+                    Some((code, reason)) => End::Closed(code, reason),
+                    None => End::Lost(e.to_string()),
+                };
+            }
+        };
+        let line = match message {
+            Message::Text(text) => json_line(text.as_str()),
+            Message::Binary(bytes) => {
+                format!("{{\"binary_hex\":\"{}\"}}", hex(&bytes))
+            }
+            Message::Close(frame) => {
+                close = Some(close_parts(frame));
+                continue;
+            }
+            // tungstenite queued the pong; the next read (or this flush) sends it.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
+                if let Err(e) = ws.flush() {
+                    return End::Lost(e.to_string());
+                }
+                continue;
+            }
+        };
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            // stdout is gone (e.g. `| head -1`): leave politely.
+            // The close may fail if the server is gone too; we exit either way.
+            let _ = ws.close(None);
+            let _ = ws.flush();
+            return End::Closed(u16::from(CloseCode::Normal), String::new());
+        }
+    }
+}
+
+fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
+    match frame {
+        Some(frame) => (u16::from(frame.code), frame.reason.as_str().to_string()),
+        None => (u16::from(CloseCode::Status), String::new()),
+    }
+}
+
+/// One output line for a text message: valid JSON stays as sent, with any
+/// line breaks (which JSON allows only as whitespace between tokens) turned
+/// into spaces; anything else becomes a JSON string.
+fn json_line(text: &str) -> String {
+    if serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+        text.replace(['\n', '\r'], " ")
+    } else {
+        serde_json::Value::from(text).to_string()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_stay_single_lines() {
+        assert_eq!(json_line(r#"{"a":1}"#), r#"{"a":1}"#);
+        assert_eq!(
+            json_line("{\n  \"a\": \"x\\ny\"\r\n}"),
+            "{   \"a\": \"x\\ny\"  }"
+        );
+        assert_eq!(json_line("not json\nat all"), r#""not json\nat all""#);
+    }
+
+    #[test]
+    fn token_in_query_is_recognised() {
+        assert!(url_has_token("ws://h/ws?token=abc"));
+        assert!(url_has_token("ws://h/ws?x=1&token=abc"));
+        assert!(!url_has_token("ws://h/ws?tokens=abc"));
+        assert!(!url_has_token("ws://h/ws"));
+    }
+
+    #[test]
+    fn token_is_not_debug_printed() {
+        let args = ListenArgs {
+            url: "ws://h/ws".to_string(),
+            token: Some("secret.jwt.value".to_string()),
+        };
+        assert!(!format!("{args:?}").contains("secret"));
+    }
+}

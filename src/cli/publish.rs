@@ -1,0 +1,164 @@
+//! `ws-notify publish`: publishes `{"type":..,"payload":..}` to
+//! `<REDIS_CHANNEL_PREFIX><user>` on the Redis the server is configured for
+//! (the same `REDIS_*` variables, TLS and CA file included), after checking
+//! that the payload is JSON. The payload's bytes are sent as given.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use super::{Arg, EXIT_FAILURE, EXIT_USAGE, ParseStop, Parser};
+use crate::config::Config;
+use crate::message::validate_published;
+use crate::redis_reader::build_client;
+
+pub const USAGE: &str = "\
+Usage: ws-notify publish <user> <type> [<json-payload>]
+
+Publishes {\"type\":<type>,\"payload\":<json-payload>} to the channel
+<REDIS_CHANNEL_PREFIX><user> (default user_noti:<user>) on the Redis configured
+by REDIS_URL or REDIS_HOST/REDIS_PORT/... (as the server reads them), and prints
+the number of Redis subscribers that received it: gateway instances, not
+WebSocket clients. The payload must be JSON (default null); put -- before
+arguments that start with '-'.
+
+Example: ws-notify publish alice order_shipped '{\"order_id\":42}'
+
+Exit codes: 0 published, 1 Redis unreachable or refused, 2 a bad argument or
+configuration.";
+
+/// How long connecting to Redis and the PUBLISH may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The parsed `publish` arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishArgs {
+    pub user: String,
+    pub kind: String,
+    /// JSON text, checked.
+    pub payload: String,
+}
+
+pub fn parse(parser: &mut Parser) -> Result<PublishArgs, ParseStop> {
+    let mut positionals = Vec::new();
+    while let Some(arg) = parser.next_arg()? {
+        match arg {
+            Arg::Option(name, _) => return Err(parser.unknown_option(&name)),
+            Arg::Positional(arg) if positionals.len() < 3 => positionals.push(arg),
+            Arg::Positional(arg) => return Err(parser.unexpected(&arg)),
+        }
+    }
+    let mut positionals = positionals.into_iter();
+    let (Some(user), Some(kind)) = (positionals.next(), positionals.next()) else {
+        return Err(ParseStop::Usage(
+            "publish needs <user> and <type>".to_string(),
+        ));
+    };
+    if user.is_empty() {
+        return Err(ParseStop::Usage("<user> must not be empty".to_string()));
+    }
+    let payload = positionals.next().unwrap_or_else(|| "null".to_string());
+    if let Err(e) = serde_json::from_str::<&RawValue>(&payload) {
+        return Err(ParseStop::Usage(format!(
+            "the payload is not JSON ({e}): {payload:?} (quote strings: '\"text\"')"
+        )));
+    }
+    Ok(PublishArgs {
+        user,
+        kind,
+        payload,
+    })
+}
+
+/// The message as the gateway expects it (DESIGN.md section 3).
+pub fn message(args: &PublishArgs) -> String {
+    let kind = serde_json::Value::from(args.kind.as_str());
+    format!(r#"{{"type":{kind},"payload":{}}}"#, args.payload.trim())
+}
+
+pub fn run(args: &PublishArgs) -> ExitCode {
+    // Only the Redis settings matter here; the JWT settings the server
+    // requires are filled in so that a publisher's environment needs none.
+    let config = Config::from_lookup(|name| {
+        let value = super::env_var(name);
+        if name == "JWT_SECRET_KEY" && value.is_none() {
+            return Some("unused-by-publish".to_string());
+        }
+        value
+    });
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ws-notify publish: invalid configuration: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let message = message(args);
+    if let Err(e) = validate_published(message.as_bytes()) {
+        // Unreachable with a JSON payload, but the gateway would drop it.
+        eprintln!("ws-notify publish: the gateway would refuse {message}: {e:?}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let channel = format!("{}{}", config.redis.channel_prefix, args.user);
+    let redis = &config.redis;
+    let target = format!("{}:{} db {}", redis.host, redis.port, redis.db);
+    let result = build_client(redis)
+        .map_err(|e| e.to_string())
+        .and_then(|client| {
+            client
+                .get_connection_with_timeout(REDIS_TIMEOUT)
+                .map_err(|e| format!("connect: {e}"))
+        })
+        .and_then(|mut con| {
+            con.set_read_timeout(Some(REDIS_TIMEOUT))
+                .and_then(|()| con.set_write_timeout(Some(REDIS_TIMEOUT)))
+                .map_err(|e| format!("connect: {e}"))?;
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(&message)
+                .query::<i64>(&mut con)
+                .map_err(|e| format!("PUBLISH: {e}"))
+        });
+    match result {
+        Ok(receivers) => {
+            println!("{receivers}");
+            if receivers == 0 {
+                eprintln!(
+                    "ws-notify publish: no subscriber on {channel}: is a gateway connected to this Redis?"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("ws-notify publish: Redis {target}: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(kind: &str, payload: &str) -> PublishArgs {
+        PublishArgs {
+            user: "alice".to_string(),
+            kind: kind.to_string(),
+            payload: payload.to_string(),
+        }
+    }
+
+    #[test]
+    fn message_keeps_the_payload_bytes() {
+        assert_eq!(
+            message(&args("order_shipped", r#"{"b":1, "a":[1.50]}"#)),
+            r#"{"type":"order_shipped","payload":{"b":1, "a":[1.50]}}"#
+        );
+        assert_eq!(
+            message(&args("quote\"d", " null\n")),
+            r#"{"type":"quote\"d","payload":null}"#
+        );
+        assert!(validate_published(message(&args("t", "[1,2]")).as_bytes()).is_ok());
+    }
+}
