@@ -1,0 +1,8 @@
+//! `redis_message`: see `fuzz/checks.rs` for the input layout and the properties checked.
+#![no_main]
+
+#[allow(dead_code)]
+#[path = "../checks.rs"]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::redis_message(data));
