@@ -39,7 +39,8 @@ FLAGS:
   --duration D           handshake preset: how long to churn (default 5s)
   --source-addrs K       spread connections over 127.0.0.1..127.0.0.K (default: as
                          many as the ephemeral port range needs; 8 for handshake)
-  --server-pid PID       report that process's RSS (VmRSS) before and after
+  --server-pid PID       report that process's RSS (VmRSS) before and after, and its CPU time
+  --redis-pid PID        report redis-server's CPU time too (the machine has few cores)
   --no-metrics           do not read the server's /metrics
   -h, --help             this text
 
@@ -111,6 +112,7 @@ pub struct Options {
     pub duration: Duration,
     pub source_addrs: Option<usize>,
     pub server_pid: Option<u32>,
+    pub redis_pid: Option<u32>,
     pub metrics: bool,
 }
 
@@ -184,6 +186,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     let mut duration = Duration::from_secs(5);
     let mut source_addrs = None;
     let mut server_pid = None;
+    let mut redis_pid = None;
     let mut metrics = true;
 
     let mut args = args.into_iter();
@@ -212,7 +215,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             "--user-claim" => user_claim = value("a claim name")?,
             "--channel-prefix" => channel_prefix = value("a prefix")?,
             "-n" | "--connections" | "-u" | "--users" | "-m" | "--messages" | "--batch"
-            | "--threads" | "--concurrency" | "--source-addrs" | "--server-pid" => {
+            | "--threads" | "--concurrency" | "--source-addrs" | "--server-pid" | "--redis-pid" => {
                 let v = value("a number")?;
                 let n = parse_count(&v).ok_or_else(|| bad(&name, &v))?;
                 match name.as_str() {
@@ -223,9 +226,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                     "--threads" => threads = n as usize,
                     "--concurrency" => concurrency = n as usize,
                     "--source-addrs" => source_addrs = Some(n as usize),
-                    _ => {
+                    "--server-pid" => {
                         server_pid = Some(u32::try_from(n).map_err(|_| bad(&name, &v))?);
                     }
+                    _ => redis_pid = Some(u32::try_from(n).map_err(|_| bad(&name, &v))?),
                 }
             }
             "--rate" => {
@@ -285,6 +289,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         duration,
         source_addrs,
         server_pid,
+        redis_pid,
         metrics,
     };
     if options.connections == 0 && !churn {

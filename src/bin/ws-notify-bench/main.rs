@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use args::{Command, Options};
 use client::{Client, Plan, Report, Shared};
 use publish::Publisher;
-use report::Summary;
+use report::{CpuMark, Summary};
 
 /// How often the main thread checks the client threads' progress.
 const PROGRESS_TICK: Duration = Duration::from_millis(2);
@@ -143,7 +143,9 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
         );
     }
 
+    let cpu_mark = || CpuMark::take(options.server_pid, options.redis_pid);
     let shared = Arc::new(Shared::new(options.threads, options.users));
+    let cpu_start = cpu_mark();
     let start = Instant::now();
     let churn_until = options.churn.then(|| start + options.duration);
     let max_in_flight = options.concurrency.div_ceil(options.threads);
@@ -191,9 +193,10 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
             );
         }
     }
+    let cpu_connect = cpu_mark().since(&cpu_start);
     let rss_connected = rss(options.server_pid);
 
-    if !options.hold.is_zero() {
+    if !options.hold.is_zero() && !options.churn {
         eprintln!(
             "holding {} connections for {:.1} s",
             shared.sum(|c| &c.opened),
@@ -206,6 +209,7 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
     let mut published = None;
     let mut metrics_before = None;
     let mut metrics_error = None;
+    let mut cpu_publish = None;
     if let Some(publisher) = publisher.as_mut() {
         if options.metrics {
             match report::scrape_metrics(options.server, &options.host) {
@@ -222,6 +226,7 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
                 .rate
                 .map_or(String::new(), |r| format!(" at {r} msg/s"))
         );
+        let cpu_before = cpu_mark();
         let p = publisher.run(options.messages, options.rate, options.batch)?;
         // Wait for every delivery, or until none arrives for --drain-timeout.
         let mut seen = 0;
@@ -244,6 +249,7 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
             }
             thread::sleep(PROGRESS_TICK);
         }
+        cpu_publish = Some(cpu_mark().since(&cpu_before));
         published = Some(p);
     }
     let rss_end = rss(options.server_pid);
@@ -304,6 +310,8 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
         rss_connected,
         rss_end,
         server_metrics,
+        cpu_connect,
+        cpu_publish,
         metrics_error,
         other_frames: total.other_frames,
         pings: total.pings,

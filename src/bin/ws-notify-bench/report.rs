@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, SocketAddrV4, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -17,6 +17,95 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time (user + system) of process `pid` in seconds, from /proc/<pid>/stat.
+pub fn process_cpu(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces and ')': fields resume after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state); utime and stime are fields 14 and 15.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (hz > 0).then(|| ticks as f64 / hz as f64)
+}
+
+/// CPU time (user + system) of this process, all threads, in seconds.
+fn own_cpu() -> f64 {
+    // SAFETY: rusage is plain old data filled in by getrusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid `who` and pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// CPU consumed so far by the bench, the server and Redis, at one instant.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuMark {
+    at: Instant,
+    bench: f64,
+    server: Option<f64>,
+    redis: Option<f64>,
+}
+
+/// CPU seconds used between two marks (the machine has few cores: this shows
+/// which process was the bottleneck).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSpan {
+    pub wall: f64,
+    pub bench: f64,
+    pub server: Option<f64>,
+    pub redis: Option<f64>,
+}
+
+impl CpuMark {
+    pub fn take(server_pid: Option<u32>, redis_pid: Option<u32>) -> CpuMark {
+        CpuMark {
+            at: Instant::now(),
+            bench: own_cpu(),
+            server: server_pid.and_then(process_cpu),
+            redis: redis_pid.and_then(process_cpu),
+        }
+    }
+
+    /// What was used from `earlier` to this mark.
+    pub fn since(&self, earlier: &CpuMark) -> CpuSpan {
+        let diff = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
+        CpuSpan {
+            wall: self.at.duration_since(earlier.at).as_secs_f64(),
+            bench: self.bench - earlier.bench,
+            server: diff(self.server, earlier.server),
+            redis: diff(self.redis, earlier.redis),
+        }
+    }
+}
+
+impl CpuSpan {
+    fn to_json(self) -> Value {
+        let r = |v: f64| (v * 1000.0).round() / 1000.0;
+        json!({
+            "wall": r(self.wall),
+            "bench": r(self.bench),
+            "server": self.server.map(r),
+            "redis": self.redis.map(r),
+        })
+    }
+
+    fn describe(&self) -> String {
+        let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2} s"));
+        format!(
+            "wall {:.2} s | bench {:.2} s | server {} | redis {}",
+            self.wall,
+            self.bench,
+            opt(self.server),
+            opt(self.redis)
+        )
+    }
 }
 
 /// Series whose name starts with this are kept from /metrics.
@@ -93,6 +182,9 @@ pub struct Summary {
     pub rss_connected: Option<u64>,
     pub rss_end: Option<u64>,
     pub server_metrics: Option<BTreeMap<String, f64>>,
+    /// CPU used while connecting (or churning) and while publishing + draining.
+    pub cpu_connect: CpuSpan,
+    pub cpu_publish: Option<CpuSpan>,
     pub metrics_error: Option<String>,
     pub other_frames: u64,
     pub pings: u64,
@@ -153,6 +245,30 @@ impl Summary {
         )
     }
 
+    fn describe_failures(&self) -> String {
+        let f = &self.failures;
+        let mut parts = Vec::new();
+        for (name, n) in [
+            ("socket", f.socket),
+            ("connect", f.connect),
+            ("timeout", f.timeout),
+            ("closed", f.closed),
+            ("protocol", f.protocol),
+        ] {
+            if n > 0 {
+                parts.push(format!("{name} {n}"));
+            }
+        }
+        for (code, n) in &f.status {
+            parts.push(format!("HTTP {code}: {n}"));
+        }
+        if parts.is_empty() {
+            "0".to_string()
+        } else {
+            format!("{} ({})", self.failed(), parts.join(", "))
+        }
+    }
+
     fn server_counter(&self, name: &str) -> Option<f64> {
         self.server_metrics.as_ref()?.get(name).copied()
     }
@@ -206,6 +322,10 @@ impl Summary {
             "server_received": self.server_counter("ws_notify_messages_received_total"),
             "server_delivered": self.server_counter("ws_notify_messages_delivered_total"),
             "server_drops": self.drops(),
+            "cpu_seconds": {
+                "connect": self.cpu_connect.to_json(),
+                "publish": self.cpu_publish.map(CpuSpan::to_json),
+            },
             "metrics_error": self.metrics_error,
             "other_frames": self.other_frames,
             "pings": self.pings,
@@ -257,10 +377,7 @@ impl Summary {
             );
             row("connect time", format!("{:.2} s", self.connect_secs));
         }
-        row(
-            "failed",
-            format!("{} {:?}", self.failed(), self.failures).replace("Failures ", ""),
-        );
+        row("failed", self.describe_failures());
         row("handshakes/s", format!("{:.0}", self.handshakes_per_sec()));
         row("handshake us", hist(&self.handshake));
         if !self.churn {
@@ -320,6 +437,10 @@ impl Summary {
             ) {
                 row("server received/delivered", format!("{r} / {d}"));
             }
+        }
+        row("cpu while connecting", self.cpu_connect.describe());
+        if let Some(cpu) = &self.cpu_publish {
+            row("cpu while publishing", cpu.describe());
         }
         if let Some(e) = &self.metrics_error {
             row("server /metrics", e.clone());
