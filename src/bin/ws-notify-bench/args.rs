@@ -37,8 +37,8 @@ FLAGS:
   --hold D               keep the connections open for D before publishing (idle: 5s)
   --drain-timeout D      stop waiting after D without a new delivery (default 5s)
   --duration D           handshake preset: how long to churn (default 5s)
-  --source-addrs K       spread connections over 127.0.0.1..127.0.0.K (default: as
-                         many as the ephemeral port range needs; 8 for handshake)
+  --source-addrs K       spread connections over 127.0.0.1..127.0.0.K (default: one
+                         per quarter of the ephemeral port range; 8 for handshake)
   --server-pid PID       report that process's RSS (VmRSS) before and after, and its CPU time
   --redis-pid PID        report redis-server's CPU time too (the machine has few cores)
   --no-metrics           do not read the server's /metrics

@@ -323,7 +323,7 @@ impl Client {
             }
             for event in events.iter() {
                 let readable = event.is_readable() || event.is_read_closed() || event.is_error();
-                self.handle(event.token().0, readable);
+                self.handle(event.token().0, readable, event.is_writable());
             }
             let now = Instant::now();
             if now >= next_scan {
@@ -422,24 +422,23 @@ impl Client {
         }
     }
 
-    fn handle(&mut self, key: usize, readable: bool) {
+    fn handle(&mut self, key: usize, readable: bool, writable: bool) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
         if conn.state == State::Connecting {
-            let connected = match conn.stream.take_error() {
-                Ok(None) => conn.stream.peer_addr(),
-                Ok(Some(e)) | Err(e) => Err(e),
-            };
-            match connected {
-                Ok(_) => {
+            // A failed connect reports an error (SO_ERROR); a completed one
+            // makes the socket writable. No getpeername: it would cost one
+            // more syscall per connection, and a write to a socket still
+            // connecting only returns WouldBlock (kept queued until writable).
+            match conn.stream.take_error() {
+                Ok(None) if writable => {
                     conn.state = State::Upgrading;
                     let request = &self.ctx.plan.requests[conn.user as usize];
                     conn.outbuf.extend_from_slice(request);
                 }
-                // Spurious wake-up: the connect is still in progress.
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
-                Err(_) => return self.finish(key, End::Failed(Fail::Connect)),
+                Ok(None) => return,
+                Ok(Some(_)) | Err(_) => return self.finish(key, End::Failed(Fail::Connect)),
             }
         }
         let mut end = flush(conn).err();

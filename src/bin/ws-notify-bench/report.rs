@@ -228,6 +228,10 @@ impl Summary {
 
     /// Server RSS growth per opened connection, bytes.
     pub fn rss_per_connection(&self) -> Option<f64> {
+        if self.churn {
+            // Connections do not accumulate: growth is not per connection.
+            return None;
+        }
         let (before, after) = (self.rss_before?, self.rss_connected?);
         (self.opened > 0).then(|| (after as f64 - before as f64) * 1024.0 / self.opened as f64)
     }

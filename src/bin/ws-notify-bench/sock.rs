@@ -2,8 +2,8 @@
 //! open-file limit.
 //!
 //! One source address gives at most one connection per ephemeral port
-//! (`/proc/sys/net/ipv4/ip_local_port_range`, about 28,000 by default), so
-//! beyond that the bench spreads connections over 127.0.0.1, 127.0.0.2, ...
+//! (`/proc/sys/net/ipv4/ip_local_port_range`, about 28,000 by default), and
+//! connect(2) slows down sharply long before that, so the bench spreads connections over 127.0.0.1, 127.0.0.2, ...
 //! (the whole of 127.0.0.0/8 is local on Linux). std cannot bind a socket
 //! before connecting it, so this uses libc directly (already a dependency)
 //! rather than adding socket2, and sets `IP_BIND_ADDRESS_NO_PORT` so the port is
