@@ -291,6 +291,8 @@ def redis_message_seeds():
     w("empty", u, b"")
     w("no_prefix", b"other:42", '{"type":"a"}')
     w("empty_user", b"user_noti:", '{"type":"a"}')
+    # Lone surrogate escapes: valid JSON grammar (RFC 8259 section 8.2), passed through.
+    w("lone_surrogates", u, '{"type":"\\ud800","payload":"\\udc00x"}')
     w("deep_nesting", u, '{"type":"d","payload":' + "[" * 300 + "]" * 300 + "}")
     w("deep_nesting_other_key", u, '{"type":"d","x":' + "[" * 300 + "]" * 300 + "}")
 

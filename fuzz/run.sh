@@ -46,6 +46,6 @@ cargo fuzz run --sanitizer "$sanitizer" "$target" "corpus-gen/$target" "corpus/$
     "${flags[@]}" "$@" 2>&1 | tee "$log" || status=$?
 
 echo "--- $target: final stats (${seconds}s) ---"
-grep -E '^#[0-9]+ +(DONE|INITED|NEW|REDUCE|pulse)' "$log" | tail -1 || true
+grep -E '^#[0-9]+[[:space:]]+(DONE|INITED|NEW|REDUCE|pulse)' "$log" | tail -1 || true
 grep -E '^stat::' "$log" || true
 exit "$status"
