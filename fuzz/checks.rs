@@ -571,12 +571,12 @@ fn classify_published(published: &[u8]) -> Published {
     };
     let first = raw.get().trim_start().as_bytes().first().copied();
     if first != Some(b'{') {
-        // A top-level number is parsed, not skipped: one out of f64 range (`1e400`)
-        // is not JSON to the encoder, while the same number inside an array or as a
-        // payload is only scanned.
-        let out_of_range = matches!(first, Some(b'-' | b'0'..=b'9'))
-            && serde_json::from_str::<serde_json::Number>(raw.get()).is_err();
-        return if out_of_range {
+        // A top-level scalar is parsed, not skipped: a number out of f64 range
+        // (`1e400`) or a string with a lone surrogate escape (`"\\ud800"`) is not
+        // JSON to the encoder, while the same inside an array or a payload is only
+        // scanned (and passed through: both are valid JSON grammar).
+        let scalar = matches!(first, Some(b'-' | b'0'..=b'9' | b'"'));
+        return if scalar && serde_json::from_str::<serde_json::Value>(raw.get()).is_err() {
             Published::NotJson
         } else {
             Published::NotAnObject
