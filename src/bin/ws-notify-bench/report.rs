@@ -108,11 +108,13 @@ impl CpuSpan {
     }
 }
 
-/// Series whose name starts with this are kept from /metrics.
-const METRICS_PREFIX: &str = "ws_notify_messages_";
+/// Series kept from /metrics: those whose name starts with one of these.
+const METRICS_KEPT: [&str; 2] = ["ws_notify_messages_", "ws_notify_redis_reconnects_total"];
+/// Re-subscriptions: a Redis that disconnected a slow subscriber loses messages.
+const RECONNECTS: &str = "ws_notify_redis_reconnects_total";
 
 /// Fetches the server's /metrics and returns the `ws_notify_messages_*`
-/// series (name with labels -> value).
+/// series and the Redis reconnect count (name with labels -> value).
 pub fn scrape_metrics(server: SocketAddrV4, host: &str) -> io::Result<BTreeMap<String, f64>> {
     let timeout = Duration::from_secs(2);
     let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(server), timeout)?;
@@ -133,7 +135,7 @@ pub fn scrape_metrics(server: SocketAddrV4, host: &str) -> io::Result<BTreeMap<S
 
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
     text.lines()
-        .filter(|l| l.starts_with(METRICS_PREFIX))
+        .filter(|l| METRICS_KEPT.iter().any(|p| l.starts_with(p)))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             Some((series.to_string(), value.parse().ok()?))
@@ -326,6 +328,7 @@ impl Summary {
             "server_received": self.server_counter("ws_notify_messages_received_total"),
             "server_delivered": self.server_counter("ws_notify_messages_delivered_total"),
             "server_drops": self.drops(),
+            "server_redis_reconnects": self.server_counter(RECONNECTS),
             "cpu_seconds": {
                 "connect": self.cpu_connect.to_json(),
                 "publish": self.cpu_publish.map(CpuSpan::to_json),
@@ -441,6 +444,12 @@ impl Summary {
             ) {
                 row("server received/delivered", format!("{r} / {d}"));
             }
+            if let Some(n) = self.server_counter(RECONNECTS).filter(|n| *n > 0.0) {
+                row(
+                    "server Redis reconnects",
+                    format!("{n} (messages published meanwhile are lost)"),
+                );
+            }
         }
         row("cpu while connecting", self.cpu_connect.describe());
         if let Some(cpu) = &self.cpu_publish {
@@ -474,6 +483,7 @@ mod tests {
                     ws_notify_messages_received_total 100\nws_notify_connections 5\n";
         let m = parse_metrics(text);
         assert_eq!(m.len(), 2);
+        assert!(parse_metrics("ws_notify_redis_reconnects_total 3\n").contains_key(RECONNECTS));
         assert_eq!(m["ws_notify_messages_received_total"], 100.0);
         let mut before = BTreeMap::new();
         before.insert("ws_notify_messages_received_total".to_string(), 40.0);
