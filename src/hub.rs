@@ -15,6 +15,14 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub sized for `users` users without rehashing.
+    pub fn with_capacity(users: usize) -> Hub {
+        Hub {
+            users: HashMap::with_capacity(users),
+            connections: 0,
+        }
+    }
+
     /// Adds a connection; returns the user id shared with the hub's key (one
     /// allocation per user, however many connections it has).
     pub fn add(&mut self, user_id: &str, key: usize) -> Rc<str> {

@@ -48,6 +48,9 @@ const EVENTS_CAPACITY: usize = 1024;
 const INBOX_BATCH: usize = 4096;
 /// WebSocket messages read from one connection per turn before others get their turn.
 const READ_BUDGET: usize = 64;
+/// Connections still in their handshake, on top of `WS_MAX_CONNECTIONS`, that the
+/// connection table is sized for before it has to grow.
+const HANDSHAKE_HEADROOM: usize = 1024;
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Time to write an HTTP answer and see the client go.
@@ -136,9 +139,13 @@ impl Server {
             listener: Some(listener),
             local_addr,
             signals,
-            conns: Slab::with_capacity(1024),
-            hub: Hub::default(),
-            timers: BinaryHeap::new(),
+            // Sized for the connection limit up front: pages are only touched as
+            // connections arrive, and growing by doubling would leave the old copies'
+            // memory in the heap (resident) after the copy.
+            conns: Slab::with_capacity(config.max_connections + HANDSHAKE_HEADROOM),
+            hub: Hub::with_capacity(config.max_connections),
+            // About two live entries per connection (see `schedule`).
+            timers: BinaryHeap::with_capacity(2 * (config.max_connections + HANDSHAKE_HEADROOM)),
             metrics: Metrics::default(),
             inbox,
             inbound: Vec::with_capacity(INBOX_BATCH),

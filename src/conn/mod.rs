@@ -33,8 +33,10 @@ use outbound::{FlushResult, OutboundQueue};
 
 /// Largest amount read from a socket in one `read` call during the handshake.
 const HEAD_READ_CHUNK: usize = 1024;
-/// Bytes tungstenite reads at a time for one connection (clients send little).
-const WS_READ_BUFFER: usize = 1024;
+/// Initial read buffer of a session (tungstenite allocates it up front and grows it
+/// to a frame's size when one is larger). Clients send little: small pings and
+/// pongs, `{"type":"ping"}`; every idle connection pays for this buffer.
+const WS_READ_BUFFER: usize = 128;
 
 /// tungstenite's settings for a server connection: small read buffer, no write
 /// buffering (writes go straight into the outbound queue), and the message limit.
@@ -297,9 +299,10 @@ impl Connection {
         let State::Handshake { head, .. } = std::mem::replace(&mut self.state, State::Gone) else {
             return;
         };
-        // Bytes pipelined after the head (a first frame sent with the request) are not lost.
-        let mut rest = head;
-        rest.drain(..head_len.min(rest.len()));
+        // Bytes pipelined after the head (a first frame sent with the request) are not
+        // lost. Copied out rather than reusing `head`: tungstenite would keep the head
+        // buffer's whole allocation (kilobytes) as its read buffer for the session's life.
+        let rest = head.get(head_len..).unwrap_or_default().to_vec();
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
         self.queue_control(answer, session.now);
         // The first message is always accepted: the queue is empty.
