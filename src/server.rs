@@ -668,9 +668,7 @@ impl Server {
                     self.remove(key);
                 }
             }
-            State::Closing(closing) if reason == CloseReason::ClientClosed => {
-                closing.awaiting_reply = false;
-            }
+            State::Closing(_) if reason == CloseReason::ClientClosed => conn.close_replied(),
             State::Closing(_) => self.remove(key),
             _ => {}
         }
@@ -705,10 +703,6 @@ impl Server {
                         self.remove(key);
                         return;
                     }
-                }
-                State::Closing(closing) if !closing.awaiting_reply => {
-                    self.remove(key);
-                    return;
                 }
                 _ => {}
             }

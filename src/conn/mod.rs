@@ -135,11 +135,14 @@ impl CloseReason {
 pub enum State {
     /// Reading the HTTP request head.
     Handshake { head: Vec<u8>, deadline: Instant },
-    /// An HTTP answer is queued; then the write side is shut and input drained.
+    /// Final bytes are queued: an HTTP answer, or the last close frame of a session.
+    /// Once they are written the write side is shut and input is read and dropped
+    /// until EOF or the deadline (a lingering close), so the peer gets those bytes
+    /// rather than a reset for unread input.
     Respond { deadline: Instant, write_shut: bool },
     /// A WebSocket session.
     Open(Box<Session>),
-    /// A close frame is queued or the client's close is being answered.
+    /// The server's close frame is queued; waiting for the client's close reply.
     Closing(Box<Closing>),
     /// Transitional placeholder while a state is being replaced; never observed.
     Gone,
@@ -158,11 +161,9 @@ pub struct Session {
     pub next_ping: Instant,
 }
 
-/// A session on its way out.
+/// A session waiting for the client to answer the server's close frame.
 pub struct Closing {
     pub ws: WebSocketContext,
-    /// Still waiting for the client's close frame.
-    pub awaiting_reply: bool,
     pub deadline: Instant,
 }
 
@@ -359,37 +360,53 @@ impl Connection {
         (read.result, read.ping_requests)
     }
 
-    /// Leaves `Open`: queues the close frame for `reason` (if it has one) and moves to
-    /// `Closing`. Returns false when there is nothing left to wait for (remove now).
+    /// Leaves `Open`: queues the close frame for `reason` (if it has one), then waits
+    /// for the client's reply in `Closing`, or lingers in `Respond` when the connection
+    /// is failed (RFC 6455 7.1.7) or the client's close was just answered. Returns
+    /// false when there is nothing left to send (remove now).
     pub fn begin_close(&mut self, reason: CloseReason, now: Instant, deadline: Instant) -> bool {
-        let ws = match std::mem::replace(&mut self.state, State::Gone) {
-            State::Open(session) => session.ws,
-            State::Closing(closing) => closing.ws,
-            _ => return false,
+        let State::Open(session) = std::mem::replace(&mut self.state, State::Gone) else {
+            return false;
         };
         if reason == CloseReason::SlowClient {
             // The client is not reading: what it has not started to receive is dropped
             // so the close frame is next in line.
             self.out.discard_unsent_messages();
         }
-        let awaiting_reply = match reason.close_frame() {
+        match reason.close_frame() {
             Some((code, text)) => {
                 self.queue_control(&close_frame(code, text), now);
-                reason.awaits_reply()
             }
-            None if reason == CloseReason::ClientClosed => false,
+            // tungstenite has queued the reply to the client's close.
+            None if reason == CloseReason::ClientClosed => {}
             None => return false,
+        }
+        self.state = if reason.awaits_reply() {
+            State::Closing(Box::new(Closing {
+                ws: session.ws,
+                deadline,
+            }))
+        } else {
+            State::Respond {
+                deadline,
+                write_shut: false,
+            }
         };
-        self.state = State::Closing(Box::new(Closing {
-            ws,
-            awaiting_reply,
-            deadline,
-        }));
         true
     }
 
-    /// After the answer of a `Respond` went out: stop sending, keep reading until EOF
-    /// so the client sees the answer rather than a reset.
+    /// The client answered the server's close: finish like any final answer.
+    pub fn close_replied(&mut self) {
+        if let State::Closing(closing) = &self.state {
+            self.state = State::Respond {
+                deadline: closing.deadline,
+                write_shut: false,
+            };
+        }
+    }
+
+    /// After the final bytes of a `Respond` went out: stop sending, keep reading until
+    /// EOF so the client sees them rather than a reset.
     pub fn shut_write(&mut self) {
         if let State::Respond { write_shut, .. } = &mut self.state
             && !*write_shut
