@@ -37,8 +37,12 @@ use crate::config::RedisConfig;
 use crate::logging::RateLimited;
 use crate::message::user_id_from_channel;
 
-/// Hand-over bound; past it messages are dropped and counted.
-pub const QUEUE_CAPACITY: usize = 65_536;
+/// Hand-over bound; past it messages are dropped and counted. Large enough to
+/// absorb a publisher burst of a few seconds while the loop catches up (about
+/// 64 MiB at 128 bytes a message, used only while a backlog exists): a smaller
+/// bound drops messages, and not reading at all would let Redis' own pub/sub
+/// output limit (32 MiB by default) disconnect us, which loses more.
+pub const QUEUE_CAPACITY: usize = 524_288;
 
 /// First reconnect delay cap; doubles per consecutive failure.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
