@@ -696,18 +696,20 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if conn.out.is_empty() {
-            match &conn.state {
+        if conn.out.is_empty()
+            && matches!(
+                conn.state,
                 State::Respond {
-                    write_shut: false, ..
-                } => {
-                    conn.shut_write();
-                    if conn.drain_input() {
-                        self.remove(key);
-                        return;
-                    }
+                    write_shut: false,
+                    ..
                 }
-                _ => {}
+            )
+        {
+            // The final bytes are out: linger until the peer closes (or the deadline).
+            conn.shut_write();
+            if conn.drain_input() {
+                self.remove(key);
+                return;
             }
         }
         let want_writable = !conn.out.is_empty();
