@@ -114,33 +114,7 @@ impl<W: Write> JsonEscaper<'_, W> {
 
 impl<W: Write> fmt::Write for JsonEscaper<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let bytes = text.as_bytes();
-        let mut plain_from = 0;
-        for (i, &b) in bytes.iter().enumerate() {
-            let escape: &[u8] = match b {
-                b'"' => b"\\\"",
-                b'\\' => b"\\\\",
-                b'\n' => b"\\n",
-                b'\r' => b"\\r",
-                b'\t' => b"\\t",
-                0x08 => b"\\b",
-                0x0c => b"\\f",
-                0x00..=0x1f | 0x7f => &[
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[usize::from(b >> 4)],
-                    HEX[usize::from(b & 0xf)],
-                ],
-                _ => continue,
-            };
-            self.put(&bytes[plain_from..i])?;
-            self.put(escape)?;
-            plain_from = i + 1;
-        }
-        self.put(&bytes[plain_from..])
+        crate::message::for_each_json_escaped(text, |piece| self.put(piece))
     }
 }
 

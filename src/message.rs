@@ -211,12 +211,28 @@ fn push_timestamp_and_close(out: &mut Vec<u8>, timestamp: &Timestamp) {
 /// Appends `s` as a JSON string literal (RFC 8259 section 7: quote, reverse
 /// solidus and control characters must be escaped).
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
-    let bytes = s.as_bytes();
+    let appended: Result<(), std::convert::Infallible> = for_each_json_escaped(s, |piece| {
+        out.extend_from_slice(piece);
+        Ok(())
+    });
+    let Ok(()) = appended;
+    out.push(b'"');
+}
+
+/// Hands `put` the pieces of `text` escaped as the inside of a JSON string (RFC 8259
+/// section 7: quote, reverse solidus and control characters; DEL too, for readers
+/// that choke on it). Shared by the message encoder and the JSON log lines.
+pub(crate) fn for_each_json_escaped<E>(
+    text: &str,
+    mut put: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = text.as_bytes();
     let mut plain_from = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let short: &[u8] = match b {
+        let unicode_escape;
+        let escape: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
             b'\n' => b"\\n",
@@ -224,21 +240,24 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
             b'\t' => b"\\t",
             0x08 => b"\\b",
             0x0c => b"\\f",
-            0x00..=0x1f => b"",
+            0x00..=0x1f | 0x7f => {
+                unicode_escape = [
+                    b'\\',
+                    b'u',
+                    b'0',
+                    b'0',
+                    HEX[usize::from(b >> 4)],
+                    HEX[usize::from(b & 0xf)],
+                ];
+                &unicode_escape
+            }
             _ => continue,
         };
-        out.extend_from_slice(&bytes[plain_from..i]);
+        put(&bytes[plain_from..i])?;
+        put(escape)?;
         plain_from = i + 1;
-        if short.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
-        } else {
-            out.extend_from_slice(short);
-        }
     }
-    out.extend_from_slice(&bytes[plain_from..]);
-    out.push(b'"');
+    put(&bytes[plain_from..])
 }
 
 fn push_u64(out: &mut Vec<u8>, mut value: u64) {
