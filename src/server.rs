@@ -671,6 +671,15 @@ impl Server {
                     self.remove(key);
                 }
             }
+            // The client answered our close, so it has read it; with nothing left to
+            // send, close now: a client stops sending after its close (RFC 6455
+            // 5.5.1), so there is no unread input to turn the close into a reset, and
+            // the server closes the TCP connection first (7.1.1). Lingering until the
+            // client's EOF would hold the slot, and a shutdown, for a client that
+            // waits for us to close.
+            State::Closing(_) if reason == CloseReason::ClientClosed && conn.out.is_empty() => {
+                self.remove(key);
+            }
             State::Closing(_) if reason == CloseReason::ClientClosed => conn.close_replied(),
             State::Closing(_) => self.remove(key),
             _ => {}
