@@ -50,6 +50,10 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// A connection that stayed subscribed this long resets the backoff.
 const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// ... or this many ping intervals when that is shorter: a session whose pings
+/// Redis kept answering that long was healthy (with the default 5 s interval
+/// both are 30 s).
+const HEALTHY_PINGS: u32 = 6;
 /// Longest the thread blocks (read or sleep) before looking at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(250);
 /// Bounds for connect and pong waits derived from `ping_interval`.
@@ -534,6 +538,8 @@ struct ReaderThread {
     io_wait: Duration,
     /// Read timeout while waiting for messages: the stop flag is checked at least this often.
     read_slice: Duration,
+    /// A session that lasted this long resets the backoff.
+    healthy_after: Duration,
     jitter: Jitter,
     warn_connection: RateLimited,
     warn_queue_full: RateLimited,
@@ -559,6 +565,7 @@ impl ReaderThread {
             },
             io_wait: ping_interval.clamp(MIN_IO_WAIT, MAX_IO_WAIT),
             read_slice: ping_interval.min(STOP_CHECK),
+            healthy_after: HEALTHY_AFTER.min(ping_interval.saturating_mul(HEALTHY_PINGS)),
             config,
             client,
             handoff,
@@ -590,7 +597,7 @@ impl ReaderThread {
                 }
                 // Already recorded (and scrubbed) by `session`.
                 SessionEnd::Lost(error) => {
-                    if started.elapsed() >= HEALTHY_AFTER {
+                    if started.elapsed() >= self.healthy_after {
                         attempt = 0;
                     }
                     error
