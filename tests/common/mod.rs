@@ -1366,3 +1366,212 @@ pub fn wait_eof(stream: &mut TcpStream, timeout: Duration) -> bool {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Hostile clients, Redis faults and load (issue 3)
+// ---------------------------------------------------------------------------
+
+/// Raises this test process's soft open-file limit to its hard limit (tests
+/// that hold thousands of sockets); returns the soft limit now in effect.
+pub fn raise_own_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        assert_eq!(
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit),
+            0,
+            "getrlimit"
+        );
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    limit.rlim_cur
+}
+
+/// Entries of `/proc/<pid>/<dir>` (`fd`, `task`); 0 if the process is gone.
+fn proc_entries(pid: u32, dir: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/{dir}"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of a process, from `/proc/<pid>/fd`.
+pub fn proc_fd_count(pid: u32) -> usize {
+    proc_entries(pid, "fd")
+}
+
+/// Threads of a process, from `/proc/<pid>/task`.
+pub fn proc_thread_count(pid: u32) -> usize {
+    proc_entries(pid, "task")
+}
+
+/// The bytes of one client frame: `first_byte` is FIN/RSV/opcode, `mask` of
+/// `None` leaves it unmasked (as [`RawWs::send_frame`] writes it).
+pub fn client_frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut frame = vec![first_byte];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => frame.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            frame.push(mask_bit | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(mask_bit | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(key) => {
+            frame.extend_from_slice(&key);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => frame.extend_from_slice(payload),
+    }
+    frame
+}
+
+/// A masked client frame (the mask [`RawWs::send_masked`] uses).
+pub fn masked_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    client_frame(first_byte, payload, Some([0x37, 0xfa, 0x21, 0x3d]))
+}
+
+impl RawWs {
+    /// Wraps a socket whose upgrade the test did by hand; `leftover` is what was
+    /// read after the 101 head (the start of the WebSocket stream).
+    pub fn from_upgraded(stream: TcpStream, leftover: Vec<u8>) -> RawWs {
+        RawWs {
+            stream,
+            buf: leftover,
+        }
+    }
+
+    /// Writes bytes as they are (several frames, or a broken one).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Reads the `connected` text frame of a fresh session; fails otherwise.
+    #[track_caller]
+    pub fn expect_connected(&mut self, timeout: Duration) -> Value {
+        match self.read_event(timeout) {
+            RawEvent::Frame { opcode: 1, payload } => {
+                let v: Value = serde_json::from_slice(&payload).expect("connected frame is JSON");
+                assert_eq!(v["type"], "connected", "first frame: {v}");
+                v
+            }
+            RawEvent::Frame { opcode, .. } => {
+                panic!("expected the connected frame, got opcode {opcode}")
+            }
+            RawEvent::Eof => panic!("EOF instead of the connected frame"),
+            RawEvent::Error(e) => panic!("{e} instead of the connected frame"),
+            RawEvent::Timeout => panic!("no connected frame within {timeout:?}"),
+        }
+    }
+
+    /// The next text frame as JSON, skipping pings and pongs; fails otherwise.
+    #[track_caller]
+    pub fn expect_json(&mut self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read_event(left) {
+                RawEvent::Frame { opcode: 1, payload } => {
+                    return serde_json::from_slice(&payload).unwrap_or_else(|e| {
+                        panic!(
+                            "text frame is not JSON ({e}): {:?}",
+                            String::from_utf8_lossy(&payload)
+                        )
+                    });
+                }
+                RawEvent::Frame { opcode: 9 | 10, .. } => {}
+                RawEvent::Frame { opcode, payload } => {
+                    panic!("expected a text frame, got opcode {opcode} ({payload:?})")
+                }
+                RawEvent::Eof => panic!("EOF instead of a text frame"),
+                RawEvent::Error(e) => panic!("{e} instead of a text frame"),
+                RawEvent::Timeout => panic!("no text frame within {timeout:?}"),
+            }
+        }
+    }
+}
+
+/// A temporary directory, removed with its contents on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("ws-notify-{tag}-{}", random_hex(2)));
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir { path }
+    }
+
+    pub fn file(&self, name: &str) -> std::path::PathBuf {
+        self.path.join(name)
+    }
+
+    /// The path of a file in the directory as a `&str` (for environment values).
+    pub fn file_str(&self, name: &str) -> String {
+        self.file(name)
+            .to_str()
+            .expect("temp paths are UTF-8")
+            .to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // Best effort: a leftover temp dir does not affect other tests.
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Runs `openssl <args>` in `dir`; fails the test with its output on error.
+#[track_caller]
+pub fn openssl(dir: &TempDir, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(&dir.path)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run openssl (is it installed?): {e}"));
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Gateway {
+    /// `ws_notify_resident_memory_bytes` from /metrics.
+    #[track_caller]
+    pub fn resident_bytes(&self) -> f64 {
+        let text = self.metrics_text();
+        metric_value(&text, "ws_notify_resident_memory_bytes")
+            .unwrap_or_else(|| panic!("no ws_notify_resident_memory_bytes in /metrics:\n{text}"))
+    }
+}
+
+/// Asserts that the gateway still serves: a new client of `user` connects and
+/// receives a message published for it.
+#[track_caller]
+pub fn assert_serving(redis: &RedisServer, gw: &Gateway, user: &str) {
+    let (mut ws, hello) = ws_open(gw.port, &gw.token(user));
+    assert_eq!(hello["user_id"], user, "{hello}");
+    let n = redis.notify(user, r#"{"type":"still_serving","payload":1}"#);
+    assert!(n >= 1, "the gateway is not subscribed ({n} receivers)");
+    assert_message(&recv_json(&mut ws, PROMPT), "still_serving");
+}
