@@ -17,6 +17,9 @@ PRESETS (explicit flags override their values):
   fanout      10,000 connections, 100 users (100 connections each), 20,000 messages
   latency     10,000 connections, 10,000 users, 100,000 messages at 10,000 msg/s
   handshake   connect, get 101 + `connected`, close, again, for --duration 5 s
+  soak        hold 5,000 connections (3,750 users) for --duration 10m, close and reopen
+              --churn 50 of them every second, publish --rate 1,000 msg/s to users
+              with open connections; count delivered/expected, sample server RSS/fds
   (no preset: 1,000 connections, 1,000 users, 10,000 messages)
 
 FLAGS:
@@ -36,10 +39,16 @@ FLAGS:
   --connect-timeout D    a connection not open after D has failed (default 10s)
   --hold D               keep the connections open for D before publishing (idle: 5s)
   --drain-timeout D      stop waiting after D without a new delivery (default 5s)
-  --duration D           handshake preset: how long to churn (default 5s)
+  --duration D           handshake and soak: how long to churn (default 5s; soak 10m)
+  --churn K              soak: connections closed (and as many opened) per second (default 50)
+  --close-timeout D      soak: longest wait for a closing connection's outstanding
+                         messages, then for the server's close (default 2s each)
+  --sample-every D       soak: server RSS/fd sample interval (default 1m)
+  --progress-every D     soak: progress line interval (default 10s)
   --source-addrs K       spread connections over 127.0.0.1..127.0.0.K (default: one
                          per quarter of the ephemeral port range; 8 for handshake)
   --server-pid PID       report that process's RSS (VmRSS) before and after, and its CPU time
+                         (soak: also its open fds, /proc/PID/fd)
   --redis-pid PID        report redis-server's CPU time too (the machine has few cores)
   --no-metrics           do not read the server's /metrics
   -h, --help             this text
@@ -58,6 +67,7 @@ pub enum Preset {
     Fanout,
     Latency,
     Handshake,
+    Soak,
 }
 
 impl Preset {
@@ -68,6 +78,7 @@ impl Preset {
             "fanout" => Preset::Fanout,
             "latency" => Preset::Latency,
             "handshake" => Preset::Handshake,
+            "soak" => Preset::Soak,
             "custom" => Preset::Custom,
             _ => return None,
         })
@@ -82,6 +93,7 @@ impl Preset {
             Preset::Fanout => "fanout",
             Preset::Latency => "latency",
             Preset::Handshake => "handshake",
+            Preset::Soak => "soak",
         }
     }
 }
@@ -110,6 +122,14 @@ pub struct Options {
     pub hold: Duration,
     pub drain_timeout: Duration,
     pub duration: Duration,
+    /// Soak: connections closed and reopened per second.
+    pub churn_per_sec: usize,
+    /// Soak: bound on each of the two waits of a churn close.
+    pub close_timeout: Duration,
+    /// Soak: server RSS/fd sample interval.
+    pub sample_every: Duration,
+    /// Soak: progress line interval.
+    pub progress_every: Duration,
     pub source_addrs: Option<usize>,
     pub server_pid: Option<u32>,
     pub redis_pid: Option<u32>,
@@ -183,7 +203,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     let mut connect_timeout = Duration::from_secs(10);
     let mut hold = None;
     let mut drain_timeout = Duration::from_secs(5);
-    let mut duration = Duration::from_secs(5);
+    let mut duration = None;
+    let mut churn_per_sec = 50;
+    let mut close_timeout = Duration::from_secs(2);
+    let mut sample_every = Duration::from_secs(60);
+    let mut progress_every = Duration::from_secs(10);
     let mut source_addrs = None;
     let mut server_pid = None;
     let mut redis_pid = None;
@@ -215,7 +239,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
             "--user-claim" => user_claim = value("a claim name")?,
             "--channel-prefix" => channel_prefix = value("a prefix")?,
             "-n" | "--connections" | "-u" | "--users" | "-m" | "--messages" | "--batch"
-            | "--threads" | "--concurrency" | "--source-addrs" | "--server-pid" | "--redis-pid" => {
+            | "--threads" | "--concurrency" | "--source-addrs" | "--server-pid" | "--redis-pid"
+            | "--churn" => {
                 let v = value("a number")?;
                 let n = parse_count(&v).ok_or_else(|| bad(&name, &v))?;
                 match name.as_str() {
@@ -226,6 +251,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                     "--threads" => threads = n as usize,
                     "--concurrency" => concurrency = n as usize,
                     "--source-addrs" => source_addrs = Some(n as usize),
+                    "--churn" => churn_per_sec = n as usize,
                     "--server-pid" => {
                         server_pid = Some(u32::try_from(n).map_err(|_| bad(&name, &v))?);
                     }
@@ -240,14 +266,18 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                 }
                 rate = Some(r);
             }
-            "--connect-timeout" | "--hold" | "--drain-timeout" | "--duration" => {
+            "--connect-timeout" | "--hold" | "--drain-timeout" | "--duration"
+            | "--close-timeout" | "--sample-every" | "--progress-every" => {
                 let v = value("a duration")?;
                 let d = parse_duration(&v).ok_or_else(|| bad(&name, &v))?;
                 match name.as_str() {
                     "--connect-timeout" => connect_timeout = d,
                     "--hold" => hold = Some(d),
                     "--drain-timeout" => drain_timeout = d,
-                    _ => duration = d,
+                    "--close-timeout" => close_timeout = d,
+                    "--sample-every" => sample_every = d,
+                    "--progress-every" => progress_every = d,
+                    _ => duration = Some(d),
                 }
             }
             "--no-metrics" => metrics = false,
@@ -263,8 +293,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         Preset::Fanout => (10_000, Some(100), 20_000, None, 0.0),
         Preset::Latency => (10_000, None, 100_000, Some(10_000.0), 0.0),
         Preset::Handshake => (10_000, None, 0, None, 0.0),
+        Preset::Soak => (5_000, None, 0, Some(1_000.0), 0.0),
     };
+    let soak = preset == Preset::Soak;
     let connections = connections.unwrap_or(p_conns);
+    // Soak default: 3N/4 users, so slots i and i + 3N/4 share a user for the
+    // first N/4 users (two connections each) and the rest have one. Churn then
+    // both removes whole users from the server's hub and removes one of a
+    // user's two connections while the other keeps receiving.
+    let p_users = p_users.or(soak.then(|| (connections * 3 / 4).max(1)));
     let users = users.or(p_users).unwrap_or(connections);
     let churn = preset == Preset::Handshake;
     let options = Options {
@@ -278,7 +315,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         channel_prefix,
         connections,
         users,
-        messages: if churn { 0 } else { messages.unwrap_or(p_msgs) },
+        messages: if churn || soak {
+            0
+        } else {
+            messages.unwrap_or(p_msgs)
+        },
         rate: rate.or(p_rate),
         batch,
         threads,
@@ -286,7 +327,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         connect_timeout,
         hold: hold.unwrap_or(Duration::from_secs_f64(p_hold)),
         drain_timeout,
-        duration,
+        duration: duration.unwrap_or(Duration::from_secs(if soak { 600 } else { 5 })),
+        churn_per_sec,
+        close_timeout,
+        sample_every,
+        progress_every,
         source_addrs,
         server_pid,
         redis_pid,
@@ -299,6 +344,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         return Err(UsageError(
             "--users, --threads and --concurrency must be at least 1".into(),
         ));
+    }
+    if soak && (options.sample_every.is_zero() || options.progress_every.is_zero()) {
+        return Err(UsageError(
+            "--sample-every and --progress-every must be above 0".into(),
+        ));
+    }
+    if soak && options.churn_per_sec > options.connections {
+        return Err(UsageError("--churn: at most --connections".into()));
     }
     if options.batch == 0 || options.source_addrs == Some(0) {
         return Err(UsageError(
@@ -341,6 +394,27 @@ mod tests {
         let o = run(&["--preset", "handshake", "--duration", "2s"]);
         assert!(o.churn);
         assert_eq!(o.duration, Duration::from_secs(2));
+        let o = run(&["--preset", "soak"]);
+        assert_eq!(
+            (o.connections, o.users, o.rate, o.messages),
+            (5_000, 3_750, Some(1_000.0), 0)
+        );
+        assert_eq!(
+            (o.duration, o.churn_per_sec),
+            (Duration::from_secs(600), 50)
+        );
+        let o = run(&[
+            "--preset",
+            "soak",
+            "-n",
+            "400",
+            "--churn",
+            "10",
+            "--duration=1m",
+        ]);
+        assert_eq!((o.users, o.churn_per_sec), (300, 10));
+        assert_eq!(o.duration, Duration::from_secs(60));
+        assert!(!o.churn);
     }
 
     #[test]

@@ -131,7 +131,7 @@ pub struct Failures {
 }
 
 impl Failures {
-    fn add(&mut self, fail: Fail) {
+    pub fn add(&mut self, fail: Fail) {
         match fail {
             Fail::Socket => self.socket += 1,
             Fail::Connect => self.connect += 1,
@@ -231,7 +231,7 @@ enum State {
 
 /// Why a connection never opened.
 #[derive(Debug, Clone, Copy)]
-enum Fail {
+pub enum Fail {
     Socket,
     Connect,
     Status(u16),

@@ -11,6 +11,13 @@
 //! The client threads share nothing but a few atomics with the main thread
 //! (progress, open connections per user, the stop flag); each keeps its own
 //! histograms, merged after `join`.
+//!
+//! The `soak` preset (issue 3) runs its own loop: `soak.rs` coordinates
+//! (churn, paced publishing, exact expected counts, server RSS/fd samples) and
+//! `soak_client.rs` holds, drains, closes and reopens the connections.
+
+// serde_json's `json!` of the soak summary nests deeper than the default 128.
+#![recursion_limit = "256"]
 
 mod args;
 mod client;
@@ -18,6 +25,8 @@ mod frame;
 mod histogram;
 mod publish;
 mod report;
+mod soak;
+mod soak_client;
 mod sock;
 mod token;
 
@@ -29,7 +38,7 @@ use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use args::{Command, Options};
+use args::{Command, Options, Preset};
 use client::{Client, Plan, Report, Shared};
 use publish::Publisher;
 use report::{CpuMark, Summary};
@@ -51,6 +60,19 @@ fn main() {
             process::exit(2);
         }
     };
+    if options.preset == Preset::Soak {
+        match soak::run(&options, source_addresses(&options).into()) {
+            Ok(summary) => {
+                println!("{}", summary.to_json());
+                eprint!("{}", summary.to_table());
+                process::exit(if summary.complete() { 0 } else { 3 });
+            }
+            Err(e) => {
+                eprintln!("ws-notify-bench: {e}");
+                process::exit(1);
+            }
+        }
+    }
     match run(&options) {
         Ok(summary) => {
             println!("{}", summary.to_json());
@@ -82,6 +104,9 @@ fn source_addresses(options: &Options) -> Vec<Ipv4Addr> {
     let k = options.source_addrs.unwrap_or(if options.churn {
         // Each cycle uses a port; spread them so none runs short.
         8
+    } else if options.preset == Preset::Soak {
+        // Held connections plus a steady stream of new ones.
+        options.connections.div_ceil(usable_ports.max(1)).max(4)
     } else {
         options.connections.div_ceil(usable_ports.max(1)).max(1)
     });

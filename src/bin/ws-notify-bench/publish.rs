@@ -76,12 +76,7 @@ impl Publisher {
             // the measured latency includes the batch's own encoding.
             let t = unix_micros();
             for k in seq..seq + n {
-                payload.clear();
-                // Writing to a String cannot fail.
-                let _ = write!(
-                    payload,
-                    r#"{{"type":"bench","payload":{{"seq":{k},"t":{t}}}}}"#
-                );
+                bench_payload(&mut payload, k, t);
                 pipe.cmd("PUBLISH")
                     .arg(&self.channels[(k % users) as usize])
                     .arg(payload.as_bytes());
@@ -99,4 +94,30 @@ impl Publisher {
             unheard,
         })
     }
+
+    /// Publishes one pipeline: message `seq` to user `user` for each pair, all
+    /// stamped with the same `t`. Returns how many no subscriber heard.
+    pub fn publish(&mut self, messages: &[(u64, usize)]) -> RedisResult<u64> {
+        let mut pipe = redis::pipe();
+        let mut payload = String::with_capacity(96);
+        let t = unix_micros();
+        for &(seq, user) in messages {
+            bench_payload(&mut payload, seq, t);
+            pipe.cmd("PUBLISH")
+                .arg(&self.channels[user])
+                .arg(payload.as_bytes());
+        }
+        let heard: Vec<i64> = pipe.query(&mut self.con)?;
+        Ok(heard.iter().filter(|&&h| h == 0).count() as u64)
+    }
+}
+
+/// `{"type":"bench","payload":{"seq":K,"t":T}}` into `out` (cleared first).
+fn bench_payload(out: &mut String, seq: u64, t: u64) {
+    out.clear();
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        r#"{{"type":"bench","payload":{{"seq":{seq},"t":{t}}}}}"#
+    );
 }

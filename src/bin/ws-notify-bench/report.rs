@@ -19,6 +19,12 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Open file descriptors of `pid` (entries of /proc/<pid>/fd).
+pub fn fd_count(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    Some(dir.filter(|e| e.is_ok()).count() as u64)
+}
+
 /// CPU time (user + system) of process `pid` in seconds, from /proc/<pid>/stat.
 pub fn process_cpu(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -96,7 +102,7 @@ impl CpuSpan {
         })
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2} s"));
         format!(
             "wall {:.2} s | bench {:.2} s | server {} | redis {}",
@@ -116,6 +122,16 @@ const RECONNECTS: &str = "ws_notify_redis_reconnects_total";
 /// Fetches the server's /metrics and returns the `ws_notify_messages_*`
 /// series and the Redis reconnect count (name with labels -> value).
 pub fn scrape_metrics(server: SocketAddrV4, host: &str) -> io::Result<BTreeMap<String, f64>> {
+    scrape_series(server, host, &METRICS_KEPT)
+}
+
+/// Fetches the server's /metrics and returns the series whose name starts
+/// with one of `prefixes` (name with labels -> value).
+pub fn scrape_series(
+    server: SocketAddrV4,
+    host: &str,
+    prefixes: &[&str],
+) -> io::Result<BTreeMap<String, f64>> {
     let timeout = Duration::from_secs(2);
     let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(server), timeout)?;
     stream.set_read_timeout(Some(timeout))?;
@@ -130,12 +146,17 @@ pub fn scrape_metrics(server: SocketAddrV4, host: &str) -> io::Result<BTreeMap<S
         let status = body.lines().next().unwrap_or("no answer").to_string();
         return Err(io::Error::other(format!("/metrics: {status}")));
     }
-    Ok(parse_metrics(&body))
+    Ok(parse_series(&body, prefixes))
 }
 
+#[cfg(test)]
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    parse_series(text, &METRICS_KEPT)
+}
+
+fn parse_series(text: &str, prefixes: &[&str]) -> BTreeMap<String, f64> {
     text.lines()
-        .filter(|l| METRICS_KEPT.iter().any(|p| l.starts_with(p)))
+        .filter(|l| prefixes.iter().any(|p| l.starts_with(p)))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             Some((series.to_string(), value.parse().ok()?))
@@ -197,7 +218,7 @@ fn rate(count: u64, secs: f64) -> f64 {
     if secs > 0.0 { count as f64 / secs } else { 0.0 }
 }
 
-fn quantiles(h: &Histogram) -> Value {
+pub fn quantiles(h: &Histogram) -> Value {
     json!({
         "count": h.count(),
         "min": h.min(),
