@@ -4,8 +4,9 @@
 //!  Redis --PSUBSCRIBE <prefix>*--> [redis-reader thread]
 //!      strip prefix, copy (user id, payload) into one `Published`
 //!      --> unbounded mpsc + `queued` counter (bound: QUEUE_CAPACITY, past it drop + count)
-//!      --> mio::Waker, only when `wake_pending` was clear: one wake per batch
-//!  [event loop] Inbox::drain_into (clears `wake_pending` first, bounded batch)
+//!      --> mio::Waker, only when `wake_pending` was clear: the loop is asleep
+//!  [event loop] Inbox::drain_into (bounded batch); Inbox::rearm before it
+//!      blocks clears `wake_pending`, so pushes while it is busy cost no wake
 //! ```
 //!
 //! The thread owns one blocking redis-rs connection. It never parses JSON and
@@ -235,8 +236,11 @@ struct Shared {
     /// Messages sent and not yet drained; the queue's bound is enforced on it.
     queued: AtomicUsize,
     capacity: usize,
-    /// Set by the reader when it wakes the loop, cleared by the loop before it
-    /// drains: while set, pushes do not wake again.
+    /// Set by the reader when it wakes the loop, cleared by the loop just
+    /// before it blocks in poll: while set, the loop is awake (or about to be)
+    /// and will look at the queue, so pushes do not wake it again. Each wake
+    /// is an eventfd write plus, on two cores, usually a context switch: a
+    /// third of the reader's time under a flood when it was per message.
     wake_pending: AtomicBool,
     waker: Arc<mio::Waker>,
     /// `waker.wake()` calls, for tests and diagnosis.
@@ -265,16 +269,9 @@ pub struct Inbox {
 
 impl Inbox {
     /// Moves up to `max` messages into `out` (a reused Vec; appended to).
-    /// Clears the wake flag first so a message pushed during the drain wakes
-    /// the loop again. When it stops at `max` it wakes the loop itself, so
-    /// the rest is drained on the next turn, after the sockets had theirs.
+    /// Leaves the wake flag set: the loop calls [`Inbox::rearm`] before it
+    /// blocks, which also tells it about anything left.
     pub fn drain_into(&self, out: &mut Vec<Published>, max: usize) -> usize {
-        if max == 0 {
-            return 0;
-        }
-        // AcqRel pairs with the reader's swap: every message pushed before the
-        // reader saw the flag set is visible to the `try_recv`s below.
-        self.shared.wake_pending.swap(false, Ordering::AcqRel);
         let mut moved = 0;
         while moved < max {
             match self.rx.try_recv() {
@@ -288,10 +285,23 @@ impl Inbox {
         if moved > 0 {
             self.shared.queued.fetch_sub(moved, Ordering::AcqRel);
         }
-        if moved == max {
-            self.shared.wake();
-        }
         moved
+    }
+
+    /// Called by the loop just before it blocks: clears the wake flag so the
+    /// next push wakes it. Returns true (and sets the flag again) when
+    /// messages are already waiting; the loop should then drain instead of
+    /// blocking.
+    pub fn rearm(&self) -> bool {
+        // A push whose swap saw the flag still set is ordered before this
+        // swap, so its `queued` increment is visible to the load below
+        // (AcqRel on the same atomic); a later push sees it clear and wakes.
+        self.shared.wake_pending.swap(false, Ordering::AcqRel);
+        if self.shared.queued.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        self.shared.wake_pending.store(true, Ordering::Release);
+        true
     }
 
     /// Messages waiting in the hand-over.
@@ -969,25 +979,31 @@ mod tests {
             }
         }
 
-        /// Drains on waker events only, as the loop does, until `want`
-        /// messages arrived. `pause` simulates a loop busy with sockets.
+        /// Drains on waker events and on `rearm`, as the loop does, until
+        /// `want` messages arrived. `pause` simulates a loop busy with sockets.
         fn collect(&mut self, inbox: &Inbox, want: usize, pause: Duration) -> Vec<Published> {
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut got = Vec::new();
+            let mut pending = false;
             while got.len() < want {
                 assert!(
                     Instant::now() < deadline,
                     "got {} of {want} messages",
                     got.len()
                 );
-                self.poll
-                    .poll(&mut self.events, Some(Duration::from_millis(50)))
-                    .expect("poll");
-                let woken = self.events.iter().any(|e| e.token() == WAKE);
-                if woken {
-                    self.wakes += 1;
+                if !pending {
+                    pending = inbox.rearm();
+                }
+                if !pending {
+                    self.poll
+                        .poll(&mut self.events, Some(Duration::from_millis(50)))
+                        .expect("poll");
+                    pending = self.events.iter().any(|e| e.token() == WAKE);
+                    self.wakes += u64::from(pending);
+                }
+                if pending {
                     std::thread::sleep(pause);
-                    inbox.drain_into(&mut got, 64);
+                    pending = inbox.drain_into(&mut got, 64) == 64;
                 }
             }
             got
@@ -1117,28 +1133,30 @@ mod tests {
 
         let mut out = Vec::new();
         assert_eq!(inbox.drain_into(&mut out, 4), 4);
-        // Stopped at `max`: the loop is woken again for the rest.
-        assert_eq!(inbox.shared.wakes.load(Ordering::Relaxed), 2);
+        // The loop is still awake: pushes while it works do not wake it.
         assert_eq!(
             handoff.push(Published::new(b"u", &[10])),
             PushOutcome::Queued
         );
         assert_eq!(
             inbox.shared.wakes.load(Ordering::Relaxed),
-            2,
+            1,
             "still pending"
         );
+        // Before blocking it re-arms and learns that 7 are left.
+        assert!(inbox.rearm(), "messages left");
         assert_eq!(inbox.drain_into(&mut out, 100), 7);
         assert_eq!(inbox.drain_into(&mut out, 100), 0);
         let payloads: Vec<u8> = out.iter().map(|p| p.payload()[0]).collect();
         assert_eq!(payloads, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
         assert_eq!(inbox.queued(), 0);
-        // Drained: the next push wakes again.
+        assert!(!inbox.rearm(), "nothing left: the loop may block");
+        // Re-armed: the next push wakes again.
         assert_eq!(
             handoff.push(Published::new(b"u", b"x")),
             PushOutcome::Queued
         );
-        assert_eq!(inbox.shared.wakes.load(Ordering::Relaxed), 3);
+        assert_eq!(inbox.shared.wakes.load(Ordering::Relaxed), 2);
 
         drop(inbox);
         assert_eq!(

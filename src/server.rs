@@ -180,6 +180,10 @@ impl Server {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         info!("listening on {}", self.local_addr);
         loop {
+            if !self.inbox_pending {
+                // Messages pushed while this turn was busy wake nobody; take them now.
+                self.inbox_pending = self.inbox.rearm();
+            }
             let timeout = self.poll_timeout(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
