@@ -12,6 +12,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -120,6 +121,7 @@ impl Server {
             })?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(address)?;
+        widen_listen_backlog(&listener)?;
         let local_addr = listener.local_addr()?;
         poll.registry()
             .register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
@@ -253,6 +255,9 @@ impl Server {
             };
             match accepted {
                 Ok((mut socket, _)) => {
+                    // A burst can keep this loop busy for a while: the handshake
+                    // deadline counts from this connection's own accept.
+                    let now = Instant::now();
                     // Small frames must go out at once.
                     let _ = socket.set_nodelay(true);
                     let entry = self.conns.vacant_entry();
@@ -803,6 +808,18 @@ fn instant_of_expiry(exp: u64, leeway: Duration, now: Instant) -> Instant {
         .saturating_add(leeway.as_millis() as u64);
     let now_millis = clock::unix_millis(SystemTime::now());
     now + Duration::from_millis(expiry_millis.saturating_sub(now_millis))
+}
+
+/// Asks for the largest accept queue the kernel allows (it caps the value at
+/// `net.core.somaxconn`, 4096 by default), as Go's net package does. mio listens with
+/// 128: a reconnect storm after a deploy overflows that, and each dropped SYN costs
+/// its client a one-second retransmit.
+fn widen_listen_backlog(listener: &TcpListener) -> io::Result<()> {
+    // SAFETY: listen(2) on a socket we own; calling it again only resizes the queue.
+    if unsafe { libc::listen(listener.as_raw_fd(), libc::c_int::MAX) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Raises the soft open-file limit to the hard limit (DESIGN.md section 4) and warns

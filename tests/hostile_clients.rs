@@ -12,7 +12,7 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -456,7 +456,7 @@ fn slowloris_half_heads_are_all_closed_at_the_handshake_timeout() {
         limit >= (N + 256) as u64,
         "open-file limit {limit} too low for {N} client sockets"
     );
-    let (redis, gw) = setup(&[("WS_HANDSHAKE_TIMEOUT", "1s"), ("LOGGER_LEVEL", "info")]);
+    let (redis, gw) = setup(&[("WS_HANDSHAKE_TIMEOUT", "2s"), ("LOGGER_LEVEL", "info")]);
     // Warm-up: one normal session before measuring memory.
     assert_serving(&redis, &gw, "warmup");
     let rss_before = gw.resident_bytes();
@@ -465,48 +465,29 @@ fn slowloris_half_heads_are_all_closed_at_the_handshake_timeout() {
         gw.token("mallory")
     );
 
+    // A watcher thread notes when each socket sees EOF while the rest are still
+    // being opened, so a slow opening phase cannot inflate the lifetimes.
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel::<(RawFd, Instant)>();
+    let watcher = thread::spawn(move || watch_for_eof(N, &opened_rx, secs(20)));
     let start = Instant::now();
     let mut socks = Vec::with_capacity(N);
-    let mut opened_at = Vec::with_capacity(N);
     for _ in 0..N {
         let mut s = TcpStream::connect(("127.0.0.1", gw.port)).expect("connect");
         s.write_all(half.as_bytes()).expect("write half a head");
-        opened_at.push(Instant::now());
+        opened_tx
+            .send((s.as_raw_fd(), Instant::now()))
+            .expect("watcher alive");
         socks.push(s);
     }
     let opened = start.elapsed();
     // A normal client is served while the 2,000 hold their slots.
     assert_serving(&redis, &gw, "alice");
     let served_at = Instant::now();
-
-    // Watch every socket with poll(2) and note when each sees EOF.
-    let mut fds: Vec<libc::pollfd> = socks
-        .iter()
-        .map(|s| libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        })
-        .collect();
-    let mut closed_at: Vec<Option<Instant>> = vec![None; N];
-    let mut open = N;
-    let deadline = Instant::now() + secs(15);
-    while open > 0 && Instant::now() < deadline {
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        assert!(rc >= 0, "poll: {}", std::io::Error::last_os_error());
-        let now = Instant::now();
-        for (i, pfd) in fds.iter_mut().enumerate() {
-            if pfd.fd >= 0 && pfd.revents != 0 {
-                closed_at[i] = Some(now);
-                pfd.fd = -1;
-                open -= 1;
-            }
-        }
-    }
+    let (opened_at, closed_at) = watcher.join().expect("watcher thread");
+    let open = closed_at.iter().filter(|c| c.is_none()).count();
     assert_eq!(
         open, 0,
-        "{open} of {N} half-open connections still open after 15 s"
+        "{open} of {N} half-open connections still open after 20 s"
     );
     let lifetimes: Vec<Duration> = closed_at
         .iter()
@@ -523,13 +504,18 @@ fn slowloris_half_heads_are_all_closed_at_the_handshake_timeout() {
         "{N} half heads opened in {opened:?}; closed after {shortest:?}..{longest:?}; \
          {still_open_when_served} still open when the normal client had its message"
     );
+    assert!(
+        still_open_when_served >= N / 2,
+        "the normal client was served only after {} half heads had timed out",
+        N - still_open_when_served
+    );
     // Closed at the timeout: not before it, and not much after (a loaded machine).
     assert!(
-        shortest >= ms(900),
+        shortest >= ms(1900),
         "a connection was closed after {shortest:?}"
     );
     assert!(
-        longest <= secs(5),
+        longest <= secs(6),
         "a connection was closed only after {longest:?}"
     );
     // The server answered nothing: EOF without a byte.
@@ -550,6 +536,44 @@ fn slowloris_half_heads_are_all_closed_at_the_handshake_timeout() {
         rss_before / MIB,
         rss_after / MIB
     );
+}
+
+/// Polls the sockets sent on `opened` (up to `n`, each with the time it was opened)
+/// until every one has seen EOF or `limit` has passed; returns when each was opened
+/// and when it closed. The sender keeps the sockets open until this returns.
+fn watch_for_eof(
+    n: usize,
+    opened: &std::sync::mpsc::Receiver<(RawFd, Instant)>,
+    limit: Duration,
+) -> (Vec<Instant>, Vec<Option<Instant>>) {
+    let deadline = Instant::now() + limit;
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(n);
+    let mut opened_at = Vec::with_capacity(n);
+    let mut closed_at: Vec<Option<Instant>> = Vec::with_capacity(n);
+    let mut closed = 0;
+    while closed < n && Instant::now() < deadline {
+        while let Ok((fd, at)) = opened.try_recv() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            });
+            opened_at.push(at);
+            closed_at.push(None);
+        }
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 10) };
+        assert!(rc >= 0, "poll: {}", std::io::Error::last_os_error());
+        let now = Instant::now();
+        for (pfd, closed_at) in fds.iter_mut().zip(&mut closed_at) {
+            if pfd.fd >= 0 && pfd.revents != 0 {
+                *closed_at = Some(now);
+                pfd.fd = -1;
+                closed += 1;
+            }
+        }
+    }
+    (opened_at, closed_at)
 }
 
 // ---- frames ------------------------------------------------------------------------
@@ -991,6 +1015,50 @@ fn connection_storm_admits_exactly_the_limit() {
         gw.metric(r#"ws_notify_connections_rejected_total{reason="connection_limit"}"#),
         (2 * (CLIENTS - LIMIT)) as f64
     );
+    assert_serving(&redis, &gw, "bob");
+}
+
+/// A reconnect storm (every client of a restarted instance at once) waits in the
+/// kernel's accept queue instead of losing SYNs: a dropped SYN costs its client a
+/// one-second retransmit. The gateway is stopped while the burst arrives, so the
+/// queue alone has to hold it.
+#[test]
+fn a_connect_burst_waits_in_the_accept_queue() {
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("read net.core.somaxconn")
+        .trim()
+        .parse()
+        .expect("somaxconn is a number");
+    // mio's own backlog is 128; the kernel admits one more than the backlog.
+    let burst = somaxconn.min(1000);
+    let (redis, gw) = setup(&[("LOGGER_LEVEL", "warn")]);
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], gw.port));
+    gw.signal(libc::SIGSTOP);
+    let mut queued = Vec::with_capacity(burst);
+    let mut refused = None;
+    for i in 0..burst {
+        match TcpStream::connect_timeout(&address, ms(500)) {
+            Ok(stream) => queued.push(stream),
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    gw.signal(libc::SIGCONT);
+    if let Some((i, e)) = refused {
+        panic!("connect {i} of a burst of {burst} was not queued: {e}");
+    }
+    // The queued connections are served once the gateway runs again.
+    for (i, stream) in queued.iter_mut().enumerate().step_by(burst / 10) {
+        stream
+            .write_all(&upgrade_bytes(&gw.token(&format!("burst{i}")), &[]))
+            .expect("write upgrade");
+        let (resp, _) =
+            read_http_response(stream, Instant::now() + secs(10)).expect("upgrade response");
+        assert_eq!(resp.status, 101, "queued connection {i}: {}", resp.body);
+    }
+    drop(queued);
     assert_serving(&redis, &gw, "bob");
 }
 
