@@ -763,8 +763,10 @@ impl ReaderThread {
                         return end;
                     }
                 }
-                // The read slice passed without a message.
-                Err(e) if e.is_timeout() => {}
+                // The read slice passed without a message, or a signal cut it short
+                // (a read with SO_RCVTIMEO fails with EINTR even under SA_RESTART,
+                // and after every SIGSTOP/SIGCONT). The parser keeps what it read.
+                Err(e) if e.is_timeout() || is_interrupted(&e) => {}
                 Err(e) => return SessionEnd::Lost(format!("read: {e}")),
             }
         }
@@ -822,6 +824,20 @@ impl ReaderThread {
     }
 }
 
+/// EINTR. redis-rs keeps its io::Error private (`source()` gives the `Arc` it
+/// is stored in), so look through that wrapper; a unit test pins this down.
+fn is_interrupted(error: &redis::RedisError) -> bool {
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+    let Some(source) = std::error::Error::source(error) else {
+        return false;
+    };
+    let io_error = match source.downcast_ref::<Shared>() {
+        Some(shared) => shared.downcast_ref::<io::Error>(),
+        None => source.downcast_ref::<io::Error>(),
+    };
+    io_error.is_some_and(|e| e.kind() == io::ErrorKind::Interrupted)
+}
+
 fn is_bulk(value: Option<&Value>, expected: &[u8]) -> bool {
     match value {
         Some(Value::BulkString(bytes)) => bytes.eq_ignore_ascii_case(expected),
@@ -839,6 +855,14 @@ mod tests {
     use std::process::{Child, Command, Stdio};
 
     const WAKE: Token = Token(7);
+
+    #[test]
+    fn eintr_is_recognised_through_redis_errors() {
+        let interrupted = redis::RedisError::from(io::Error::from(io::ErrorKind::Interrupted));
+        assert!(is_interrupted(&interrupted));
+        let reset = redis::RedisError::from(io::Error::from(io::ErrorKind::ConnectionReset));
+        assert!(!is_interrupted(&reset));
+    }
 
     fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
         let deadline = Instant::now() + timeout;

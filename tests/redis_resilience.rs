@@ -178,6 +178,36 @@ fn frozen_redis_is_noticed_within_a_bound_and_delivery_resumes() {
     });
 }
 
+/// SIGSTOP and SIGCONT on the gateway (a debugger, `docker pause`, a job-control
+/// stop) make its Redis read fail with EINTR; that is not a lost connection, and
+/// a message published meanwhile is delivered once it runs again.
+#[test]
+fn a_stopped_and_continued_gateway_keeps_its_subscription() {
+    let redis = RedisServer::start();
+    let gw = Gateway::start(redis.port, &[("LOGGER_LEVEL", "info")]);
+    gw.wait_redis_connected(PROMPT);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    for round in 0..3 {
+        gw.signal(libc::SIGSTOP);
+        assert_eq!(
+            redis.notify(
+                "alice",
+                &format!(r#"{{"type":"stopped","payload":{round}}}"#)
+            ),
+            1
+        );
+        gw.signal(libc::SIGCONT);
+        let msg = recv_json(&mut ws, PROMPT);
+        assert_message(&msg, "stopped");
+        assert_eq!(msg["payload"], round);
+    }
+    assert!(redis.notify("alice", r#"{"type":"after","payload":1}"#) >= 1);
+    assert_message(&recv_json(&mut ws, PROMPT), "after");
+    assert_eq!(gw.metric("ws_notify_redis_reconnects_total"), 0.0);
+    let logs = gw.logs();
+    assert!(!logs.contains("reconnecting"), "{logs}");
+}
+
 /// Waits until /health shows a Redis error and returns it.
 #[track_caller]
 fn wait_redis_error(gw: &Gateway) -> String {
