@@ -192,7 +192,7 @@ fn a_stopped_and_continued_gateway_keeps_its_subscription() {
         assert_eq!(
             redis.notify(
                 "alice",
-                &format!(r#"{{"type":"stopped","payload":{round}}}"#)
+                format!(r#"{{"type":"stopped","payload":{round}}}"#)
             ),
             1
         );
