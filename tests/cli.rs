@@ -30,13 +30,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     procs::run(&format!("ws-notify {args:?}"), cli(args, env), secs(15))
 }
 
-fn setup(extra_env: &[(&str, &str)]) -> (RedisServer, Gateway) {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, extra_env);
-    gw.wait_redis_connected(PROMPT);
-    (redis, gw)
-}
-
 fn ws_url(gw: &Gateway) -> String {
     format!("ws://127.0.0.1:{}/ws", gw.port)
 }

@@ -10,13 +10,6 @@ use tungstenite::Message;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::coding::CloseCode;
 
-fn setup(extra_env: &[(&str, &str)]) -> (RedisServer, Gateway) {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, extra_env);
-    gw.wait_redis_connected(PROMPT);
-    (redis, gw)
-}
-
 #[test]
 fn ping_frame_gets_a_pong_frame() {
     let (_redis, gw) = setup(&[]);

@@ -6,13 +6,6 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
-fn setup(extra_env: &[(&str, &str)]) -> (RedisServer, Gateway) {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, extra_env);
-    gw.wait_redis_connected(PROMPT);
-    (redis, gw)
-}
-
 #[test]
 fn connected_message_on_open() {
     let (_redis, gw) = setup(&[]);

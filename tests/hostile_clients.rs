@@ -26,13 +26,6 @@ const INVALID: &str = "invalid or expired token";
 const BAD_REQUEST: &str = "bad request";
 const TOO_LARGE: &str = "request header too large";
 
-fn setup(extra_env: &[(&str, &str)]) -> (RedisServer, Gateway) {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, extra_env);
-    gw.wait_redis_connected(PROMPT);
-    (redis, gw)
-}
-
 /// Runs `attack` once to warm up (allocator arenas, first-use buffers), then
 /// `rounds` more times, and asserts the resident memory grew by less than
 /// `band_mib`.

@@ -13,12 +13,6 @@ use serde_json::{Value, json};
 
 const INVALID: &str = "invalid or expired token";
 
-fn setup(extra_env: &[(&str, &str)]) -> (RedisServer, Gateway) {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, extra_env);
-    (redis, gw)
-}
-
 /// Upgrade with `?token=` on a hand-written request; returns the response.
 fn upgrade_with_token(gw: &Gateway, token: &str) -> HttpResponse {
     raw_request(gw.port, upgrade_request(&format!("/ws?token={token}"), &[]))

@@ -133,13 +133,6 @@ fn version_of(program: &str, args: &[&str]) -> String {
         .unwrap_or_default()
 }
 
-fn setup(extra_env: &[(&str, &str)]) -> (RedisServer, Gateway) {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, extra_env);
-    gw.wait_redis_connected(PROMPT);
-    (redis, gw)
-}
-
 #[track_caller]
 fn json_line(line: &str) -> Value {
     serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"))

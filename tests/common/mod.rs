@@ -1367,35 +1367,23 @@ pub fn wait_eof(stream: &mut TcpStream, timeout: Duration) -> bool {
     }
 }
 
+/// A fresh Redis and a gateway (with `extra_env`) that is subscribed to it.
+pub fn setup(extra_env: &[(&str, &str)]) -> (RedisServer, Gateway) {
+    let redis = RedisServer::start();
+    let gw = Gateway::start(redis.port, extra_env);
+    gw.wait_redis_connected(PROMPT);
+    (redis, gw)
+}
+
 // ---------------------------------------------------------------------------
 // Hostile clients, Redis faults and load (issue 3)
 // ---------------------------------------------------------------------------
 
 /// Raises this test process's soft open-file limit to its hard limit (tests
-/// that hold thousands of sockets); returns the soft limit now in effect.
+/// that hold thousands of sockets), as the server does for itself; returns the
+/// soft limit now in effect.
 pub fn raise_own_nofile_limit() -> u64 {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
-    unsafe {
-        assert_eq!(
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit),
-            0,
-            "getrlimit"
-        );
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit.rlim_cur = limit.rlim_max;
-            }
-        }
-    }
-    limit.rlim_cur
+    ws_notify::server::raise_open_file_limit(0)
 }
 
 /// Entries of `/proc/<pid>/<dir>` (`fd`, `task`); 0 if the process is gone.
