@@ -42,6 +42,9 @@ pub struct Config {
     pub send_buffer: usize,
     /// `WS_ALLOWED_ORIGINS`: exact origins; empty = any origin.
     pub allowed_origins: Vec<String>,
+    /// `WS_LOOP_NICE`, default 10 (0-19): how much lower than the Redis reader the
+    /// event loop runs, so the reader keeps pace with Redis under CPU contention.
+    pub loop_nice: i32,
     /// `SHUTDOWN_TIMEOUT`, default 30s.
     pub shutdown_timeout: Duration,
     /// `LOGGER_LEVEL`, default info.
@@ -159,6 +162,7 @@ pub const VARIABLES: &[&str] = &[
     "WS_MAX_CONNECTIONS_PER_USER",
     "WS_SEND_BUFFER",
     "WS_ALLOWED_ORIGINS",
+    "WS_LOOP_NICE",
     "SHUTDOWN_TIMEOUT",
     "LOGGER_LEVEL",
     "LOGGER_ENCODING",
@@ -248,6 +252,7 @@ impl Config {
                 .get("WS_ALLOWED_ORIGINS")
                 .map(|list| parse_origins(&list))
                 .unwrap_or_default(),
+            loop_nice: env.parse("WS_LOOP_NICE", 10, parse_nice)?,
             shutdown_timeout: env.parse("SHUTDOWN_TIMEOUT", secs(30), parse_interval)?,
             log_level: env.parse("LOGGER_LEVEL", LevelFilter::Info, parse_log_level)?,
             log_encoding: env.parse("LOGGER_ENCODING", LogEncoding::Json, parse_log_encoding)?,
@@ -369,6 +374,14 @@ fn parse_count(text: &str) -> Result<usize, String> {
 fn parse_count_or_zero(text: &str) -> Result<usize, String> {
     text.parse::<usize>()
         .map_err(|_| format!("{text:?} is not a whole number (0 = no limit)"))
+}
+
+/// A nice increment: 0 (none) to 19 (the lowest priority there is).
+fn parse_nice(text: &str) -> Result<i32, String> {
+    match text.parse::<i32>() {
+        Ok(n) if (0..=19).contains(&n) => Ok(n),
+        _ => Err(format!("{text:?} is not a whole number from 0 to 19")),
+    }
 }
 
 fn parse_db(text: &str) -> Result<i64, String> {
@@ -683,6 +696,7 @@ impl fmt::Debug for Config {
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("send_buffer", &self.send_buffer)
             .field("allowed_origins", &self.allowed_origins)
+            .field("loop_nice", &self.loop_nice)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("log_level", &self.log_level)
             .field("log_encoding", &self.log_encoding)
@@ -787,6 +801,7 @@ mod tests {
         assert_eq!(config.max_connections, 10_000);
         assert_eq!(config.max_connections_per_user, 0);
         assert_eq!(config.send_buffer, 256);
+        assert_eq!(config.loop_nice, 10);
         assert!(config.allowed_origins.is_empty());
         assert_eq!(config.shutdown_timeout, secs(30));
         assert_eq!(config.log_level, LevelFilter::Info);
@@ -827,6 +842,7 @@ mod tests {
                 "WS_ALLOWED_ORIGINS",
                 " https://a.example.com ,, https://b.example.com,",
             ),
+            ("WS_LOOP_NICE", "0"),
             ("SHUTDOWN_TIMEOUT", "1m"),
             ("LOGGER_LEVEL", "WARNING"),
             ("LOGGER_ENCODING", "console"),
@@ -866,6 +882,7 @@ mod tests {
         assert_eq!(config.max_connections, 50);
         assert_eq!(config.max_connections_per_user, 5);
         assert_eq!(config.send_buffer, 8);
+        assert_eq!(config.loop_nice, 0);
         assert_eq!(
             config.allowed_origins,
             vec!["https://a.example.com", "https://b.example.com"]
@@ -962,6 +979,9 @@ mod tests {
             ("WS_MAX_CONNECTIONS_PER_USER", "unlimited"),
             ("WS_SEND_BUFFER", "0"),
             ("WS_SEND_BUFFER", "1.5"),
+            ("WS_LOOP_NICE", "-1"),
+            ("WS_LOOP_NICE", "20"),
+            ("WS_LOOP_NICE", "low"),
             ("SHUTDOWN_TIMEOUT", "0s"),
             ("SHUTDOWN_TIMEOUT", "30"),
             ("LOGGER_LEVEL", "trace"),

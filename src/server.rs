@@ -180,6 +180,7 @@ impl Server {
     /// Runs until a graceful shutdown completes.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        lower_loop_priority(self.config.loop_nice);
         info!("listening on {}", self.local_addr);
         loop {
             if !self.inbox_pending {
@@ -820,6 +821,38 @@ fn widen_listen_backlog(listener: &TcpListener) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Lowers the calling thread (the event loop; the Redis reader, started earlier,
+/// keeps the process's priority) by `steps` nice steps, at most to 19. When CPU
+/// is short the reader then wins it: it must keep pace with Redis, which cuts
+/// off a subscriber whose output buffer passes its limit and loses whatever was
+/// in it, while the loop's backlog waits in the bounded hand-over queue, where
+/// overflow is counted. Only the share between threads that compete for the
+/// same CPUs changes; an idle machine runs both at full speed.
+fn lower_loop_priority(steps: i32) {
+    if steps == 0 {
+        return;
+    }
+    // SAFETY: gettid, getpriority and setpriority take and return plain integers.
+    let (now, set) = unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let target = (now + steps).min(19);
+        (
+            now,
+            (libc::setpriority(libc::PRIO_PROCESS, tid, target) == 0).then_some(target),
+        )
+    };
+    match set {
+        Some(target) => {
+            info!("event loop at nice {target}, Redis reader at nice {now} (WS_LOOP_NICE={steps})")
+        }
+        None => warn!(
+            "cannot lower the event loop's priority: {}",
+            io::Error::last_os_error()
+        ),
+    }
 }
 
 /// Raises the soft open-file limit to the hard limit (DESIGN.md section 4) and warns

@@ -27,6 +27,7 @@ fn config_errors_exit_2_naming_the_variable() {
             "WS_MAX_CONNECTIONS_PER_USER",
         ),
         (&[("WS_SEND_BUFFER", "many")], "WS_SEND_BUFFER"),
+        (&[("WS_LOOP_NICE", "20")], "WS_LOOP_NICE"),
         (&[("WS_MAX_MESSAGE_SIZE", "big")], "WS_MAX_MESSAGE_SIZE"),
         (&[("REDIS_DB", "zero")], "REDIS_DB"),
         (&[("REDIS_USE_TLS", "maybe")], "REDIS_USE_TLS"),
@@ -278,12 +279,64 @@ fn console_encoding_starts() {
 }
 
 /// user + system CPU time of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+/// The fields of a /proc stat file after the parenthesised command name: the
+/// first of them is field 3 of proc(5).
+fn stat_fields(path: &str) -> Vec<String> {
+    let stat = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
     let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
+    after.split_whitespace().map(str::to_string).collect()
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    // utime and stime are fields 14 and 15.
+    let fields = stat_fields(&format!("/proc/{pid}/stat"));
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// Each thread's name and nice value (field 19).
+fn thread_nice_values(pid: u32) -> Vec<(String, i64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/pid/task") {
+        let task = task.expect("task entry").path();
+        let name = std::fs::read_to_string(task.join("comm")).expect("read comm");
+        let fields = stat_fields(&task.join("stat").to_string_lossy());
+        threads.push((name.trim().to_string(), fields[16].parse().expect("nice")));
+    }
+    threads.sort();
+    threads
+}
+
+#[test]
+fn the_event_loop_runs_below_the_redis_reader() {
+    let own = stat_fields("/proc/self/stat")[16]
+        .parse::<i64>()
+        .expect("nice");
+    let redis = RedisServer::start();
+    for (value, steps) in [(None, 10), (Some("3"), 3), (Some("0"), 0)] {
+        let env: Vec<(&str, &str)> = value.map(|v| ("WS_LOOP_NICE", v)).into_iter().collect();
+        let gw = Gateway::start(redis.port, &env);
+        gw.wait_redis_connected(PROMPT);
+        let threads = thread_nice_values(gw.pid());
+        let nice_of = |name: &str| {
+            threads
+                .iter()
+                .find(|(n, _)| n == name)
+                .unwrap_or_else(|| panic!("no thread {name} in {threads:?}"))
+                .1
+        };
+        let expected_loop = (own + steps).min(19);
+        assert_eq!(
+            nice_of("redis-reader"),
+            own,
+            "WS_LOOP_NICE={value:?}: {threads:?}"
+        );
+        assert_eq!(
+            nice_of("ws-notify"),
+            expected_loop,
+            "WS_LOOP_NICE={value:?}: {threads:?}"
+        );
+        assert_eq!(threads.len(), 2, "{threads:?}");
+    }
 }
 
 #[test]
