@@ -724,8 +724,9 @@ fn publisher_flood_of_200k_is_accounted_for_exactly() {
 /// `cargo test --release --test redis_resilience -- --ignored publisher_flood`.
 /// The reader thread reads about as fast as Redis accepts pipelined PUBLISHes,
 /// so on 2 cores, with Redis, this publisher and the gateway sharing them, this
-/// depends on scheduling. Measured 2026-11-28, 14 runs alone (published in
-/// 1.4-2.2 s): 10 delivered everything; 3 counted part as `queue_full` drops
+/// depends on scheduling. Measured 2026-11-28, 15 runs alone (4 of them with
+/// `WS_LOOP_NICE=0`; published in 1.4-2.2 s): 11 delivered everything, 3
+/// counted part as `queue_full` drops
 /// (25,210 / 55,883 / 174,310) and passed; 1 was cut off by Redis (peak 30.7 MiB,
 /// 613,470 delivered) and failed. The peak of Redis's output buffer for the
 /// gateway ranged from 0 to 31.4 MiB of its 32 MiB limit. In a debug build the
