@@ -828,26 +828,24 @@ fn widen_listen_backlog(listener: &TcpListener) -> io::Result<()> {
 /// is short the reader then wins it: it must keep pace with Redis, which cuts
 /// off a subscriber whose output buffer passes its limit and loses whatever was
 /// in it, while the loop's backlog waits in the bounded hand-over queue, where
-/// overflow is counted. Only the share between threads that compete for the
-/// same CPUs changes; an idle machine runs both at full speed.
+/// overflow is counted. Nice weighs a thread only against the others of its
+/// scheduling group (cgroup or session autogroup), and only when they compete.
 fn lower_loop_priority(steps: i32) {
     if steps == 0 {
         return;
     }
     // SAFETY: gettid, getpriority and setpriority take and return plain integers.
-    let (now, set) = unsafe {
+    let (process_nice, lowered) = unsafe {
         let tid = libc::gettid() as libc::id_t;
-        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
-        let target = (now + steps).min(19);
-        (
-            now,
-            (libc::setpriority(libc::PRIO_PROCESS, tid, target) == 0).then_some(target),
-        )
+        let process_nice = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let target = (process_nice + steps).min(19);
+        let lowered = libc::setpriority(libc::PRIO_PROCESS, tid, target) == 0;
+        (process_nice, lowered.then_some(target))
     };
-    match set {
-        Some(target) => {
-            info!("event loop at nice {target}, Redis reader at nice {now} (WS_LOOP_NICE={steps})")
-        }
+    match lowered {
+        Some(target) => info!(
+            "event loop at nice {target}, Redis reader at nice {process_nice} (WS_LOOP_NICE={steps})"
+        ),
         None => warn!(
             "cannot lower the event loop's priority: {}",
             io::Error::last_os_error()
