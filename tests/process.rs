@@ -241,9 +241,7 @@ fn json_logs_and_no_tokens_in_them() {
 
 #[test]
 fn logger_level_filters() {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[("LOGGER_LEVEL", "error")]);
-    gw.wait_redis_connected(PROMPT);
+    let (_redis, gw) = setup(&[("LOGGER_LEVEL", "error")]);
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
     ws.close(None).expect("close");
     let _ = close_or_gone(&mut ws, PROMPT);
@@ -278,7 +276,6 @@ fn console_encoding_starts() {
     );
 }
 
-/// user + system CPU time of a process, in clock ticks.
 /// The fields of a /proc stat file after the parenthesised command name: the
 /// first of them is field 3 of proc(5).
 fn stat_fields(path: &str) -> Vec<String> {
@@ -287,6 +284,7 @@ fn stat_fields(path: &str) -> Vec<String> {
     after.split_whitespace().map(str::to_string).collect()
 }
 
+/// user + system CPU time of a process, in clock ticks.
 fn cpu_ticks(pid: u32) -> u64 {
     // utime and stime are fields 14 and 15.
     let fields = stat_fields(&format!("/proc/{pid}/stat"));
@@ -407,9 +405,7 @@ fn survives_running_out_of_file_descriptors() {
 
 #[test]
 fn idle_gateway_does_not_spin() {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[("LOGGER_LEVEL", "info")]);
-    gw.wait_redis_connected(PROMPT);
+    let (_redis, gw) = setup(&[("LOGGER_LEVEL", "info")]);
     let _clients: Vec<Ws> = (0..20)
         .map(|i| ws_open(gw.port, &gw.token(&format!("user{i}"))).0)
         .collect();

@@ -32,9 +32,7 @@ fn starts_while_redis_is_down_and_connects_when_it_comes_up() {
 
 #[test]
 fn health_is_503_while_redis_is_down_and_200_after() {
-    let mut redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[FAST_REDIS]);
-    gw.wait_redis_connected(PROMPT);
+    let (mut redis, gw) = setup(&[FAST_REDIS]);
     redis.kill();
     let mut last = (0, serde_json::Value::Null);
     wait_until(PROMPT, "/health reports 503 degraded", || {
@@ -53,9 +51,7 @@ fn health_is_503_while_redis_is_down_and_200_after() {
 
 #[test]
 fn redis_restart_keeps_clients_and_resubscribes() {
-    let mut redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[FAST_REDIS]);
-    gw.wait_redis_connected(PROMPT);
+    let (mut redis, gw) = setup(&[FAST_REDIS]);
     let (mut a, _) = ws_open(gw.port, &gw.token("alice"));
     let (mut b, _) = ws_open(gw.port, &gw.token("bob"));
     redis.notify("alice", r#"{"type":"before","payload":1}"#);
@@ -84,9 +80,7 @@ fn redis_restart_keeps_clients_and_resubscribes() {
 
 #[test]
 fn redis_killed_twice() {
-    let mut redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[FAST_REDIS]);
-    gw.wait_redis_connected(PROMPT);
+    let (mut redis, gw) = setup(&[FAST_REDIS]);
     let (mut a, _) = ws_open(gw.port, &gw.token("alice"));
     for round in 0..2 {
         redis.kill();
@@ -180,9 +174,7 @@ fn reconnects_back_off_while_redis_is_down() {
 
 #[test]
 fn redis_that_hangs_is_detected_by_the_ping() {
-    let mut redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[FAST_REDIS]);
-    gw.wait_redis_connected(PROMPT);
+    let (mut redis, gw) = setup(&[FAST_REDIS]);
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
     // A stopped Redis keeps its sockets open but answers nothing.
     redis.signal(libc::SIGSTOP);

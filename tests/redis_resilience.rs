@@ -22,9 +22,7 @@ const HEALTHY: std::time::Duration = std::time::Duration::from_millis(1500);
 #[test]
 fn redis_killed_and_restarted_ten_times_while_clients_stay() {
     const CYCLES: usize = 10;
-    let mut redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
-    gw.wait_redis_connected(PROMPT);
+    let (mut redis, gw) = setup(&[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
     let users = ["alice", "bob", "carol"];
     let mut clients: Vec<Ws> = users
         .iter()
@@ -98,9 +96,7 @@ fn redis_that_flaps_right_after_each_subscription_is_followed() {
     // not reset and grows; redis_faults.rs measures that growth): each time it
     // re-subscribes by itself and delivers, and the counter counts every time.
     const FLAPS: usize = 5;
-    let mut redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
-    gw.wait_redis_connected(PROMPT);
+    let (mut redis, gw) = setup(&[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
     let mut times = Vec::new();
     for flap in 0..FLAPS {
@@ -121,9 +117,7 @@ fn redis_that_flaps_right_after_each_subscription_is_followed() {
 
 #[test]
 fn frozen_redis_is_noticed_within_a_bound_and_delivery_resumes() {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
-    gw.wait_redis_connected(PROMPT);
+    let (redis, gw) = setup(&[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
     let pid = gw.pid();
     let fds_before = proc_fd_count(pid);
@@ -183,9 +177,7 @@ fn frozen_redis_is_noticed_within_a_bound_and_delivery_resumes() {
 /// a message published meanwhile is delivered once it runs again.
 #[test]
 fn a_stopped_and_continued_gateway_keeps_its_subscription() {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(redis.port, &[("LOGGER_LEVEL", "info")]);
-    gw.wait_redis_connected(PROMPT);
+    let (redis, gw) = setup(&[("LOGGER_LEVEL", "info")]);
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
     for round in 0..3 {
         gw.signal(libc::SIGSTOP);
@@ -726,9 +718,8 @@ fn publisher_flood_of_200k_is_accounted_for_exactly() {
 /// so on 2 cores, with Redis, this publisher and the gateway sharing them, this
 /// depends on scheduling. Measured 2026-11-28, 15 runs alone (4 of them with
 /// `WS_LOOP_NICE=0`; published in 1.4-2.2 s): 11 delivered everything, 3
-/// counted part as `queue_full` drops
-/// (25,210 / 55,883 / 174,310) and passed; 1 was cut off by Redis (peak 30.7 MiB,
-/// 613,470 delivered) and failed. The peak of Redis's output buffer for the
+/// counted part as `queue_full` drops (25,210 / 55,883 / 174,310) and passed,
+/// 1 was cut off by Redis (peak 30.7 MiB, 613,470 delivered) and failed. The peak of Redis's output buffer for the
 /// gateway ranged from 0 to 31.4 MiB of its 32 MiB limit. In a debug build the
 /// reader is several times slower and is always cut off.
 #[test]
