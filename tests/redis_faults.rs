@@ -1,7 +1,9 @@
 //! The Redis reader against a Redis that is down, dies, comes back, or wants
-//! credentials (DESIGN.md sections 1 and 4; issue 2 items 2 and 7).
+//! credentials, and a reader that panics (README "Operations"; issues 2 and 10).
 
 mod common;
+
+use std::time::Instant;
 
 use common::*;
 
@@ -188,4 +190,92 @@ fn redis_that_hangs_is_detected_by_the_ping() {
     assert!(redis.notify("alice", r#"{"type":"back","payload":1}"#) >= 1);
     assert_message(&recv_json(&mut ws, PROMPT), "back");
     redis.kill();
+}
+
+/// A panic on the reader thread (the release profile unwinds) must not leave
+/// `/health` claiming a subscription nobody reads: the session is restarted,
+/// counted, logged, and delivery resumes. The panic comes from the debug-only
+/// fault hook `WS_NOTIFY_TEST_PANIC_ON_CHANNEL`.
+#[test]
+fn a_panicking_reader_is_restarted_and_delivery_resumes() {
+    let (redis, gw) = setup(&[
+        FAST_REDIS,
+        ("WS_NOTIFY_TEST_PANIC_ON_CHANNEL", "user_noti:boom"),
+    ]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    assert_eq!(gw.metric("ws_notify_redis_reader_restarts_total"), 0.0);
+    assert!(redis.notify("boom", r#"{"type":"fault","payload":1}"#) >= 1);
+    gw.wait_metric_at_least("ws_notify_redis_reader_restarts_total", 1.0);
+    wait_until(PROMPT, "an error line about the panic", || {
+        gw.logs()
+            .lines()
+            .any(|l| l.contains("\"error\"") && l.contains("reader panicked"))
+    });
+    gw.wait_redis_connected(PROMPT);
+    assert_eq!(gw.metric("ws_notify_redis_reconnects_total"), 1.0);
+    wait_until(PROMPT, "the recovery line", || {
+        gw.logs().contains("re-subscribed to Redis at")
+    });
+    assert!(redis.notify("alice", r#"{"type":"after_panic","payload":2}"#) >= 1);
+    assert_message(&recv_json(&mut ws, PROMPT), "after_panic");
+}
+
+/// A short outage costs its length plus at most the reconnect cap (default
+/// 2 s), not twice its length: the delay between attempts no longer grows to
+/// 30 s. The recovery is logged with how long it took; the start-up line is
+/// not repeated.
+#[test]
+fn a_short_outage_costs_its_length_plus_the_reconnect_cap() {
+    let (mut redis, gw) = setup(&[FAST_REDIS]);
+    let cap = secs(2);
+    let killed = Instant::now();
+    redis.kill();
+    wait_until(PROMPT, "/health notices Redis is gone", || {
+        gw.health().0 == 503
+    });
+    // The outage itself: long enough that an uncapped backoff (100 ms
+    // doubling) waits several seconds between attempts by the end of it.
+    let outage = secs(6);
+    std::thread::sleep(outage.saturating_sub(killed.elapsed()));
+    redis.restart();
+    let back = Instant::now();
+    gw.wait_redis_connected(secs(30));
+    let recovered_after = back.elapsed();
+    eprintln!(
+        "Redis down for {:?}, re-subscribed {recovered_after:?} after it came back",
+        back - killed
+    );
+    // The cap plus a generous margin for a loaded machine (connect, PSUBSCRIBE,
+    // the first ping, the test's /health polling).
+    assert!(
+        recovered_after < cap + secs(3),
+        "re-subscribed {recovered_after:?} after Redis came back (cap {cap:?})"
+    );
+    let logs = gw.logs();
+    let recovery = logs
+        .lines()
+        .find(|l| l.contains("re-subscribed to Redis at"))
+        .unwrap_or_else(|| panic!("no recovery line:\n{logs}"));
+    assert!(
+        recovery.contains(&format!("127.0.0.1:{}", redis.port)) && recovery.contains(" attempts"),
+        "{recovery}"
+    );
+    let startup_lines = logs
+        .lines()
+        .filter(|l| l.contains("subscribed to Redis at") && !l.contains("re-subscribed"))
+        .count();
+    assert_eq!(
+        startup_lines, 1,
+        "the start-up line is not repeated:\n{logs}"
+    );
+    assert_serving(&redis, &gw, "alice");
+}
+
+#[test]
+fn reconnect_max_must_be_a_positive_duration() {
+    for value in ["0s", "2", "soon"] {
+        let (code, output) = Gateway::run_expect_exit(&[("REDIS_RECONNECT_MAX", value)]);
+        assert_eq!(code, Some(2), "REDIS_RECONNECT_MAX={value}: {output}");
+        assert!(output.contains("REDIS_RECONNECT_MAX"), "{value}: {output}");
+    }
 }
