@@ -279,3 +279,16 @@ fn reconnect_max_must_be_a_positive_duration() {
         assert!(output.contains("REDIS_RECONNECT_MAX"), "{value}: {output}");
     }
 }
+
+/// A CA file that cannot be read is a configuration error (exit 2 naming the
+/// variable), not a failure to listen.
+#[test]
+fn unreadable_redis_ca_file_exits_2_naming_it() {
+    let missing = std::env::temp_dir().join(format!("ws-notify-missing-ca-{}.crt", random_hex(1)));
+    let missing = missing.to_str().expect("temp paths are UTF-8");
+    let (code, output) =
+        Gateway::run_expect_exit(&[("REDIS_USE_TLS", "true"), ("REDIS_TLS_CA_FILE", missing)]);
+    assert_eq!(code, Some(2), "{output}");
+    assert!(output.contains("REDIS_TLS_CA_FILE"), "{output}");
+    assert!(!output.contains("cannot listen"), "{output}");
+}
