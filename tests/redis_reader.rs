@@ -90,6 +90,19 @@ fn wait_subscribed(status: &RedisStatus) {
     wait_until(secs(10), "subscribed", || status.is_subscribed());
 }
 
+/// A reader subscribed to `redis`, configured by `config` changed by `edit`.
+fn subscribed(
+    redis: &RedisServer,
+    edit: impl FnOnce(&mut RedisConfig),
+) -> (LoopSide, RedisReader, Inbox, Arc<RedisStatus>) {
+    let side = LoopSide::new();
+    let mut cfg = config(redis.port);
+    edit(&mut cfg);
+    let (reader, inbox, status) = side.spawn(cfg);
+    wait_subscribed(&status);
+    (side, reader, inbox, status)
+}
+
 /// Waits until a connection attempt failed and returns the recorded error.
 fn wait_connect_failure(status: &RedisStatus) -> String {
     wait_until(secs(10), "a failed connection attempt", || {
@@ -114,9 +127,7 @@ fn publish_as(port: u16, user: &str, password: &str, channel: &str, payload: &[u
 #[test]
 fn delivers_messages_with_user_id_and_raw_payload() {
     let redis = RedisServer::start();
-    let mut side = LoopSide::new();
-    let (reader, inbox, status) = side.spawn(config(redis.port));
-    wait_subscribed(&status);
+    let (mut side, reader, inbox, status) = subscribed(&redis, |_| {});
     assert!(
         status.ping_micros().is_some(),
         "first ping right after subscribing"
@@ -160,9 +171,7 @@ fn delivers_messages_with_user_id_and_raw_payload() {
 #[test]
 fn channel_that_is_not_utf8_is_dropped_and_counted() {
     let redis = RedisServer::start();
-    let mut side = LoopSide::new();
-    let (reader, inbox, status) = side.spawn(config(redis.port));
-    wait_subscribed(&status);
+    let (mut side, reader, inbox, status) = subscribed(&redis, |_| {});
     let mut con = redis.connection().expect("publisher");
     let receivers: i64 = redis::cmd("PUBLISH")
         .arg(&b"user_noti:\xff\xfe"[..])
@@ -180,11 +189,8 @@ fn channel_that_is_not_utf8_is_dropped_and_counted() {
 #[test]
 fn prefix_glob_characters_match_literally() {
     let redis = RedisServer::start();
-    let mut side = LoopSide::new();
-    let mut cfg = config(redis.port);
-    cfg.channel_prefix = "n?[a]*\\:".into();
-    let (reader, inbox, status) = side.spawn(cfg);
-    wait_subscribed(&status);
+    let (mut side, reader, inbox, _status) =
+        subscribed(&redis, |cfg| cfg.channel_prefix = "n?[a]*\\:".into());
     assert_eq!(redis.publish("nX[a]*\\:1", b"glob"), 0);
     assert_eq!(redis.publish("n?a*\\:1", b"glob"), 0);
     assert_eq!(redis.publish("n?[a]*\\:1", b"literal"), 1);
@@ -197,9 +203,7 @@ fn prefix_glob_characters_match_literally() {
 #[test]
 fn wakes_are_coalesced_per_batch() {
     let redis = RedisServer::start();
-    let mut side = LoopSide::new();
-    let (reader, inbox, status) = side.spawn(config(redis.port));
-    wait_subscribed(&status);
+    let (mut side, reader, inbox, _status) = subscribed(&redis, |_| {});
     let mut con = redis.connection().expect("publisher");
     let mut pipe = redis::pipe();
     for i in 0..1000 {
@@ -226,9 +230,7 @@ fn wakes_are_coalesced_per_batch() {
 #[test]
 fn reconnects_after_server_restart() {
     let mut redis = RedisServer::start();
-    let mut side = LoopSide::new();
-    let (reader, inbox, status) = side.spawn(config(redis.port));
-    wait_subscribed(&status);
+    let (mut side, reader, inbox, status) = subscribed(&redis, |_| {});
     assert_eq!(status.reconnects(), 0);
     assert_eq!(status.last_error(), None);
 
@@ -250,9 +252,7 @@ fn reconnects_after_server_restart() {
 #[test]
 fn frozen_server_is_caught_by_ping() {
     let redis = RedisServer::start();
-    let side = LoopSide::new();
-    let (reader, _inbox, status) = side.spawn(config(redis.port));
-    wait_subscribed(&status);
+    let (_side, reader, _inbox, status) = subscribed(&redis, |_| {});
     redis.signal(libc::SIGSTOP);
     // ping_interval (200 ms) + pong wait (1 s minimum), with a generous deadline.
     wait_until(secs(10), "frozen server noticed", || {
@@ -269,11 +269,7 @@ fn frozen_server_is_caught_by_ping() {
 #[test]
 fn pings_when_idle_and_under_traffic() {
     let redis = RedisServer::start();
-    let mut side = LoopSide::new();
-    let mut cfg = config(redis.port);
-    cfg.ping_interval = ms(50);
-    let (reader, inbox, status) = side.spawn(cfg);
-    wait_subscribed(&status);
+    let (mut side, reader, inbox, status) = subscribed(&redis, |cfg| cfg.ping_interval = ms(50));
     let idle_from = status.pings();
     wait_until(secs(10), "idle pings", || status.pings() >= idle_from + 3);
     // Traffic every 5 ms: reads never time out, pings must still happen.
@@ -324,13 +320,11 @@ fn acl_redis() -> RedisServer {
 #[test]
 fn authenticates_with_acl_user_and_selects_db() {
     let redis = acl_redis();
-    let mut side = LoopSide::new();
-    let mut good = config(redis.port);
-    good.username = Some("notifier".into());
-    good.password = Some("s3cret-pw".into());
-    good.db = 3;
-    let (reader, inbox, status) = side.spawn(good);
-    wait_subscribed(&status);
+    let (mut side, reader, inbox, _status) = subscribed(&redis, |cfg| {
+        cfg.username = Some("notifier".into());
+        cfg.password = Some("s3cret-pw".into());
+        cfg.db = 3;
+    });
     assert_eq!(
         publish_as(redis.port, "publisher", "pub-pw", "user_noti:acl", b"ok"),
         1
@@ -460,9 +454,7 @@ fn unreachable_server_counts_failures_and_stops_promptly() {
 #[test]
 fn reader_ends_when_inbox_is_dropped() {
     let redis = RedisServer::start();
-    let side = LoopSide::new();
-    let (reader, inbox, status) = side.spawn(config(redis.port));
-    wait_subscribed(&status);
+    let (_side, reader, inbox, _status) = subscribed(&redis, |_| {});
     drop(inbox);
     redis.publish("user_noti:gone", b"x");
     wait_until(secs(10), "thread end", || reader.is_finished());
