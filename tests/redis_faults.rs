@@ -298,3 +298,47 @@ fn unreadable_redis_ca_file_exits_2_naming_it() {
     assert!(output.contains("REDIS_TLS_CA_FILE"), "{output}");
     assert!(!output.contains("cannot listen"), "{output}");
 }
+
+/// A signal that interrupts the reader while it waits for a pong (here:
+/// SIGSTOP/SIGCONT of the gateway while a frozen Redis holds the pong back) is
+/// not a lost connection: the pong arrives later and the subscription stays.
+#[test]
+fn a_signal_during_the_pong_wait_is_not_a_lost_connection() {
+    let (redis, gw) = setup(&[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
+    let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
+    for round in 0..5 {
+        // With Redis frozen, the next ping (every 200 ms) waits up to its 1 s
+        // pong wait; the gateway is stopped and continued inside that wait, and
+        // Redis is resumed well before it ends.
+        redis.signal(libc::SIGSTOP);
+        std::thread::sleep(ms(300));
+        gw.signal(libc::SIGSTOP);
+        // A SIGCONT sent before the stop took effect would cancel it.
+        wait_until(PROMPT, "the gateway to stop", || {
+            process_state(gw.pid()) == 'T'
+        });
+        gw.signal(libc::SIGCONT);
+        std::thread::sleep(ms(50));
+        redis.signal(libc::SIGCONT);
+        assert_eq!(
+            redis.notify("alice", format!(r#"{{"type":"round","payload":{round}}}"#)),
+            1
+        );
+        assert_eq!(recv_json(&mut ws, PROMPT)["payload"], round);
+    }
+    assert_eq!(gw.metric("ws_notify_redis_reconnects_total"), 0.0);
+    let logs = gw.logs();
+    assert!(!logs.contains("reconnecting"), "{logs}");
+}
+
+/// The state letter of /proc/<pid>/stat (`R`, `S`, `T` for stopped, ...).
+fn process_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/<pid>/stat");
+    // The command name in parentheses may contain spaces; the state follows it.
+    let after = stat.rfind(')').expect("comm in /proc/<pid>/stat");
+    stat[after + 1..]
+        .trim_start()
+        .chars()
+        .next()
+        .expect("state letter")
+}
