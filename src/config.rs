@@ -108,6 +108,9 @@ pub struct RedisConfig {
     /// `REDIS_PING_INTERVAL`, default 5s (ours, not the Go service's): how often
     /// the reader pings Redis, and its read timeout for spotting a frozen server.
     pub ping_interval: Duration,
+    /// `REDIS_RECONNECT_MAX`, default 2s: the longest delay between reconnect
+    /// attempts (the delay doubles from 100 ms up to it, with full jitter).
+    pub reconnect_max: Duration,
 }
 
 /// A variable that could not be used. Displays as `{variable}: {message}`;
@@ -153,6 +156,7 @@ pub const VARIABLES: &[&str] = &[
     "REDIS_TLS_CA_FILE",
     "REDIS_CHANNEL_PREFIX",
     "REDIS_PING_INTERVAL",
+    "REDIS_RECONNECT_MAX",
     "WS_PING_INTERVAL",
     "WS_PONG_WAIT",
     "WS_WRITE_WAIT",
@@ -316,6 +320,7 @@ fn redis_config<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<RedisConf
         tls_ca_file: env.get("REDIS_TLS_CA_FILE").map(PathBuf::from),
         channel_prefix,
         ping_interval: env.parse("REDIS_PING_INTERVAL", secs(5), parse_interval)?,
+        reconnect_max: env.parse("REDIS_RECONNECT_MAX", secs(2), parse_interval)?,
     })
 }
 
@@ -731,6 +736,7 @@ impl fmt::Debug for RedisConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("channel_prefix", &self.channel_prefix)
             .field("ping_interval", &self.ping_interval)
+            .field("reconnect_max", &self.reconnect_max)
             .finish()
     }
 }
@@ -793,6 +799,7 @@ mod tests {
         assert_eq!(config.redis.tls_ca_file, None);
         assert_eq!(config.redis.channel_prefix, "user_noti:");
         assert_eq!(config.redis.ping_interval, secs(5));
+        assert_eq!(config.redis.reconnect_max, secs(2));
         assert_eq!(config.ping_interval, secs(30));
         assert_eq!(config.pong_wait, secs(60));
         assert_eq!(config.write_wait, secs(10));
@@ -830,6 +837,7 @@ mod tests {
             ("REDIS_TLS_CA_FILE", "/etc/ssl/ca.pem"),
             ("REDIS_CHANNEL_PREFIX", "notify:"),
             ("REDIS_PING_INTERVAL", "2s"),
+            ("REDIS_RECONNECT_MAX", "750ms"),
             ("WS_PING_INTERVAL", "15s"),
             ("WS_PONG_WAIT", "20s"),
             ("WS_WRITE_WAIT", "1s"),
@@ -872,6 +880,7 @@ mod tests {
                 tls_ca_file: Some(PathBuf::from("/etc/ssl/ca.pem")),
                 channel_prefix: "notify:".into(),
                 ping_interval: secs(2),
+                reconnect_max: Duration::from_millis(750),
             }
         );
         assert_eq!(config.ping_interval, secs(15));
@@ -966,6 +975,8 @@ mod tests {
             ("REDIS_CHANNEL_PREFIX", "a[b]:"),
             ("REDIS_PING_INTERVAL", "0s"),
             ("REDIS_PING_INTERVAL", "5"),
+            ("REDIS_RECONNECT_MAX", "0s"),
+            ("REDIS_RECONNECT_MAX", "2"),
             ("WS_PONG_WAIT", "0"),
             ("WS_PONG_WAIT", "1 m"),
             ("WS_WRITE_WAIT", "0ms"),

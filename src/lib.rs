@@ -13,17 +13,20 @@
 //!
 //! Two threads: the event loop owns every socket and all per-connection state;
 //! the Redis reader owns the Redis connection and only hands raw messages over.
-//! Health state crossing the two lives in atomics (`redis_reader::RedisStatus`).
+//! Messages cross through `handover` (one queue, one wake per batch); health
+//! state crosses in atomics (`redis_status::RedisStatus`).
 
 pub mod auth;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod conn;
+pub mod handover;
 pub mod http;
 pub mod hub;
 pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod redis_reader;
+pub mod redis_status;
 pub mod server;

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use crate::clock::Timestamp;
 use crate::conn::CloseReason;
 use crate::http::Rejection;
-use crate::redis_reader::RedisStatus;
+use crate::redis_status::RedisStatus;
 
 /// Counters bumped by the event loop.
 #[derive(Default)]
@@ -168,6 +168,12 @@ impl Metrics {
             "counter",
             "Failed attempts to connect and subscribe to Redis.",
             &[("", redis.connect_failures())],
+        );
+        metric(
+            "redis_reader_restarts_total",
+            "counter",
+            "Redis reader sessions that ended in a panic and were restarted.",
+            &[("", redis.reader_restarts())],
         );
         metric(
             "uptime_seconds",

@@ -31,12 +31,14 @@ use crate::conn::{
     CloseReason, Connection, FramesRead, HeadRead, PING_FRAME, SessionParams, State,
     websocket_config,
 };
+use crate::handover::{Inbox, Published};
 use crate::http;
 use crate::hub::Hub;
 use crate::logging::RateLimited;
 use crate::message::{self, InvalidMessage, MessageEncoder};
 use crate::metrics::{self, Gauges, Metrics};
-use crate::redis_reader::{Inbox, Published, RedisReader, RedisStatus};
+use crate::redis_reader::RedisReader;
+use crate::redis_status::RedisStatus;
 
 // Reserved tokens sit at the top of the range so a slab key is directly a token.
 const LISTENER_TOKEN: Token = Token(usize::MAX - 1);
@@ -76,8 +78,6 @@ pub struct Server {
     inbox: Inbox,
     /// Reused buffer for one batch of Redis messages.
     inbound: Vec<Published>,
-    /// More Redis messages may be waiting (a wake arrived or the last batch was full).
-    inbox_pending: bool,
     reader: RedisReader,
     redis: Arc<RedisStatus>,
     authenticator: Authenticator,
@@ -154,7 +154,6 @@ impl Server {
             metrics: Metrics::default(),
             inbox,
             inbound: Vec::with_capacity(INBOX_BATCH),
-            inbox_pending: true,
             reader,
             redis,
             authenticator,
@@ -183,10 +182,9 @@ impl Server {
         lower_loop_priority(self.config.loop_nice);
         info!("listening on {}", self.local_addr);
         loop {
-            if !self.inbox_pending {
-                // Messages pushed while this turn was busy wake nobody; take them now.
-                self.inbox_pending = self.inbox.rearm();
-            }
+            // From here on a push wakes the poll below (while messages wait, the
+            // poll does not block and pushes cost no wake).
+            self.inbox.rearm();
             let timeout = self.poll_timeout(Instant::now());
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -198,7 +196,8 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER_TOKEN => self.accept(now),
-                    WAKER_TOKEN => self.inbox_pending = true,
+                    // The inbox is drained below whenever messages wait.
+                    WAKER_TOKEN => {}
                     SIGNAL_TOKEN => self.on_signal(now),
                     Token(key) => {
                         let readable =
@@ -208,7 +207,7 @@ impl Server {
                 }
             }
             self.read_leftovers(now);
-            if self.inbox_pending {
+            if self.inbox.has_waiting() {
                 self.deliver_inbox(now);
             }
             self.flush_touched(now);
@@ -230,7 +229,9 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if (self.inbox_pending && self.shutdown_deadline.is_none()) || !self.read_again.is_empty() {
+        if (self.inbox.has_waiting() && self.shutdown_deadline.is_none())
+            || !self.read_again.is_empty()
+        {
             return Some(Duration::ZERO);
         }
         let next = [
@@ -510,18 +511,13 @@ impl Server {
     /// Delivers one batch of Redis messages: each is validated and encoded once,
     /// then queued on every connection of its user.
     fn deliver_inbox(&mut self, now: Instant) {
-        let drained = self.inbox.drain_into(&mut self.inbound, INBOX_BATCH);
-        self.inbox_pending = drained == INBOX_BATCH;
-        if drained == 0 {
+        if self.inbox.drain_into(&mut self.inbound, INBOX_BATCH) == 0 {
             return;
         }
         let received_at = Timestamp::now();
         let mut inbound = std::mem::take(&mut self.inbound);
         for published in inbound.drain(..) {
-            let keys = std::str::from_utf8(published.user_id())
-                .ok()
-                .and_then(|user_id| self.hub.connections_of(user_id));
-            let Some(keys) = keys else {
+            let Some(keys) = self.hub.connections_of(published.user_id()) else {
                 // Not encoded, but still validated: a publisher's mistake is counted as
                 // invalid whichever instance sees it.
                 match message::validate_published(published.payload()) {
@@ -529,7 +525,7 @@ impl Server {
                         self.metrics.dropped_offline += 1;
                         debug!(
                             "no connection for user_id={}: message dropped",
-                            String::from_utf8_lossy(published.user_id())
+                            published.user_id()
                         );
                     }
                     Err(invalid) => self.invalid_message(&published, invalid, now),
@@ -548,7 +544,7 @@ impl Server {
             };
             debug!(
                 "routing message for user_id={} to {} connections",
-                String::from_utf8_lossy(published.user_id()),
+                published.user_id(),
                 keys.len()
             );
             for &key in keys {
@@ -577,7 +573,7 @@ impl Server {
             warn!(
                 "invalid message on channel {}{} dropped: {} ({suppressed} similar suppressed)",
                 self.config.redis.channel_prefix,
-                String::from_utf8_lossy(published.user_id()),
+                published.user_id(),
                 invalid.as_str()
             );
         }

@@ -7,6 +7,7 @@ use super::{Arg, EXIT_FAILURE, EXIT_USAGE, ParseStop, Parser};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::logging;
+use crate::redis_reader;
 use crate::server::{self, Server};
 
 pub const USAGE: &str = "\
@@ -46,6 +47,13 @@ pub fn run() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Checked before binding, so that an unusable REDIS_TLS_CA_FILE is reported
+    // as the configuration error it is rather than as a failure to listen.
+    if let Err(e) = redis_reader::build_client(&config.redis) {
+        log::error!("invalid configuration: {e}");
+        eprintln!("ws-notify: invalid configuration: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     server::raise_open_file_limit(config.max_connections);
     let listen = config.listen_addr_text();
     let server = match Server::bind(config, authenticator) {

@@ -1,0 +1,166 @@
+//! The health of the Redis side: written by the reader thread, read by
+//! `/health` and `/metrics` on the event loop thread. Atomics, plus a mutex
+//! only for the rare error text; nothing here is touched per message except
+//! the `received` counter and the last message time.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// `u64::MAX` stands for "none" in the optional atomics below.
+const NONE: u64 = u64::MAX;
+
+/// Health of the Redis side (see the module doc).
+#[derive(Debug)]
+pub struct RedisStatus {
+    subscribed: AtomicBool,
+    /// Last ping round trip in microseconds; `NONE` while not connected.
+    ping_micros: AtomicU64,
+    pings: AtomicU64,
+    reconnects: AtomicU64,
+    connect_failures: AtomicU64,
+    reader_restarts: AtomicU64,
+    received: AtomicU64,
+    dropped_queue_full: AtomicU64,
+    dropped_invalid_channel: AtomicU64,
+    /// `NONE` until the first message.
+    last_message_unix_millis: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Default for RedisStatus {
+    fn default() -> Self {
+        RedisStatus::new()
+    }
+}
+
+impl RedisStatus {
+    /// Not subscribed, nothing received, no error.
+    pub fn new() -> RedisStatus {
+        RedisStatus {
+            subscribed: AtomicBool::new(false),
+            ping_micros: AtomicU64::new(NONE),
+            pings: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            reader_restarts: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            dropped_queue_full: AtomicU64::new(0),
+            dropped_invalid_channel: AtomicU64::new(0),
+            last_message_unix_millis: AtomicU64::new(NONE),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// Connected and `PSUBSCRIBE` confirmed by Redis.
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Last ping round trip; None while not connected.
+    pub fn ping_micros(&self) -> Option<u64> {
+        some_unless_none(self.ping_micros.load(Ordering::Relaxed))
+    }
+
+    /// Pings answered since start.
+    pub fn pings(&self) -> u64 {
+        self.pings.load(Ordering::Relaxed)
+    }
+
+    /// The last connection error (kept after a reconnect, for diagnosis);
+    /// never contains the password.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Successful re-subscriptions after the first.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Connection attempts that failed before being subscribed.
+    pub fn connect_failures(&self) -> u64 {
+        self.connect_failures.load(Ordering::Relaxed)
+    }
+
+    /// Sessions of the reader thread that ended in a panic and were restarted.
+    pub fn reader_restarts(&self) -> u64 {
+        self.reader_restarts.load(Ordering::Relaxed)
+    }
+
+    /// Messages read from Redis (including the ones dropped afterwards).
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Messages dropped because the hand-over queue was full.
+    pub fn dropped_queue_full(&self) -> u64 {
+        self.dropped_queue_full.load(Ordering::Relaxed)
+    }
+
+    /// Messages dropped because their channel had no user id after the prefix
+    /// (empty, or not UTF-8).
+    pub fn dropped_invalid_channel(&self) -> u64 {
+        self.dropped_invalid_channel.load(Ordering::Relaxed)
+    }
+
+    /// When the last message was read from Redis.
+    pub fn last_message_unix_millis(&self) -> Option<u64> {
+        some_unless_none(self.last_message_unix_millis.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_subscribed(&self, subscribed: bool) {
+        self.subscribed.store(subscribed, Ordering::Release);
+        if !subscribed {
+            self.ping_micros.store(NONE, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn set_ping(&self, round_trip: Duration) {
+        let micros = u64::try_from(round_trip.as_micros()).unwrap_or(NONE - 1);
+        self.ping_micros
+            .store(micros.min(NONE - 1), Ordering::Relaxed);
+        self.pings.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_error(&self, error: String) {
+        *self
+            .last_error
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
+    }
+
+    pub(crate) fn count_reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_connect_failure(&self) {
+        self.connect_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_reader_restart(&self) {
+        self.reader_restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message was read from Redis at `unix_millis`.
+    pub(crate) fn count_received(&self, unix_millis: u64) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.last_message_unix_millis
+            .store(unix_millis.min(NONE - 1), Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_dropped_queue_full(&self) {
+        self.dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_dropped_invalid_channel(&self) {
+        self.dropped_invalid_channel.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn some_unless_none(value: u64) -> Option<u64> {
+    (value != NONE).then_some(value)
+}
