@@ -214,7 +214,10 @@ fn nul_cr_and_lf_in_the_head() {
 
 #[test]
 fn non_utf8_bytes_in_path_and_token() {
-    let (redis, gw) = setup(&[("JWT_COOKIE_NAME", "auth")]);
+    let (redis, gw) = setup(&[
+        ("JWT_COOKIE_NAME", "auth"),
+        ("WS_ALLOWED_ORIGINS", "https://app.example"),
+    ]);
     let token = gw.token("alice");
     // httparse refuses a request target that is not UTF-8: 400.
     let mut path_bytes = b"GET /ws\xff\xfe?token=".to_vec();
@@ -233,11 +236,13 @@ fn non_utf8_bytes_in_path_and_token() {
 
     // Percent-encoded non-UTF-8 in the query token: decoded, then refused as a token.
     send_head(&gw, &upgrade_bytes("%FF%FE.%80%81.%C0", &[])).assert_error(401, INVALID);
-    // Header values may carry obs-text (0x80-0xFF): a token made of it is refused.
+    // Header values may carry obs-text (0x80-0xFF): a token made of it is refused
+    // (from a listed Origin, so that the cookie counts).
     let with_header = |name: &str, value: &[u8]| {
         let mut head =
             b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+            Origin: https://app.example\r\n"
                 .to_vec();
         head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
@@ -424,7 +429,7 @@ fn repeated_head_attacks_keep_memory_flat() {
         (401, upgrade_bytes("%FF%FE.x.y", &[])),
         (
             426,
-            request_head("GET", "/ws", &[("Upgrade", "h2c")]).into_bytes(),
+            request_head("GET", &format!("/ws?token={token}"), &[("Upgrade", "h2c")]).into_bytes(),
         ),
         (404, b"GET /nothing HTTP/1.1\r\n\r\n".to_vec()),
     ];
@@ -855,15 +860,19 @@ fn assert_token_not_in(logs: &str, token: &str) {
 
 #[test]
 fn oversized_and_malformed_tokens() {
-    let (redis, gw) = setup(&[("JWT_COOKIE_NAME", "auth"), ("LOGGER_LEVEL", "debug")]);
+    let (redis, gw) = setup(&[
+        ("JWT_COOKIE_NAME", "auth"),
+        ("WS_ALLOWED_ORIGINS", "https://app.example"),
+        ("LOGGER_LEVEL", "debug"),
+    ]);
     let good = gw.token("alice");
     let (header, rest) = good.split_once('.').expect("JWT");
     let (payload, signature) = rest.split_once('.').expect("JWT");
     let mut tokens: Vec<String> = Vec::new();
 
     // 64 KiB cannot fit in the 8 KiB head however it is sent: 431 in the query,
-    // in Authorization and in a cookie (DESIGN.md section 3: the head limit comes
-    // before any look at the token).
+    // in Authorization and in a cookie (the head limit comes before any look at
+    // the token: README, "Connecting").
     let huge = format!("{header}.{}.{signature}", "A".repeat(64 * 1024));
     send_head(&gw, &upgrade_bytes(&huge, &[])).assert_error(431, TOO_LARGE);
     let bearer = format!("Bearer {huge}");
