@@ -459,33 +459,35 @@ fn every_row_of_the_error_table() {
 fn connection_limit_is_503_before_upgrade() {
     let (_redis, gw) = setup(&[("WS_MAX_CONNECTIONS", "2")]);
     let (_a, _) = ws_open(gw.port, &gw.token("alice"));
-    let (mut b, _) = ws_open(gw.port, &gw.token("bob"));
+    let (b, _) = ws_open(gw.port, &gw.token("bob"));
     upgrade_with_token(&gw, &gw.token("carol")).assert_error(503, "connection limit reached");
     gw.wait_metric_at_least(
         "ws_notify_connections_rejected_total{reason=\"connection_limit\"}",
         1.0,
     );
     // After one leaves, a new one fits again.
-    b.close(None).expect("close");
-    let _ = close_or_gone(&mut b, PROMPT);
+    leave_then_upgrade(&gw, b, "carol");
+}
+
+/// Closes `ws`, then waits until an upgrade as `user` succeeds.
+fn leave_then_upgrade(gw: &Gateway, mut ws: Ws, user: &str) {
+    ws.close(None).expect("close");
+    // Closed or already gone: either way the slot is being freed.
+    let _ = close_or_gone(&mut ws, PROMPT);
     wait_until(PROMPT, "an upgrade succeeds again", || {
-        upgrade_with_token(&gw, &gw.token("carol")).status == 101
+        upgrade_with_token(gw, &gw.token(user)).status == 101
     });
 }
 
 #[test]
 fn per_user_limit_is_429() {
     let (_redis, gw) = setup(&[("WS_MAX_CONNECTIONS_PER_USER", "1")]);
-    let (mut a, _) = ws_open(gw.port, &gw.token("alice"));
+    let (a, _) = ws_open(gw.port, &gw.token("alice"));
     upgrade_with_token(&gw, &gw.token("alice"))
         .assert_error(429, "too many connections for this user");
     // Another user is not affected.
     let (_b, _) = ws_open(gw.port, &gw.token("bob"));
-    a.close(None).expect("close");
-    let _ = close_or_gone(&mut a, PROMPT);
-    wait_until(PROMPT, "alice may connect again", || {
-        upgrade_with_token(&gw, &gw.token("alice")).status == 101
-    });
+    leave_then_upgrade(&gw, a, "alice");
 }
 
 #[test]
@@ -563,14 +565,7 @@ fn health_body_shape() {
     let (_redis, gw) = setup(&[("REDIS_PING_INTERVAL", "200ms")]);
     gw.wait_redis_connected(PROMPT);
     let (_ws, _) = ws_open(gw.port, &gw.token("alice"));
-    let resp = http_get(gw.port, "/health", &[]);
-    assert_eq!(resp.status, 200);
-    assert!(
-        resp.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{resp:?}"
-    );
-    let body = resp.json();
+    let body = get_json(&gw, "/health");
     assert_eq!(body["status"], "healthy", "{body}");
     assert_timestamp_any(&body["timestamp"]);
     assert_eq!(body["redis"]["status"], "connected", "{body}");
@@ -581,6 +576,19 @@ fn health_body_shape() {
     wait_until(PROMPT, "/health reports redis.ping_ms", || {
         gw.health().1["redis"]["ping_ms"].is_number()
     });
+}
+
+/// `GET path`, which must answer 200 with a JSON body; returns the body.
+#[track_caller]
+fn get_json(gw: &Gateway, path: &str) -> Value {
+    let resp = http_get(gw.port, path, &[]);
+    assert_eq!(resp.status, 200, "{path}: {resp:?}");
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{resp:?}"
+    );
+    resp.json()
 }
 
 /// /health's timestamp: RFC 3339 (the Go service used seconds or nanoseconds;
@@ -691,14 +699,7 @@ fn metrics_json_has_the_go_shape() {
     redis.notify("alice", r#"{"type":"m","payload":1}"#);
     recv_json(&mut a, PROMPT);
 
-    let resp = http_get(gw.port, "/metrics?format=json", &[]);
-    assert_eq!(resp.status, 200);
-    assert!(
-        resp.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{resp:?}"
-    );
-    let body = resp.json();
+    let body = get_json(&gw, "/metrics?format=json");
     assert_eq!(body["service"], "websocket-service", "{body}");
     assert!(
         body["timestamp"].is_string() || body["timestamp"].is_number(),

@@ -385,34 +385,30 @@ mod tests {
     #[test]
     fn upgrade_errors() {
         let ok = upgrade_head(&format!("/ws?token={}", token("carol")), "");
-        assert_eq!(
-            rejection(ok.replace("GET", "POST").as_bytes()),
-            Some(Rejection::MethodNotAllowed)
-        );
-        assert_eq!(
-            rejection(ok.replace("HTTP/1.1", "HTTP/1.0").as_bytes()),
-            Some(Rejection::BadRequest)
-        );
-        assert_eq!(
-            rejection(ok.replace("Upgrade: websocket", "Upgrade: h2c").as_bytes()),
-            Some(Rejection::UpgradeRequired)
-        );
-        assert_eq!(
-            rejection(ok.replace("Version: 13", "Version: 12").as_bytes()),
-            Some(Rejection::UnsupportedVersion)
-        );
-        assert_eq!(
-            rejection(ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "short").as_bytes()),
-            Some(Rejection::BadKey)
-        );
-        assert_eq!(
-            rejection(upgrade_head("/ws", "").as_bytes()),
-            Some(Rejection::MissingToken)
-        );
-        assert_eq!(
-            rejection(upgrade_head("/ws?token=abc.def.ghi", "").as_bytes()),
-            Some(Rejection::InvalidToken)
-        );
+        let cases = [
+            (ok.replace("GET", "POST"), Rejection::MethodNotAllowed),
+            (ok.replace("HTTP/1.1", "HTTP/1.0"), Rejection::BadRequest),
+            (
+                ok.replace("Upgrade: websocket", "Upgrade: h2c"),
+                Rejection::UpgradeRequired,
+            ),
+            (
+                ok.replace("Version: 13", "Version: 12"),
+                Rejection::UnsupportedVersion,
+            ),
+            (
+                ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"),
+                Rejection::BadKey,
+            ),
+            (upgrade_head("/ws", ""), Rejection::MissingToken),
+            (
+                upgrade_head("/ws?token=abc.def.ghi", ""),
+                Rejection::InvalidToken,
+            ),
+        ];
+        for (head, expected) in cases {
+            assert_eq!(rejection(head.as_bytes()), Some(expected), "{head}");
+        }
     }
 
     #[test]
@@ -423,35 +419,30 @@ mod tests {
         );
         let allowed = ["https://app.example".to_string()];
         let other = ["https://other.example".to_string()];
-        assert!(matches!(
-            decide(head.as_bytes(), &allowed, &NO_LOAD),
-            Decision::Upgrade(_)
-        ));
-        assert_eq!(
-            decide(head.as_bytes(), &other, &NO_LOAD),
-            Decision::Reject(Rejection::OriginNotAllowed)
-        );
         let full = Counts {
             open: 10,
             per_user: 0,
         };
-        assert_eq!(
-            decide(head.as_bytes(), &[], &full),
-            Decision::Reject(Rejection::ConnectionLimit)
-        );
-        // The global limit is checked before the token is validated.
-        assert_eq!(
-            decide(upgrade_head("/ws?token=a.b.c", "").as_bytes(), &[], &full),
-            Decision::Reject(Rejection::ConnectionLimit)
-        );
         let busy_user = Counts {
             open: 3,
             per_user: 2,
         };
-        assert_eq!(
-            decide(head.as_bytes(), &[], &busy_user),
-            Decision::Reject(Rejection::UserLimit)
-        );
+        // The global limit is checked before the token is validated.
+        let bad_token = upgrade_head("/ws?token=a.b.c", "");
+        let cases: [(&str, &[String], &Counts, Option<Rejection>); 5] = [
+            (&head, &allowed, &NO_LOAD, None),
+            (&head, &other, &NO_LOAD, Some(Rejection::OriginNotAllowed)),
+            (&head, &[], &full, Some(Rejection::ConnectionLimit)),
+            (&bad_token, &[], &full, Some(Rejection::ConnectionLimit)),
+            (&head, &[], &busy_user, Some(Rejection::UserLimit)),
+        ];
+        for (head, origins, counts, expected) in cases {
+            match (decide(head.as_bytes(), origins, counts), expected) {
+                (Decision::Upgrade(_), None) => {}
+                (Decision::Reject(got), Some(expected)) => assert_eq!(got, expected, "{head}"),
+                (got, expected) => panic!("{head}: {got:?}, expected {expected:?}"),
+            }
+        }
     }
 
     #[test]
