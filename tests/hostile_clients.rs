@@ -17,6 +17,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -749,25 +750,16 @@ fn repeated_broken_frames_keep_memory_flat() {
 
 // ---- tokens ------------------------------------------------------------------------
 
-/// An RSA key pair made with openssl: (dir, private PEM, public PEM).
-fn rsa_key_pair(dir: &TempDir, name: &str) -> (Vec<u8>, Vec<u8>) {
-    let private = format!("{name}.key");
-    let public = format!("{name}.pub.pem");
-    openssl(
-        dir,
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            &private,
-        ],
-    );
-    openssl(dir, &["pkey", "-in", &private, "-pubout", "-out", &public]);
-    let read = |f: &str| std::fs::read(dir.file(f)).expect("read key");
-    (read(&private), read(&public))
+/// A file of the committed test-only key material (tests/fixtures).
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/tests/fixtures/test-only-{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn read_fixture(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(name)).expect("fixture")
 }
 
 fn rs256_token(private_pem: &[u8], claims: &Value) -> String {
@@ -786,11 +778,13 @@ fn hmac_token(alg: Algorithm, secret: &[u8], claims: &Value) -> String {
 
 #[test]
 fn hs256_signed_with_the_rsa_public_key_is_refused() {
-    let dir = TempDir::new("jwt-rsa");
-    let (private, public) = rsa_key_pair(&dir, "gateway");
-    let (other_private, _) = rsa_key_pair(&dir, "other");
+    let (private, public) = (
+        read_fixture("rsa-private.pem"),
+        read_fixture("rsa-public.pem"),
+    );
+    let other_private = read_fixture("rsa-other-private.pem");
     let redis = RedisServer::start();
-    let key_file = dir.file_str("gateway.pub.pem");
+    let key_file = fixture("rsa-public.pem");
     let gw = Gateway::start(
         redis.port,
         &[
@@ -807,21 +801,14 @@ fn hs256_signed_with_the_rsa_public_key_is_refused() {
 
     // Algorithm confusion: HMAC keyed with the public key as the server has it.
     let public_text = String::from_utf8(public.clone()).expect("PEM is text");
-    let der_file = "gateway.pub.der";
-    openssl(
-        &dir,
-        &[
-            "pkey",
-            "-pubin",
-            "-in",
-            "gateway.pub.pem",
-            "-outform",
-            "DER",
-            "-out",
-            der_file,
-        ],
-    );
-    let der = std::fs::read(dir.file(der_file)).expect("DER");
+    // The same key as DER: the base64 body of the PEM.
+    let body: String = public_text
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("PEM body is base64");
     let mut forged = Vec::new();
     for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
         forged.push(hmac_token(alg, &public, &claims));
