@@ -35,7 +35,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use tungstenite::protocol::{Role, WebSocketContext};
 
-use ws_notify::auth::{Authenticator, TokenSources, extract_token};
+use ws_notify::auth::{Authenticator, TokenSources, token_candidates};
 use ws_notify::clock::Timestamp;
 use ws_notify::config::{Config, VARIABLES, parse_duration};
 use ws_notify::conn::handshake::{
@@ -190,6 +190,7 @@ fn authenticator() -> &'static Authenticator {
         let config = Config::from_lookup(|name| match name {
             "JWT_SECRET_KEY" => Some(SECRET.to_owned()),
             "JWT_COOKIE_NAME" => Some(COOKIE_NAME.to_owned()),
+            "WS_ALLOWED_ORIGINS" => Some(ALLOWED_ORIGIN.to_owned()),
             _ => None,
         })
         .expect("the fuzz configuration is valid");
@@ -891,7 +892,8 @@ pub fn token(data: &[u8]) {
             query: (!f2.is_empty()).then_some(f2.as_bytes()),
         };
         let cookie_name = (mode & 0x40 == 0).then_some(COOKIE_NAME);
-        if let Some(token) = extract_token(&sources, cookie_name) {
+        for candidate in token_candidates(&sources, cookie_name) {
+            let token = candidate.token;
             assert!(!token.is_empty(), "extracted an empty token");
             if let Ok(identity) = auth.authenticate(&token) {
                 assert_genuine(&token, &identity.user_id, identity.expires_at);
@@ -955,7 +957,9 @@ pub fn token(data: &[u8]) {
         cookies: &cookies,
         query: Some(query.as_bytes()),
     };
-    let extracted = extract_token(&sources, Some(COOKIE_NAME));
+    let extracted = token_candidates(&sources, Some(COOKIE_NAME))
+        .next()
+        .map(|candidate| candidate.token);
     let clean = token
         .bytes()
         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));

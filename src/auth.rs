@@ -1,17 +1,19 @@
-//! Token extraction and JWT validation (DESIGN.md §3, "Connect" and "JWT").
+//! Token extraction and JWT validation (see the README, "Connecting").
 //!
 //! Owns the decoding key and the validation rules, built once at start-up by
 //! [`Authenticator::new`] from [`JwtConfig`]; afterwards the event loop thread
-//! calls [`extract_token`] and [`Authenticator::authenticate`] for every upgrade
-//! request. Nothing here blocks, allocates per byte of input beyond the token
-//! itself, or logs: the caller logs the [`AuthError`] reason (never the token)
-//! and always answers the client with `invalid or expired token`.
+//! calls [`token_candidates`] and [`Authenticator::authenticate`] for every
+//! upgrade request. Nothing here blocks, allocates per byte of input beyond the
+//! token itself, or logs per request: the caller logs the [`AuthError`] reason
+//! (never the token) and always answers the client with `invalid or expired token`.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
@@ -22,6 +24,15 @@ use crate::http::percent_decode;
 /// Longest token accepted; anything longer is refused before any decoding.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
+/// Most cookies named `JWT_COOKIE_NAME` tried in one request. Browsers send one
+/// per matching path and domain, so two cover a stale cookie beside a fresh one.
+pub const MAX_COOKIE_CANDIDATES: usize = 2;
+
+/// Most tokens tried in one request: the bearer token, [`MAX_COOKIE_CANDIDATES`]
+/// cookies and the query parameter. A request with hundreds of cookies still
+/// costs at most this many signature checks.
+pub const MAX_TOKEN_CANDIDATES: usize = 2 + MAX_COOKIE_CANDIDATES;
+
 /// Largest `JWT_LEEWAY` accepted. Clock skew is seconds, not days; a bound also
 /// keeps jsonwebtoken's `now - leeway` from underflowing.
 const MAX_LEEWAY: Duration = Duration::from_secs(24 * 60 * 60);
@@ -29,6 +40,13 @@ const MAX_LEEWAY: Duration = Duration::from_secs(24 * 60 * 60);
 /// The algorithms an HMAC secret accepts, whatever `JWT_ALGORITHM` says: the Go
 /// service accepted any of them with the same secret.
 const HMAC_ALGORITHMS: [Algorithm; 3] = [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512];
+
+/// Shortest HMAC secret that passes without a warning: RFC 7518 section 3.2
+/// asks for a key at least as long as the hash output (32 bytes for HS256).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The `JWT_SECRET_KEY` of `template.env`: public, so warned about at start.
+pub const PLACEHOLDER_SECRET: &str = "dev-secret-change-me";
 
 /// Where a token can come from in an upgrade request (borrowed from the parsed head).
 #[derive(Debug, Clone, Copy, Default)]
@@ -41,26 +59,73 @@ pub struct TokenSources<'a> {
     pub query: Option<&'a [u8]>,
 }
 
-/// The token in DESIGN.md order: `Authorization: Bearer <jwt>` (scheme
-/// case-insensitive), then the cookie named `cookie_name` (if `Some`), then the
-/// `token` query parameter (percent-decoded, `+` as space). Empty values count as
-/// absent. Non-UTF-8 bytes are converted lossily, so such a token then fails
-/// validation rather than counting as missing.
-pub fn extract_token<'a>(
+/// Which source a token candidate was taken from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `Authorization: Bearer <jwt>`.
+    Bearer,
+    /// A cookie named `JWT_COOKIE_NAME`.
+    Cookie,
+    /// The `token` query parameter.
+    Query,
+}
+
+impl TokenSource {
+    /// A stable name for log fields.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenSource::Bearer => "authorization",
+            TokenSource::Cookie => "cookie",
+            TokenSource::Query => "query",
+        }
+    }
+}
+
+/// One token found in a request, not yet validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenCandidate<'a> {
+    pub source: TokenSource,
+    pub token: Cow<'a, str>,
+}
+
+/// Every token in the request, in the documented order, at most
+/// [`MAX_TOKEN_CANDIDATES`]: `Authorization: Bearer <jwt>` (scheme
+/// case-insensitive), then the cookies named `cookie_name` (if `Some`) in the
+/// order sent (at most [`MAX_COOKIE_CANDIDATES`]), then the first `token` query
+/// parameter (percent-decoded, `+` as space). Empty values count as absent.
+/// Non-UTF-8 bytes are converted lossily, so such a token then fails validation
+/// rather than counting as missing. Lazy: a later source is only decoded when the
+/// caller asks for it.
+pub fn token_candidates<'a>(
     sources: &TokenSources<'a>,
-    cookie_name: Option<&str>,
-) -> Option<Cow<'a, str>> {
-    if let Some(token) = sources.authorization.and_then(bearer_token) {
-        return Some(String::from_utf8_lossy(token));
-    }
-    if let Some(name) = cookie_name
-        && let Some(value) = cookie_value(sources.cookies, name)
-        && !value.is_empty()
-    {
-        return Some(String::from_utf8_lossy(value));
-    }
-    let value = sources.query.and_then(query_token)?;
-    Some(bytes_to_str(percent_decode(value, true)))
+    cookie_name: Option<&'a str>,
+) -> impl Iterator<Item = TokenCandidate<'a>> + 'a {
+    let bearer = sources
+        .authorization
+        .and_then(bearer_token)
+        .map(|token| TokenCandidate {
+            source: TokenSource::Bearer,
+            token: String::from_utf8_lossy(token),
+        });
+    let cookie_headers = sources.cookies;
+    let cookies = cookie_name
+        .into_iter()
+        .flat_map(move |name| cookie_values(cookie_headers, name))
+        .filter(|value| !value.is_empty())
+        .take(MAX_COOKIE_CANDIDATES)
+        .map(|value| TokenCandidate {
+            source: TokenSource::Cookie,
+            token: String::from_utf8_lossy(value),
+        });
+    let query = sources
+        .query
+        .into_iter()
+        .filter_map(query_token)
+        .map(|value| TokenCandidate {
+            source: TokenSource::Query,
+            token: bytes_to_str(percent_decode(value, true)),
+        });
+    bearer.into_iter().chain(cookies).chain(query)
 }
 
 /// `Bearer <token>` with the scheme matched case-insensitively (RFC 7235 §2.1:
@@ -79,25 +144,26 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     (!token.is_empty()).then_some(token)
 }
 
-/// The value of the first cookie named exactly `name` across all `Cookie`
-/// headers (`a=1; b="2"`), with one pair of surrounding quotes removed.
-fn cookie_value<'a>(headers: &[&'a [u8]], name: &str) -> Option<&'a [u8]> {
-    for header in headers {
-        for pair in header.split(|&b| b == b';') {
-            let Some(eq) = pair.iter().position(|&b| b == b'=') else {
-                continue;
-            };
+/// The values of the cookies named exactly `name` across all `Cookie` headers
+/// (`a=1; b="2"`), in order, each with one pair of surrounding quotes removed.
+fn cookie_values<'a>(
+    headers: &'a [&'a [u8]],
+    name: &'a str,
+) -> impl Iterator<Item = &'a [u8]> + 'a {
+    headers
+        .iter()
+        .flat_map(|header| header.split(|&b| b == b';'))
+        .filter_map(move |pair| {
+            let eq = pair.iter().position(|&b| b == b'=')?;
             if trim(&pair[..eq]) != name.as_bytes() {
-                continue;
+                return None;
             }
             let value = trim(&pair[eq + 1..]);
-            return Some(match value {
+            Some(match value {
                 [b'"', inner @ .., b'"'] => inner,
                 _ => value,
-            });
-        }
-    }
-    None
+            })
+        })
 }
 
 /// The raw (still percent-encoded) value of the first `token` parameter, or
@@ -213,17 +279,17 @@ impl Authenticator {
     /// Builds the key and validation rules once at start-up.
     ///
     /// With `JWT_SECRET_KEY`: HMAC, accepting HS256, HS384 and HS512 (as the Go
-    /// service did); `JWT_ALGORITHM`, if set, must name one of them. With
-    /// `JWT_PUBLIC_KEY_FILE` (which wins if both are set): the PEM public key,
-    /// and exactly one algorithm, from `JWT_ALGORITHM` or inferred from the key
-    /// (RSA → RS256, EC P-256 → ES256, P-384 → ES384, Ed25519 → EdDSA). HMAC
-    /// tokens are then refused, so the public key text can never serve as an HMAC
-    /// secret (algorithm confusion). Errors name the variable at fault.
+    /// service did); `JWT_ALGORITHM`, if set, must name one of them. A secret
+    /// shorter than [`MIN_SECRET_BYTES`] or equal to `template.env`'s placeholder
+    /// is logged as a warning (without the secret). With `JWT_PUBLIC_KEY_FILE`
+    /// (which wins if both are set): the PEM public key, and exactly one
+    /// algorithm, from `JWT_ALGORITHM` or inferred from the key (RSA → RS256, EC
+    /// P-256 → ES256, P-384 → ES384, Ed25519 → EdDSA); an RSA key also takes
+    /// RS384/RS512/PS256/PS384/PS512. HMAC tokens are then refused, so the public
+    /// key text can never serve as an HMAC secret (algorithm confusion). Errors
+    /// name the variables at fault.
     pub fn new(cfg: &JwtConfig) -> Result<Authenticator, ConfigError> {
-        let configured_alg = match cfg.algorithm.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(name) => Some(parse_algorithm(name)?),
-        };
+        let configured_alg = cfg.algorithm;
         if cfg.leeway > MAX_LEEWAY {
             return Err(config_error("JWT_LEEWAY", "must be at most 24h".to_owned()));
         }
@@ -254,7 +320,7 @@ impl Authenticator {
                     return Err(config_error(
                         "JWT_ALGORITHM",
                         format!(
-                            "{alg:?} does not match the {} key in JWT_PUBLIC_KEY_FILE (use {:?})",
+                            "{alg:?} does not match the {} key in JWT_PUBLIC_KEY_FILE (use {:?} or another algorithm for that key, or unset JWT_ALGORITHM)",
                             kind.describe(),
                             kind.default_algorithm()
                         ),
@@ -272,6 +338,9 @@ impl Authenticator {
                     ));
                 }
             };
+            if let Some(warning) = weak_secret_warning(secret) {
+                log::warn!("{warning}");
+            }
             if let Some(alg) = configured_alg
                 && alg.family() != AlgorithmFamily::Hmac
             {
@@ -295,7 +364,7 @@ impl Authenticator {
         validation.validate_exp = true;
         validation.validate_nbf = true;
         let mut required = vec!["exp"];
-        // Only checked when configured (DESIGN.md §3); when configured, the claim
+        // Only checked when configured (README, "Connecting"); when configured, the claim
         // must be present, as with golang-jwt's WithIssuer/WithAudience.
         let issuer = cfg.issuer.as_deref().filter(|s| !s.is_empty());
         if let Some(iss) = issuer {
@@ -364,25 +433,24 @@ fn config_error(variable: &'static str, message: String) -> ConfigError {
     ConfigError { variable, message }
 }
 
-/// `JWT_ALGORITHM`, matched case-insensitively against jsonwebtoken's names.
-fn parse_algorithm(name: &str) -> Result<Algorithm, ConfigError> {
-    const NAMES: [&str; 12] = [
-        "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256",
-        "ES384", "EdDSA",
-    ];
-    NAMES
-        .iter()
-        .find(|known| known.eq_ignore_ascii_case(name))
-        .and_then(|known| Algorithm::from_str(known).ok())
-        .ok_or_else(|| {
-            config_error(
-                "JWT_ALGORITHM",
-                format!(
-                    "unsupported algorithm {name:?} (expected one of {})",
-                    NAMES.join(", ")
-                ),
-            )
-        })
+/// Why `secret` must not be trusted, as a log line that does not repeat it, or
+/// `None` when it is long enough and not the template's placeholder.
+pub fn weak_secret_warning(secret: &str) -> Option<&'static str> {
+    if secret == PLACEHOLDER_SECRET {
+        Some(
+            "JWT_SECRET_KEY is the public placeholder from template.env: anyone can sign \
+             tokens for any user. Set a random secret of at least 32 bytes \
+             (e.g. `openssl rand -base64 48`).",
+        )
+    } else if secret.len() < MIN_SECRET_BYTES {
+        Some(
+            "JWT_SECRET_KEY is shorter than 32 bytes: a short HMAC secret can be guessed \
+             offline from a single token, and then anyone can sign tokens for any user. \
+             Set a random secret of at least 32 bytes (e.g. `openssl rand -base64 48`).",
+        )
+    } else {
+        None
+    }
 }
 
 /// The kind of public key found in `JWT_PUBLIC_KEY_FILE`.
@@ -530,7 +598,7 @@ impl Authenticator {
         let claims = token
             .split('.')
             .nth(1)
-            .and_then(|part| base64url_decode(part.as_bytes()))
+            .and_then(|part| URL_SAFE_NO_PAD.decode(part).ok())
             .and_then(|json| serde_json::from_slice::<Map<String, Value>>(&json).ok());
         let Some(claims) = claims else {
             return AuthError::Malformed;
@@ -551,7 +619,7 @@ fn header_has_unknown_alg(token: &str) -> bool {
     let Some(header) = token
         .split('.')
         .next()
-        .and_then(|h| base64url_decode(h.as_bytes()))
+        .and_then(|h| URL_SAFE_NO_PAD.decode(h).ok())
     else {
         return false;
     };
@@ -564,42 +632,12 @@ fn header_has_unknown_alg(token: &str) -> bool {
     }
 }
 
-/// Unpadded base64url (RFC 4648 §5), as JWS uses. `None` on any other byte.
-fn base64url_decode(input: &[u8]) -> Option<Vec<u8>> {
-    fn value(b: u8) -> Option<u32> {
-        Some(match b {
-            b'A'..=b'Z' => b - b'A',
-            b'a'..=b'z' => b - b'a' + 26,
-            b'0'..=b'9' => b - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => return None,
-        } as u32)
-    }
-    if input.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(input.len() * 3 / 4);
-    for chunk in input.chunks(4) {
-        let mut acc = 0u32;
-        for &b in chunk {
-            acc = acc << 6 | value(b)?;
-        }
-        acc <<= 6 * (4 - chunk.len() as u32);
-        let bytes = acc.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use jsonwebtoken::{EncodingKey, Header, encode};
     use serde_json::json;
     use std::path::{Path, PathBuf};
-    use std::process::Command;
-    use std::sync::OnceLock;
 
     const SECRET: &str = "test-secret-0123456789abcdef";
 
@@ -634,7 +672,7 @@ mod tests {
 
     /// HS256-signs `header.claims` as given, so malformed parts get past the signature.
     fn signed_raw(header: &[u8], claims_b64: &str) -> String {
-        let message = format!("{}.{claims_b64}", base64url_encode(header));
+        let message = format!("{}.{claims_b64}", URL_SAFE_NO_PAD.encode(header));
         let key = EncodingKey::from_secret(SECRET.as_bytes());
         let signature =
             jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).expect("sign");
@@ -651,21 +689,6 @@ mod tests {
             &EncodingKey::from_secret(SECRET.as_bytes()),
             claims,
         )
-    }
-
-    fn base64url_encode(input: &[u8]) -> String {
-        const ALPHABET: &[u8; 64] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in input.chunks(3) {
-            let mut buf = [0u8; 3];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            let n = u32::from(buf[0]) << 16 | u32::from(buf[1]) << 8 | u32::from(buf[2]);
-            for i in 0..=chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        out
     }
 
     fn config_err(cfg: &JwtConfig) -> ConfigError {
@@ -702,73 +725,63 @@ mod tests {
         }
     }
 
+    /// A committed test-only key pair (tests/fixtures/README.md).
     struct KeyPair {
-        private_pem: Vec<u8>,
-        public_pem: Vec<u8>,
+        private_pem: &'static [u8],
+        public_pem: &'static [u8],
+        /// The public key's path, for `JWT_PUBLIC_KEY_FILE`.
+        public_path: &'static str,
     }
 
-    fn openssl(args: &[&str]) {
-        let status = Command::new("openssl")
-            .args(args)
-            .status()
-            .expect("run openssl");
-        assert!(status.success(), "openssl {args:?} failed");
+    macro_rules! fixture_pair {
+        ($name:literal) => {
+            KeyPair {
+                private_pem: include_bytes!(concat!(
+                    "../tests/fixtures/test-only-",
+                    $name,
+                    "-private.pem"
+                )),
+                public_pem: include_bytes!(concat!(
+                    "../tests/fixtures/test-only-",
+                    $name,
+                    "-public.pem"
+                )),
+                public_path: concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/test-only-",
+                    $name,
+                    "-public.pem"
+                ),
+            }
+        };
     }
 
-    /// Generates a key pair with openssl (`genpkey` writes PKCS#8).
-    fn generate(name: &str, genpkey_args: &[&str]) -> KeyPair {
-        let dir = TempDir::new(&format!("gen-{name}"));
-        let private = dir.0.join("private.pem");
-        let public = dir.0.join("public.pem");
-        let private_s = private.to_str().expect("utf-8 path");
-        let mut args = vec!["genpkey"];
-        args.extend_from_slice(genpkey_args);
-        args.extend_from_slice(&["-out", private_s]);
-        openssl(&args);
-        openssl(&[
-            "pkey",
-            "-in",
-            private_s,
-            "-pubout",
-            "-out",
-            public.to_str().expect("utf-8"),
-        ]);
-        KeyPair {
-            private_pem: std::fs::read(&private).expect("read private key"),
-            public_pem: std::fs::read(&public).expect("read public key"),
+    const RSA: KeyPair = fixture_pair!("rsa");
+    const EC_P256: KeyPair = fixture_pair!("ec-p256");
+    const EC_P384: KeyPair = fixture_pair!("ec-p384");
+    const ED25519: KeyPair = fixture_pair!("ed25519");
+    /// A P-256 public key that signed nothing here.
+    const EC_P256_OTHER_PUBLIC: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/test-only-ec-p256-other-public.pem"
+    );
+
+    /// The private key of `pair` as jsonwebtoken's signing key for `alg`.
+    fn signing_key(pair: &KeyPair, alg: Algorithm) -> EncodingKey {
+        match alg.family() {
+            AlgorithmFamily::Rsa => EncodingKey::from_rsa_pem(pair.private_pem),
+            AlgorithmFamily::Ec => EncodingKey::from_ec_pem(pair.private_pem),
+            AlgorithmFamily::Ed => EncodingKey::from_ed_pem(pair.private_pem),
+            AlgorithmFamily::Hmac => panic!("{alg:?} takes a secret"),
         }
+        .unwrap_or_else(|e| panic!("fixture key for {alg:?}: {e}"))
     }
 
-    fn rsa_keys() -> &'static KeyPair {
-        static KEYS: OnceLock<KeyPair> = OnceLock::new();
-        KEYS.get_or_init(|| {
-            generate(
-                "rsa",
-                &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
-            )
-        })
-    }
-
-    fn ec_keys() -> &'static KeyPair {
-        static KEYS: OnceLock<KeyPair> = OnceLock::new();
-        KEYS.get_or_init(|| {
-            generate(
-                "ec",
-                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-            )
-        })
-    }
-
-    fn ed_keys() -> &'static KeyPair {
-        static KEYS: OnceLock<KeyPair> = OnceLock::new();
-        KEYS.get_or_init(|| generate("ed", &["-algorithm", "ED25519"]))
-    }
-
-    fn public_key_config(path: &Path, algorithm: Option<&str>) -> JwtConfig {
+    fn public_key_config(path: impl AsRef<Path>, algorithm: Option<Algorithm>) -> JwtConfig {
         JwtConfig {
             secret: None,
-            public_key_file: Some(path.to_path_buf()),
-            algorithm: algorithm.map(str::to_owned),
+            public_key_file: Some(path.as_ref().to_path_buf()),
+            algorithm,
             ..jwt_config()
         }
     }
@@ -787,8 +800,16 @@ mod tests {
         }
     }
 
+    /// The first candidate's token.
     fn extract(s: &TokenSources<'_>, cookie: Option<&str>) -> Option<String> {
-        extract_token(s, cookie).map(Cow::into_owned)
+        all(s, cookie).into_iter().next().map(|(_, token)| token)
+    }
+
+    /// Every candidate, with its source.
+    fn all(s: &TokenSources<'_>, cookie: Option<&str>) -> Vec<(TokenSource, String)> {
+        token_candidates(s, cookie)
+            .map(|c| (c.source, c.token.into_owned()))
+            .collect()
     }
 
     #[test]
@@ -859,7 +880,7 @@ mod tests {
         // Borrowed when nothing needs decoding.
         let s = sources(None, &[], Some(b"token=abc"));
         assert!(matches!(
-            extract_token(&s, None),
+            token_candidates(&s, None).next().map(|c| c.token),
             Some(Cow::Borrowed("abc"))
         ));
     }
@@ -900,6 +921,39 @@ mod tests {
         assert_eq!(extract(&sources(None, &[], None), Some("jwt")), None);
     }
 
+    #[test]
+    fn every_candidate_in_order_and_capped() {
+        use TokenSource::{Bearer, Cookie, Query};
+        let owned = |v: &[(TokenSource, &str)]| -> Vec<(TokenSource, String)> {
+            v.iter().map(|&(s, t)| (s, t.to_owned())).collect()
+        };
+        // A stale cookie, an empty one and a fresh one, across two headers.
+        let headers: &[&[u8]] = &[b"jwt=stale; theme=dark; jwt=", b"jwt=fresh"];
+        let s = sources(Some(b"Bearer b"), headers, Some(b"token=q"));
+        assert_eq!(
+            all(&s, Some("jwt")),
+            owned(&[
+                (Bearer, "b"),
+                (Cookie, "stale"),
+                (Cookie, "fresh"),
+                (Query, "q")
+            ])
+        );
+        // Hundreds of cookies: two are tried, and the query still is.
+        let many: String = (0..500).map(|i| format!("jwt=c{i}; ")).collect();
+        let headers: &[&[u8]] = &[many.as_bytes()];
+        let s = sources(None, headers, Some(b"token=q"));
+        assert_eq!(
+            all(&s, Some("jwt")),
+            owned(&[(Cookie, "c0"), (Cookie, "c1"), (Query, "q")])
+        );
+        let s = sources(Some(b"Bearer b"), headers, Some(b"token=q"));
+        assert_eq!(all(&s, Some("jwt")).len(), MAX_TOKEN_CANDIDATES);
+        // The query's later `token` parameters are not candidates.
+        let s = sources(None, &[], Some(b"token=a&token=b"));
+        assert_eq!(all(&s, None), owned(&[(Query, "a")]));
+    }
+
     // --- validation: HMAC ----------------------------------------------------
 
     #[test]
@@ -920,7 +974,7 @@ mod tests {
         }
         // JWT_ALGORITHM=HS512 still accepts HS256 (as the Go service did).
         let cfg = JwtConfig {
-            algorithm: Some("HS512".to_owned()),
+            algorithm: Some(Algorithm::HS512),
             ..jwt_config()
         };
         let auth = build(&cfg);
@@ -1104,8 +1158,8 @@ mod tests {
         ] {
             let body = format!(
                 "{}.{}",
-                base64url_encode(header.as_bytes()),
-                base64url_encode(claims.as_bytes())
+                URL_SAFE_NO_PAD.encode(header.as_bytes()),
+                URL_SAFE_NO_PAD.encode(claims.as_bytes())
             );
             for token in [format!("{body}."), format!("{body}.c2ln")] {
                 assert_eq!(
@@ -1128,12 +1182,12 @@ mod tests {
             "a.b".to_owned(),
             "a.b.c.d".to_owned(),
             "!!!.@@@.###".to_owned(),
-            format!("{}.e30.sig", base64url_encode(b"not json")),
-            format!("{}.e30.sig", base64url_encode(br#"{"alg":7}"#)),
+            format!("{}.e30.sig", URL_SAFE_NO_PAD.encode(b"not json")),
+            format!("{}.e30.sig", URL_SAFE_NO_PAD.encode(br#"{"alg":7}"#)),
             // Signed correctly, so only the claims part is wrong.
             signed_raw(hs256_header, "!!notbase64!!"),
-            signed_raw(hs256_header, &base64url_encode(b"[1,2]")),
-            signed_raw(hs256_header, &base64url_encode(b"not json")),
+            signed_raw(hs256_header, &URL_SAFE_NO_PAD.encode(b"[1,2]")),
+            signed_raw(hs256_header, &URL_SAFE_NO_PAD.encode(b"not json")),
         ];
         for token in cases {
             assert_eq!(
@@ -1207,49 +1261,87 @@ mod tests {
     // --- validation: public keys ----------------------------------------------
 
     #[test]
-    fn rs256_with_public_key_file() {
-        let keys = rsa_keys();
-        let dir = TempDir::new("rs256");
-        let path = dir.write("public.pem", &keys.public_pem);
-        let auth = build(&public_key_config(&path, None));
-        let signing = EncodingKey::from_rsa_pem(&keys.private_pem).expect("RSA private key");
+    fn every_algorithm_with_a_real_key_and_token() {
         let exp = now() + 600;
+        let claims = json!({"sub": "keyed-user", "exp": exp});
+        let expected = Ok(Identity {
+            user_id: "keyed-user".to_owned(),
+            expires_at: exp,
+        });
+        // HMAC: the secret takes all three, whatever JWT_ALGORITHM names.
+        for alg in HMAC_ALGORITHMS {
+            let cfg = JwtConfig {
+                algorithm: Some(alg),
+                ..jwt_config()
+            };
+            let token = sign(alg, &EncodingKey::from_secret(SECRET.as_bytes()), &claims);
+            assert_eq!(build(&cfg).authenticate(&token), expected, "{alg:?}");
+        }
+        let public_key_cases = [
+            (Algorithm::RS256, &RSA),
+            (Algorithm::RS384, &RSA),
+            (Algorithm::RS512, &RSA),
+            (Algorithm::PS256, &RSA),
+            (Algorithm::PS384, &RSA),
+            (Algorithm::PS512, &RSA),
+            (Algorithm::ES256, &EC_P256),
+            (Algorithm::ES384, &EC_P384),
+            (Algorithm::EdDSA, &ED25519),
+        ];
+        for (alg, pair) in public_key_cases {
+            let auth = build(&public_key_config(pair.public_path, Some(alg)));
+            let token = sign(alg, &signing_key(pair, alg), &claims);
+            assert_eq!(auth.authenticate(&token), expected, "{alg:?}");
+            // Exactly the configured algorithm: the key's other ones are refused.
+            for other in public_key_cases
+                .iter()
+                .filter(|(o, p)| *o != alg && p.public_path == pair.public_path)
+            {
+                let token = sign(other.0, &signing_key(pair, other.0), &claims);
+                assert_eq!(
+                    auth.authenticate(&token),
+                    Err(AuthError::WrongAlgorithm),
+                    "{alg:?} key took {:?}",
+                    other.0
+                );
+            }
+            // Tampered claims.
+            let parts: Vec<&str> = token.split('.').collect();
+            let forged = URL_SAFE_NO_PAD.encode(json!({"sub": "admin", "exp": exp}).to_string());
+            let tampered = format!("{}.{forged}.{}", parts[0], parts[2]);
+            assert_eq!(
+                auth.authenticate(&tampered),
+                Err(AuthError::BadSignature),
+                "{alg:?}"
+            );
+        }
+        // Unset JWT_ALGORITHM: inferred from the key.
+        for (pair, alg) in [
+            (&RSA, Algorithm::RS256),
+            (&EC_P256, Algorithm::ES256),
+            (&EC_P384, Algorithm::ES384),
+            (&ED25519, Algorithm::EdDSA),
+        ] {
+            let auth = build(&public_key_config(pair.public_path, None));
+            let token = sign(alg, &signing_key(pair, alg), &claims);
+            assert_eq!(auth.authenticate(&token), expected, "inferred {alg:?}");
+        }
+        // A key that did not sign the token.
+        let auth = build(&public_key_config(EC_P256_OTHER_PUBLIC, None));
         let token = sign(
-            Algorithm::RS256,
-            &signing,
-            &json!({"sub": "rsa-user", "exp": exp}),
+            Algorithm::ES256,
+            &signing_key(&EC_P256, Algorithm::ES256),
+            &claims,
         );
-        assert_eq!(
-            auth.authenticate(&token),
-            Ok(Identity {
-                user_id: "rsa-user".to_owned(),
-                expires_at: exp
-            })
-        );
-        // Only the inferred algorithm is accepted.
-        let rs512 = sign(Algorithm::RS512, &signing, &json!({"sub": "u", "exp": exp}));
-        assert_eq!(auth.authenticate(&rs512), Err(AuthError::WrongAlgorithm));
-        // Tampered claims.
-        let parts: Vec<&str> = token.split('.').collect();
-        let forged = base64url_encode(json!({"sub": "admin", "exp": exp}).to_string().as_bytes());
-        let tampered = format!("{}.{forged}.{}", parts[0], parts[2]);
-        assert_eq!(auth.authenticate(&tampered), Err(AuthError::BadSignature));
-
-        // JWT_ALGORITHM may pick another RSA algorithm.
-        let auth = build(&public_key_config(&path, Some("rs512")));
-        assert!(auth.authenticate(&rs512).is_ok());
-        assert_eq!(auth.authenticate(&token), Err(AuthError::WrongAlgorithm));
+        assert_eq!(auth.authenticate(&token), Err(AuthError::BadSignature));
     }
 
     #[test]
     fn hmac_signed_with_public_key_text_is_refused() {
-        let keys = rsa_keys();
-        let dir = TempDir::new("confusion");
-        let path = dir.write("public.pem", &keys.public_pem);
-        let auth = build(&public_key_config(&path, None));
+        let auth = build(&public_key_config(RSA.public_path, None));
         let claims = json!({"sub": "attacker", "exp": now() + 600});
         for alg in HMAC_ALGORITHMS {
-            let token = sign(alg, &EncodingKey::from_secret(&keys.public_pem), &claims);
+            let token = sign(alg, &EncodingKey::from_secret(RSA.public_pem), &claims);
             assert_eq!(
                 auth.authenticate(&token),
                 Err(AuthError::WrongAlgorithm),
@@ -1259,7 +1351,7 @@ mod tests {
         // Even with a secret also configured, the public key decides.
         let cfg = JwtConfig {
             secret: Some(SECRET.to_owned()),
-            ..public_key_config(&path, None)
+            ..public_key_config(RSA.public_path, None)
         };
         let auth = build(&cfg);
         assert_eq!(
@@ -1269,86 +1361,53 @@ mod tests {
     }
 
     #[test]
-    fn es256_inferred_from_key() {
-        let keys = ec_keys();
-        let dir = TempDir::new("es256");
-        let path = dir.write("public.pem", &keys.public_pem);
-        let auth = build(&public_key_config(&path, None));
-        let signing = EncodingKey::from_ec_pem(&keys.private_pem).expect("EC private key");
-        let token = sign(
-            Algorithm::ES256,
-            &signing,
-            &json!({"sub": "ec", "exp": now() + 60}),
-        );
-        assert_eq!(
-            auth.authenticate(&token).map(|i| i.user_id),
-            Ok("ec".to_owned())
-        );
-        let other = sign(
-            Algorithm::ES256,
-            &EncodingKey::from_ec_pem(
-                &generate(
-                    "ec-other",
-                    &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
-                )
-                .private_pem,
-            )
-            .expect("EC key"),
-            &json!({"sub": "ec", "exp": now() + 60}),
-        );
-        assert_eq!(auth.authenticate(&other), Err(AuthError::BadSignature));
+    fn wrong_family_key_and_algorithm_is_a_config_error() {
+        use Algorithm::*;
+        let cases = [
+            (RSA.public_path, [ES256, ES384, EdDSA, HS256]),
+            (EC_P256.public_path, [RS256, ES384, EdDSA, PS256]),
+            (EC_P384.public_path, [ES256, RS512, EdDSA, HS512]),
+            (ED25519.public_path, [ES256, RS256, PS384, HS384]),
+        ];
+        for (path, algorithms) in cases {
+            for alg in algorithms {
+                let err = config_err(&public_key_config(path, Some(alg)));
+                assert_eq!(err.variable, "JWT_ALGORITHM", "{alg:?}: {}", err.message);
+                assert!(
+                    err.message.contains("JWT_PUBLIC_KEY_FILE"),
+                    "{}",
+                    err.message
+                );
+            }
+        }
+        // A secret with a public-key algorithm.
+        for alg in [RS256, PS512, ES256, ES384, EdDSA] {
+            let cfg = JwtConfig {
+                algorithm: Some(alg),
+                ..jwt_config()
+            };
+            let err = config_err(&cfg);
+            assert_eq!(err.variable, "JWT_ALGORITHM", "{alg:?}");
+            assert!(
+                err.message.contains("JWT_PUBLIC_KEY_FILE"),
+                "{}",
+                err.message
+            );
+        }
     }
 
     #[test]
-    fn eddsa_inferred_from_key() {
-        let keys = ed_keys();
-        let dir = TempDir::new("eddsa");
-        let path = dir.write("public.pem", &keys.public_pem);
-        let auth = build(&public_key_config(&path, Some("EdDSA")));
-        let signing = EncodingKey::from_ed_pem(&keys.private_pem).expect("Ed private key");
-        let token = sign(
-            Algorithm::EdDSA,
-            &signing,
-            &json!({"sub": "ed", "exp": now() + 60}),
-        );
-        assert_eq!(
-            auth.authenticate(&token).map(|i| i.user_id),
-            Ok("ed".to_owned())
-        );
-        let auth = build(&public_key_config(&path, None));
-        assert!(auth.authenticate(&token).is_ok());
-    }
-
-    #[test]
-    fn algorithm_mismatch_is_a_config_error() {
-        let dir = TempDir::new("mismatch");
-        let rsa = dir.write("rsa.pem", &rsa_keys().public_pem);
-        let ec = dir.write("ec.pem", &ec_keys().public_pem);
-        for (path, alg) in [
-            (&rsa, "ES256"),
-            (&rsa, "HS256"),
-            (&ec, "RS256"),
-            (&ec, "ES384"),
-            (&ec, "EdDSA"),
+    fn weak_secrets_are_named_without_repeating_them() {
+        for weak in [
+            "Tiny5ecret",
+            PLACEHOLDER_SECRET,
+            &"q".repeat(MIN_SECRET_BYTES - 1),
         ] {
-            let err = config_err(&public_key_config(path, Some(alg)));
-            assert_eq!(err.variable, "JWT_ALGORITHM", "{alg}: {}", err.message);
+            let warning = weak_secret_warning(weak).expect("a warning");
+            assert!(warning.contains("JWT_SECRET_KEY"), "{warning}");
+            assert!(!warning.contains(weak), "{warning}");
         }
-        // Secret with a public-key algorithm, and unknown names.
-        for alg in ["RS256", "ES256", "EdDSA", "none", "HS1"] {
-            let cfg = JwtConfig {
-                algorithm: Some(alg.to_owned()),
-                ..jwt_config()
-            };
-            assert_eq!(config_err(&cfg).variable, "JWT_ALGORITHM", "{alg}");
-        }
-        for alg in ["HS256", "hs384", "HS512", ""] {
-            let cfg = JwtConfig {
-                algorithm: Some(alg.to_owned()),
-                ..jwt_config()
-            };
-            assert!(Authenticator::new(&cfg).is_ok(), "{alg}");
-        }
+        assert_eq!(weak_secret_warning(&"x".repeat(MIN_SECRET_BYTES)), None);
     }
 
     #[test]
@@ -1356,7 +1415,7 @@ mod tests {
         let dir = TempDir::new("badkeys");
         let missing = dir.0.join("missing.pem");
         let not_pem = dir.write("not.pem", b"hello");
-        let private = dir.write("private.pem", &rsa_keys().private_pem);
+        let private = dir.write("private.pem", RSA.private_pem);
         let garbage = dir.write(
             "garbage.pem",
             b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
@@ -1386,26 +1445,5 @@ mod tests {
             ..jwt_config()
         };
         assert_eq!(config_err(&claim).variable, "JWT_USER_CLAIM");
-    }
-
-    #[test]
-    fn base64url_round_trip() {
-        for input in [
-            &b""[..],
-            b"f",
-            b"fo",
-            b"foo",
-            b"foob",
-            b"fooba",
-            b"foobar",
-            &[0xff, 0xfe, 0x00],
-        ] {
-            assert_eq!(
-                base64url_decode(base64url_encode(input).as_bytes()).as_deref(),
-                Some(input)
-            );
-        }
-        assert_eq!(base64url_decode(b"a"), None);
-        assert_eq!(base64url_decode(b"ab+/"), None);
     }
 }

@@ -3,7 +3,8 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 
-/// Why a request was answered with an error instead of an upgrade (DESIGN.md section 3).
+/// Why a request was answered with an error instead of an upgrade (the README's
+/// error table, under "Connecting").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
     MissingToken,

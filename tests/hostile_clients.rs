@@ -17,6 +17,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use common::*;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
@@ -214,7 +215,10 @@ fn nul_cr_and_lf_in_the_head() {
 
 #[test]
 fn non_utf8_bytes_in_path_and_token() {
-    let (redis, gw) = setup(&[("JWT_COOKIE_NAME", "auth")]);
+    let (redis, gw) = setup(&[
+        ("JWT_COOKIE_NAME", "auth"),
+        ("WS_ALLOWED_ORIGINS", "https://app.example"),
+    ]);
     let token = gw.token("alice");
     // httparse refuses a request target that is not UTF-8: 400.
     let mut path_bytes = b"GET /ws\xff\xfe?token=".to_vec();
@@ -233,11 +237,13 @@ fn non_utf8_bytes_in_path_and_token() {
 
     // Percent-encoded non-UTF-8 in the query token: decoded, then refused as a token.
     send_head(&gw, &upgrade_bytes("%FF%FE.%80%81.%C0", &[])).assert_error(401, INVALID);
-    // Header values may carry obs-text (0x80-0xFF): a token made of it is refused.
+    // Header values may carry obs-text (0x80-0xFF): a token made of it is refused
+    // (from a listed Origin, so that the cookie counts).
     let with_header = |name: &str, value: &[u8]| {
         let mut head =
             b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+            Origin: https://app.example\r\n"
                 .to_vec();
         head.extend_from_slice(name.as_bytes());
         head.extend_from_slice(b": ");
@@ -424,7 +430,7 @@ fn repeated_head_attacks_keep_memory_flat() {
         (401, upgrade_bytes("%FF%FE.x.y", &[])),
         (
             426,
-            request_head("GET", "/ws", &[("Upgrade", "h2c")]).into_bytes(),
+            request_head("GET", &format!("/ws?token={token}"), &[("Upgrade", "h2c")]).into_bytes(),
         ),
         (404, b"GET /nothing HTTP/1.1\r\n\r\n".to_vec()),
     ];
@@ -744,25 +750,16 @@ fn repeated_broken_frames_keep_memory_flat() {
 
 // ---- tokens ------------------------------------------------------------------------
 
-/// An RSA key pair made with openssl: (dir, private PEM, public PEM).
-fn rsa_key_pair(dir: &TempDir, name: &str) -> (Vec<u8>, Vec<u8>) {
-    let private = format!("{name}.key");
-    let public = format!("{name}.pub.pem");
-    openssl(
-        dir,
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            &private,
-        ],
-    );
-    openssl(dir, &["pkey", "-in", &private, "-pubout", "-out", &public]);
-    let read = |f: &str| std::fs::read(dir.file(f)).expect("read key");
-    (read(&private), read(&public))
+/// A file of the committed test-only key material (tests/fixtures).
+fn fixture(name: &str) -> String {
+    format!(
+        "{}/tests/fixtures/test-only-{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn read_fixture(name: &str) -> Vec<u8> {
+    std::fs::read(fixture(name)).expect("fixture")
 }
 
 fn rs256_token(private_pem: &[u8], claims: &Value) -> String {
@@ -781,11 +778,13 @@ fn hmac_token(alg: Algorithm, secret: &[u8], claims: &Value) -> String {
 
 #[test]
 fn hs256_signed_with_the_rsa_public_key_is_refused() {
-    let dir = TempDir::new("jwt-rsa");
-    let (private, public) = rsa_key_pair(&dir, "gateway");
-    let (other_private, _) = rsa_key_pair(&dir, "other");
+    let (private, public) = (
+        read_fixture("rsa-private.pem"),
+        read_fixture("rsa-public.pem"),
+    );
+    let other_private = read_fixture("rsa-other-private.pem");
     let redis = RedisServer::start();
-    let key_file = dir.file_str("gateway.pub.pem");
+    let key_file = fixture("rsa-public.pem");
     let gw = Gateway::start(
         redis.port,
         &[
@@ -802,21 +801,14 @@ fn hs256_signed_with_the_rsa_public_key_is_refused() {
 
     // Algorithm confusion: HMAC keyed with the public key as the server has it.
     let public_text = String::from_utf8(public.clone()).expect("PEM is text");
-    let der_file = "gateway.pub.der";
-    openssl(
-        &dir,
-        &[
-            "pkey",
-            "-pubin",
-            "-in",
-            "gateway.pub.pem",
-            "-outform",
-            "DER",
-            "-out",
-            der_file,
-        ],
-    );
-    let der = std::fs::read(dir.file(der_file)).expect("DER");
+    // The same key as DER: the base64 body of the PEM.
+    let body: String = public_text
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .expect("PEM body is base64");
     let mut forged = Vec::new();
     for alg in [Algorithm::HS256, Algorithm::HS384, Algorithm::HS512] {
         forged.push(hmac_token(alg, &public, &claims));
@@ -855,15 +847,19 @@ fn assert_token_not_in(logs: &str, token: &str) {
 
 #[test]
 fn oversized_and_malformed_tokens() {
-    let (redis, gw) = setup(&[("JWT_COOKIE_NAME", "auth"), ("LOGGER_LEVEL", "debug")]);
+    let (redis, gw) = setup(&[
+        ("JWT_COOKIE_NAME", "auth"),
+        ("WS_ALLOWED_ORIGINS", "https://app.example"),
+        ("LOGGER_LEVEL", "debug"),
+    ]);
     let good = gw.token("alice");
     let (header, rest) = good.split_once('.').expect("JWT");
     let (payload, signature) = rest.split_once('.').expect("JWT");
     let mut tokens: Vec<String> = Vec::new();
 
     // 64 KiB cannot fit in the 8 KiB head however it is sent: 431 in the query,
-    // in Authorization and in a cookie (DESIGN.md section 3: the head limit comes
-    // before any look at the token).
+    // in Authorization and in a cookie (the head limit comes before any look at
+    // the token: README, "Connecting").
     let huge = format!("{header}.{}.{signature}", "A".repeat(64 * 1024));
     send_head(&gw, &upgrade_bytes(&huge, &[])).assert_error(431, TOO_LARGE);
     let bearer = format!("Bearer {huge}");

@@ -1,5 +1,7 @@
-//! The HTTP side of the wire contract (DESIGN.md section 3): the upgrade, every
-//! row of the error table, token sources and JWT rules, /health and /metrics.
+//! The HTTP side of the wire contract (README, "Connecting" and "Endpoints"):
+//! the upgrade, every row of the error table, token sources and JWT rules,
+//! /health and /metrics. Cases that differ only in their input are rows of a
+//! table run against one gateway.
 
 mod common;
 
@@ -8,14 +10,80 @@ use std::net::TcpStream;
 use std::time::Instant;
 
 use common::*;
-use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 
 const INVALID: &str = "invalid or expired token";
+const MISSING: &str = "missing token parameter";
+const ORIGIN: &str = "origin not allowed";
+/// The origin list of the cookie gateway.
+const APP_ORIGIN: &str = "https://app.example";
 
 /// Upgrade with `?token=` on a hand-written request; returns the response.
 fn upgrade_with_token(gw: &Gateway, token: &str) -> HttpResponse {
     raw_request(gw.port, upgrade_request(&format!("/ws?token={token}"), &[]))
+}
+
+/// What an upgrade request must get.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// 101, and the `connected` message names this user.
+    User(&'static str),
+    /// This status with `{"error": <text>}`.
+    Error(u16, &'static str),
+}
+
+/// One row of a table: a description, the request target, extra headers, and
+/// what it must get.
+struct Case {
+    what: &'static str,
+    target: String,
+    headers: Vec<(&'static str, String)>,
+    expect: Expect,
+}
+
+impl Case {
+    fn new(what: &'static str, target: impl Into<String>, expect: Expect) -> Case {
+        Case {
+            what,
+            target: target.into(),
+            headers: Vec::new(),
+            expect,
+        }
+    }
+
+    fn header(mut self, name: &'static str, value: impl Into<String>) -> Case {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// Runs every case as a real WebSocket client (tungstenite) would.
+#[track_caller]
+fn run_upgrade_cases(gw: &Gateway, cases: &[Case]) {
+    for case in cases {
+        let headers: Vec<(&str, &str)> = case
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        let result = ws_connect_with(gw.port, &case.target, &headers);
+        match case.expect {
+            Expect::User(user) => {
+                let ws = result.unwrap_or_else(|e| panic!("{}: refused: {e}", case.what));
+                assert_eq!(expect_connected(ws).1["user_id"], user, "{}", case.what);
+            }
+            Expect::Error(status, error) => {
+                let (got, body) = refused(result);
+                assert_eq!(got, status, "{}: {body}", case.what);
+                assert_eq!(
+                    serde_json::from_str::<Value>(&body).expect("JSON body"),
+                    json!({ "error": error }),
+                    "{}",
+                    case.what
+                );
+            }
+        }
+    }
 }
 
 // ---- the upgrade itself ---------------------------------------------------
@@ -83,110 +151,171 @@ fn request_head_may_arrive_in_pieces() {
 // ---- token sources ----------------------------------------------------------
 
 #[test]
-fn token_from_authorization_bearer() {
-    let (_redis, gw) = setup(&[]);
-    let bearer = format!("Bearer {}", gw.token("alice"));
-    let ws = ws_connect_with(gw.port, "/ws", &[("Authorization", &bearer)]).expect("connect");
-    let (_ws, hello) = expect_connected(ws);
-    assert_eq!(hello["user_id"], "alice");
+fn token_sources_in_order_with_cookies_only_from_listed_origins() {
+    let (_redis, gw) = setup(&[
+        ("JWT_COOKIE_NAME", "auth"),
+        ("WS_ALLOWED_ORIGINS", APP_ORIGIN),
+    ]);
+    let alice = gw.token("alice");
+    let bob = gw.token("bob");
+    let stale = token("an-old-secret", "alice", 3600);
+    let expired = token(&gw.secret, "alice", -3600);
+    let bob_query = format!("/ws?token={bob}");
+    use Expect::{Error, User};
+    let cases = [
+        Case::new("bearer", "/ws", User("alice"))
+            .header("Authorization", format!("Bearer {alice}")),
+        Case::new("bearer before query", bob_query.clone(), User("alice"))
+            .header("Authorization", format!("Bearer {alice}")),
+        Case::new(
+            "percent-encoded query",
+            format!("/ws?x=1&token={}&y=2", percent_encode_all(&alice)),
+            User("alice"),
+        ),
+        Case::new("cookie from a listed origin", "/ws", User("alice"))
+            .header("Origin", APP_ORIGIN)
+            .header("Cookie", format!("theme=dark; auth={alice}; other=1")),
+        Case::new("cookie before query", bob_query.clone(), User("alice"))
+            .header("Origin", APP_ORIGIN)
+            .header("Cookie", format!("auth={alice}")),
+        // Cross-site WebSocket hijacking: a cookie needs a listed Origin.
+        Case::new("cookie without Origin", "/ws", Error(403, ORIGIN))
+            .header("Cookie", format!("auth={alice}")),
+        Case::new("cookie from an unlisted origin", "/ws", Error(403, ORIGIN))
+            .header("Origin", "https://evil.example")
+            .header("Cookie", format!("auth={alice}")),
+        Case::new(
+            "cookie without Origin, query token",
+            bob_query.clone(),
+            User("bob"),
+        )
+        .header("Cookie", format!("auth={alice}")),
+        // A stale cookie does not lock out a valid token after it.
+        Case::new("stale cookie, valid query", bob_query.clone(), User("bob"))
+            .header("Origin", APP_ORIGIN)
+            .header("Cookie", "auth=garbage"),
+        Case::new(
+            "expired cookie, valid query",
+            bob_query.clone(),
+            User("bob"),
+        )
+        .header("Origin", APP_ORIGIN)
+        .header("Cookie", format!("auth={expired}")),
+        Case::new("empty cookie, then a valid one", "/ws", User("alice"))
+            .header("Origin", APP_ORIGIN)
+            .header("Cookie", format!("auth=; auth={alice}")),
+        Case::new("stale cookie, then a valid one", "/ws", User("alice"))
+            .header("Origin", APP_ORIGIN)
+            .header("Cookie", format!("auth={stale}"))
+            .header("Cookie", format!("auth={alice}")),
+        Case::new("stale bearer, valid query", bob_query.clone(), User("bob"))
+            .header("Authorization", format!("Bearer {stale}")),
+        Case::new("only a stale cookie", "/ws", Error(401, INVALID))
+            .header("Origin", APP_ORIGIN)
+            .header("Cookie", format!("auth={stale}")),
+        // WS_ALLOWED_ORIGINS does not lock out clients that send no Origin.
+        Case::new("no Origin, query token", bob_query.clone(), User("bob")),
+        Case::new("listed origin, query token", bob_query.clone(), User("bob"))
+            .header("Origin", APP_ORIGIN),
+        Case::new(
+            "unlisted origin, valid token",
+            bob_query.clone(),
+            Error(403, ORIGIN),
+        )
+        .header("Origin", "https://app.example.evil"),
+        Case::new("no token at all", "/ws", Error(401, MISSING)),
+        Case::new("empty query token", "/ws?token=", Error(401, MISSING))
+            .header("Origin", APP_ORIGIN)
+            .header("Cookie", "auth=; theme=dark"),
+        Case::new("non-bearer Authorization", "/ws", Error(401, MISSING))
+            .header("Authorization", "Basic dXNlcjpwYXNz"),
+    ];
+    run_upgrade_cases(&gw, &cases);
 }
 
 #[test]
-fn authorization_header_wins_over_query() {
-    let (_redis, gw) = setup(&[]);
-    let bearer = format!("Bearer {}", gw.token("alice"));
-    let path = format!("/ws?token={}", gw.token("mallory"));
-    let ws = ws_connect_with(gw.port, &path, &[("Authorization", &bearer)]).expect("connect");
-    let (_ws, hello) = expect_connected(ws);
-    assert_eq!(hello["user_id"], "alice");
+fn hundreds_of_stale_cookies_cost_two_token_checks() {
+    let (_redis, gw) = setup(&[
+        ("JWT_COOKIE_NAME", "auth"),
+        ("WS_ALLOWED_ORIGINS", APP_ORIGIN),
+    ]);
+    let cookies: String = (0..300).map(|i| format!("auth=stale{i}; ")).collect();
+    let path = format!("/ws?token={}", gw.token("many-cookies"));
+    let headers = [("Origin", APP_ORIGIN), ("Cookie", cookies.as_str())];
+    let ws = ws_connect_with(gw.port, &path, &headers).expect("the query token after the cap");
+    assert_eq!(expect_connected(ws).1["user_id"], "many-cookies");
+    // The refusals are logged (debug) before the connect line.
+    wait_until(PROMPT, "the connect line", || {
+        gw.logs().contains("user_id=many-cookies")
+    });
+    let refused = gw.logs().matches("(from cookie)").count();
+    assert_eq!(refused, 2, "cookie tokens checked:\n{}", gw.logs());
 }
 
 #[test]
-fn token_from_cookie() {
-    let (_redis, gw) = setup(&[("JWT_COOKIE_NAME", "auth")]);
-    let cookie = format!("theme=dark; auth={}; other=1", gw.token("alice"));
-    let ws = ws_connect_with(gw.port, "/ws", &[("Cookie", &cookie)]).expect("connect");
-    let (_ws, hello) = expect_connected(ws);
-    assert_eq!(hello["user_id"], "alice");
-    // The cookie comes before the query parameter.
-    let path = format!("/ws?token={}", gw.token("mallory"));
-    let ws = ws_connect_with(gw.port, &path, &[("Cookie", &cookie)]).expect("connect");
-    assert_eq!(expect_connected(ws).1["user_id"], "alice");
+fn cookies_and_origins_are_ignored_without_configuration() {
+    let (_redis, gw) = setup(&[]);
+    let alice = gw.token("alice");
+    use Expect::{Error, User};
+    let cases = [
+        Case::new("cookie without JWT_COOKIE_NAME", "/ws", Error(401, MISSING))
+            .header("Cookie", format!("auth={alice}")),
+        Case::new("any origin", format!("/ws?token={alice}"), User("alice"))
+            .header("Origin", "https://whatever.example"),
+    ];
+    run_upgrade_cases(&gw, &cases);
 }
 
-#[test]
-fn cookie_is_ignored_without_jwt_cookie_name() {
-    let (_redis, gw) = setup(&[]);
-    let cookie = format!("auth={}", gw.token("alice"));
-    let (status, body) = refused(ws_connect_with(gw.port, "/ws", &[("Cookie", &cookie)]));
-    assert_eq!(status, 401);
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).expect("JSON"),
-        json!({"error": "missing token parameter"})
-    );
-}
+// ---- JWT rules ----------------------------------------------------------------
 
 #[test]
-fn token_from_percent_encoded_query() {
+fn invalid_tokens_are_401() {
     let (_redis, gw) = setup(&[]);
-    let encoded = percent_encode_all(&gw.token("alice"));
-    let ws =
-        ws_connect_with(gw.port, &format!("/ws?x=1&token={encoded}&y=2"), &[]).expect("connect");
-    assert_eq!(expect_connected(ws).1["user_id"], "alice");
-}
-
-// ---- the error table ----------------------------------------------------------
-
-#[test]
-fn no_token_is_401() {
-    let (_redis, gw) = setup(&[]);
-    raw_request(gw.port, upgrade_request("/ws", &[])).assert_error(401, "missing token parameter");
-    raw_request(gw.port, upgrade_request("/ws?token=", &[]))
-        .assert_error(401, "missing token parameter");
-    // Same through tungstenite's client.
-    let (status, body) = refused(ws_connect_with(gw.port, "/ws", &[]));
-    assert_eq!(status, 401);
-    assert_eq!(
-        serde_json::from_str::<Value>(&body).expect("JSON"),
-        json!({"error": "missing token parameter"})
-    );
-}
-
-#[test]
-fn bad_signature_is_401() {
-    let (_redis, gw) = setup(&[]);
-    upgrade_with_token(&gw, &token("some-other-secret", "alice", 3600)).assert_error(401, INVALID);
-    upgrade_with_token(&gw, "not.a.jwt").assert_error(401, INVALID);
-    upgrade_with_token(&gw, "garbage").assert_error(401, INVALID);
-}
-
-#[test]
-fn wrong_algorithm_is_401() {
-    let (_redis, gw) = setup(&[]);
-    upgrade_with_token(&gw, &unsigned_token(&claims("alice", 3600))).assert_error(401, INVALID);
-}
-
-#[test]
-fn hs384_and_hs512_are_accepted() {
-    let (_redis, gw) = setup(&[]);
-    for alg in [Algorithm::HS384, Algorithm::HS512] {
-        let t = token_alg(&gw.secret, alg, &claims("alice", 3600));
-        let (_ws, hello) = ws_open(gw.port, &t);
-        assert_eq!(hello["user_id"], "alice", "{alg:?}");
+    let exp = now_secs() + 3600;
+    let mut future_nbf = claims("alice", 3600);
+    future_nbf["nbf"] = json!(now_secs() + 600);
+    let rows: Vec<(&str, String)> = vec![
+        ("another secret", token("some-other-secret", "alice", 3600)),
+        ("not a JWT", "not.a.jwt".to_string()),
+        ("garbage", "garbage".to_string()),
+        ("alg none", unsigned_token(&claims("alice", 3600))),
+        ("expired an hour ago", token(&gw.secret, "alice", -3600)),
+        // JWT_LEEWAY defaults to 0s, not a library's 60 s.
+        ("expired 10 s ago", token(&gw.secret, "alice", -10)),
+        (
+            "no exp",
+            token_with_claims(&gw.secret, &json!({"sub": "alice"})),
+        ),
+        (
+            "nbf in the future",
+            token_with_claims(&gw.secret, &future_nbf),
+        ),
+        (
+            "empty sub",
+            token_with_claims(&gw.secret, &json!({"sub": "", "exp": exp})),
+        ),
+        (
+            "numeric sub",
+            token_with_claims(&gw.secret, &json!({"sub": 42, "exp": exp})),
+        ),
+        (
+            "null sub",
+            token_with_claims(&gw.secret, &json!({"sub": null, "exp": exp})),
+        ),
+        (
+            "array sub",
+            token_with_claims(&gw.secret, &json!({"sub": ["alice"], "exp": exp})),
+        ),
+        (
+            "no sub",
+            token_with_claims(&gw.secret, &json!({"exp": exp})),
+        ),
+    ];
+    for (what, bad) in &rows {
+        let resp = upgrade_with_token(&gw, bad);
+        assert_eq!(resp.status, 401, "{what}: {resp:?}");
+        resp.assert_error(401, INVALID);
     }
-}
-
-#[test]
-fn expired_token_is_401() {
-    let (_redis, gw) = setup(&[]);
-    upgrade_with_token(&gw, &token(&gw.secret, "alice", -3600)).assert_error(401, INVALID);
-}
-
-#[test]
-fn expired_token_has_no_default_leeway() {
-    // JWT_LEEWAY defaults to 0s (DESIGN.md section 4), not a library's 60 s.
-    let (_redis, gw) = setup(&[]);
-    upgrade_with_token(&gw, &token(&gw.secret, "alice", -10)).assert_error(401, INVALID);
 }
 
 #[test]
@@ -198,220 +327,181 @@ fn leeway_accepts_recently_expired_tokens() {
 }
 
 #[test]
-fn missing_exp_is_401() {
-    let (_redis, gw) = setup(&[]);
-    upgrade_with_token(
-        &gw,
-        &token_with_claims(&gw.secret, &json!({"sub": "alice"})),
-    )
-    .assert_error(401, INVALID);
-}
-
-#[test]
-fn future_nbf_is_401() {
-    let (_redis, gw) = setup(&[]);
-    let mut c = claims("alice", 3600);
-    c["nbf"] = json!(now_secs() + 600);
-    upgrade_with_token(&gw, &token_with_claims(&gw.secret, &c)).assert_error(401, INVALID);
-}
-
-#[test]
-fn empty_or_missing_or_non_string_user_claim_is_401() {
-    let (_redis, gw) = setup(&[]);
-    let exp = now_secs() + 3600;
-    for c in [
-        json!({"sub": "", "exp": exp}),
-        json!({"sub": 42, "exp": exp}),
-        json!({"sub": null, "exp": exp}),
-        json!({"sub": ["alice"], "exp": exp}),
-        json!({"exp": exp}),
-    ] {
-        let resp = upgrade_with_token(&gw, &token_with_claims(&gw.secret, &c));
-        assert_eq!(resp.status, 401, "claims {c}: {resp:?}");
-        resp.assert_error(401, INVALID);
-    }
-}
-
-#[test]
 fn issuer_and_audience_are_checked_when_set() {
     let (_redis, gw) = setup(&[
         ("JWT_ISSUER", "https://issuer.example"),
         ("JWT_AUDIENCE", "ws-notify"),
     ]);
-    let good = || {
+    let with = |iss: Option<&str>, aud: &str| {
         let mut c = claims("alice", 3600);
-        c["iss"] = json!("https://issuer.example");
-        c["aud"] = json!("ws-notify");
-        c
+        if let Some(iss) = iss {
+            c["iss"] = json!(iss);
+        }
+        c["aud"] = json!(aud);
+        format!("/ws?token={}", token_with_claims(&gw.secret, &c))
     };
-    let (_ws, hello) = ws_open(gw.port, &token_with_claims(&gw.secret, &good()));
-    assert_eq!(hello["user_id"], "alice");
-
-    let mut wrong_iss = good();
-    wrong_iss["iss"] = json!("https://evil.example");
-    upgrade_with_token(&gw, &token_with_claims(&gw.secret, &wrong_iss)).assert_error(401, INVALID);
-
-    let mut wrong_aud = good();
-    wrong_aud["aud"] = json!("someone-else");
-    upgrade_with_token(&gw, &token_with_claims(&gw.secret, &wrong_aud)).assert_error(401, INVALID);
-
-    let mut no_iss = good();
-    no_iss.as_object_mut().expect("object").remove("iss");
-    upgrade_with_token(&gw, &token_with_claims(&gw.secret, &no_iss)).assert_error(401, INVALID);
+    use Expect::{Error, User};
+    let cases = [
+        Case::new(
+            "right iss and aud",
+            with(Some("https://issuer.example"), "ws-notify"),
+            User("alice"),
+        ),
+        Case::new(
+            "wrong iss",
+            with(Some("https://evil.example"), "ws-notify"),
+            Error(401, INVALID),
+        ),
+        Case::new(
+            "wrong aud",
+            with(Some("https://issuer.example"), "someone-else"),
+            Error(401, INVALID),
+        ),
+        Case::new("no iss", with(None, "ws-notify"), Error(401, INVALID)),
+    ];
+    run_upgrade_cases(&gw, &cases);
 }
 
+// ---- the error table ----------------------------------------------------------
+
 #[test]
-fn origin_not_allowed_is_403() {
+fn every_row_of_the_error_table() {
     let (_redis, gw) = setup(&[("WS_ALLOWED_ORIGINS", "https://a.example,https://b.example")]);
     let path = format!("/ws?token={}", gw.token("alice"));
-    raw_request(
-        gw.port,
-        upgrade_request(&path, &[("Origin", "https://evil.example")]),
-    )
-    .assert_error(403, "origin not allowed");
-    raw_request(
-        gw.port,
-        upgrade_request(&path, &[("Origin", "https://a.example.evil")]),
-    )
-    .assert_error(403, "origin not allowed");
-    let ws = ws_connect_with(gw.port, &path, &[("Origin", "https://b.example")])
-        .expect("allowed origin");
-    assert_eq!(expect_connected(ws).1["user_id"], "alice");
-}
-
-#[test]
-fn any_origin_when_not_configured() {
-    let (_redis, gw) = setup(&[]);
-    let path = format!("/ws?token={}", gw.token("alice"));
-    let ws = ws_connect_with(gw.port, &path, &[("Origin", "https://whatever.example")])
-        .expect("connect");
-    expect_connected(ws);
+    let get = |target: &str, headers: &[(&str, &str)]| request_head("GET", target, headers);
+    let (upgrade, connection) = (("Upgrade", "websocket"), ("Connection", "Upgrade"));
+    let (v13, key) = (
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", SAMPLE_KEY),
+    );
+    let v12 = ("Sec-WebSocket-Version", "12");
+    let bad_key = ("Sec-WebSocket-Key", "short");
+    let h2c = ("Upgrade", "h2c");
+    let evil = ("Origin", "https://evil.example");
+    let full = [upgrade, connection, v13, key];
+    let upgrade_required = "websocket upgrade required";
+    let bad_key_error = "missing or invalid Sec-WebSocket-Key";
+    let not_allowed = "method not allowed";
+    // (what, request head, status, error), in the README's order.
+    let rows: Vec<(&str, String, u16, &str)> = vec![
+        // A monitoring probe's plain GET: the token is checked before the upgrade headers.
+        ("plain GET /ws", get("/ws", &[]), 401, MISSING),
+        ("empty token", get("/ws?token=", &full), 401, MISSING),
+        (
+            "unlisted origin",
+            get(&path, &[upgrade, connection, v13, key, evil]),
+            403,
+            ORIGIN,
+        ),
+        ("POST", request_head("POST", &path, &full), 405, not_allowed),
+        (
+            "POST /health",
+            request_head("POST", "/health", &[]),
+            405,
+            not_allowed,
+        ),
+        ("not an upgrade", get(&path, &[]), 426, upgrade_required),
+        (
+            "Upgrade: h2c",
+            get(&path, &[h2c, connection, v13, key]),
+            426,
+            upgrade_required,
+        ),
+        (
+            "version 12",
+            get(&path, &[upgrade, connection, v12, key]),
+            426,
+            "unsupported Sec-WebSocket-Version (13 required)",
+        ),
+        (
+            "no key",
+            get(&path, &[upgrade, connection, v13]),
+            400,
+            bad_key_error,
+        ),
+        (
+            "short key",
+            get(&path, &[upgrade, connection, v13, bad_key]),
+            400,
+            bad_key_error,
+        ),
+        ("unknown path", get("/nope", &[]), 404, "not found"),
+        (
+            "a path that starts like /ws",
+            get("/wsx", &[]),
+            404,
+            "not found",
+        ),
+        (
+            "unknown path with an upgrade",
+            get("/other", &full),
+            404,
+            "not found",
+        ),
+    ];
+    for (what, head, status, error) in &rows {
+        let resp = raw_request(gw.port, head);
+        assert_eq!(resp.status, *status, "{what}: {resp:?}");
+        resp.assert_error(*status, error);
+    }
+    // RFC 6455 section 4.4: tell the client which version we speak.
+    let version = raw_request(gw.port, get(&path, &[upgrade, connection, v12, key]));
+    assert_eq!(
+        version.header("sec-websocket-version"),
+        Some("13"),
+        "{version:?}"
+    );
+    let post = raw_request(gw.port, request_head("POST", &path, &[]));
+    assert_eq!(post.header("allow"), Some("GET"), "{post:?}");
 }
 
 #[test]
 fn connection_limit_is_503_before_upgrade() {
     let (_redis, gw) = setup(&[("WS_MAX_CONNECTIONS", "2")]);
     let (_a, _) = ws_open(gw.port, &gw.token("alice"));
-    let (mut b, _) = ws_open(gw.port, &gw.token("bob"));
+    let (b, _) = ws_open(gw.port, &gw.token("bob"));
     upgrade_with_token(&gw, &gw.token("carol")).assert_error(503, "connection limit reached");
     gw.wait_metric_at_least(
         "ws_notify_connections_rejected_total{reason=\"connection_limit\"}",
         1.0,
     );
     // After one leaves, a new one fits again.
-    b.close(None).expect("close");
-    let _ = close_or_gone(&mut b, PROMPT);
+    leave_then_upgrade(&gw, b, "carol");
+}
+
+/// Closes `ws`, then waits until an upgrade as `user` succeeds.
+fn leave_then_upgrade(gw: &Gateway, mut ws: Ws, user: &str) {
+    ws.close(None).expect("close");
+    // Closed or already gone: either way the slot is being freed.
+    let _ = close_or_gone(&mut ws, PROMPT);
     wait_until(PROMPT, "an upgrade succeeds again", || {
-        upgrade_with_token(&gw, &gw.token("carol")).status == 101
+        upgrade_with_token(gw, &gw.token(user)).status == 101
     });
 }
 
 #[test]
 fn per_user_limit_is_429() {
     let (_redis, gw) = setup(&[("WS_MAX_CONNECTIONS_PER_USER", "1")]);
-    let (mut a, _) = ws_open(gw.port, &gw.token("alice"));
+    let (a, _) = ws_open(gw.port, &gw.token("alice"));
     upgrade_with_token(&gw, &gw.token("alice"))
         .assert_error(429, "too many connections for this user");
     // Another user is not affected.
     let (_b, _) = ws_open(gw.port, &gw.token("bob"));
-    a.close(None).expect("close");
-    let _ = close_or_gone(&mut a, PROMPT);
-    wait_until(PROMPT, "alice may connect again", || {
-        upgrade_with_token(&gw, &gw.token("alice")).status == 101
-    });
+    leave_then_upgrade(&gw, a, "alice");
 }
 
 #[test]
-fn missing_websocket_key_is_400() {
+fn per_user_limit_defaults_to_100() {
     let (_redis, gw) = setup(&[]);
-    let path = format!("/ws?token={}", gw.token("alice"));
-    let head = request_head(
-        "GET",
-        &path,
-        &[
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Version", "13"),
-        ],
-    );
-    let resp = raw_request(gw.port, head);
-    assert_eq!(resp.status, 400, "{resp:?}");
-    assert!(
-        resp.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{resp:?}"
-    );
-
-    // A key that is not 16 base64 bytes is as bad as none.
-    let head = request_head(
-        "GET",
-        &path,
-        &[
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", "short"),
-            ("Sec-WebSocket-Version", "13"),
-        ],
-    );
-    let resp = raw_request(gw.port, head);
-    assert_eq!(resp.status, 400, "{resp:?}");
-    assert!(resp.json()["error"].is_string(), "{resp:?}");
-}
-
-#[test]
-fn not_an_upgrade_is_4xx() {
-    let (_redis, gw) = setup(&[]);
-    let resp = http_get(gw.port, &format!("/ws?token={}", gw.token("alice")), &[]);
-    assert!([400, 426].contains(&resp.status), "{resp:?}");
-    assert!(resp.json()["error"].is_string(), "{resp:?}");
-}
-
-#[test]
-fn websocket_version_12_is_refused() {
-    let (_redis, gw) = setup(&[]);
-    let path = format!("/ws?token={}", gw.token("alice"));
-    let head = request_head(
-        "GET",
-        &path,
-        &[
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", SAMPLE_KEY),
-            ("Sec-WebSocket-Version", "12"),
-        ],
-    );
-    let resp = raw_request(gw.port, head);
-    assert!([400, 426].contains(&resp.status), "{resp:?}");
-    assert!(
-        resp.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{resp:?}"
-    );
-    if resp.status == 426 {
-        // RFC 6455 section 4.4: tell the client which version we speak.
-        assert_eq!(resp.header("sec-websocket-version"), Some("13"), "{resp:?}");
-    }
-}
-
-#[test]
-fn post_to_ws_is_405() {
-    let (_redis, gw) = setup(&[]);
-    let path = format!("/ws?token={}", gw.token("alice"));
-    let head = request_head(
-        "POST",
-        &path,
-        &[
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", SAMPLE_KEY),
-            ("Sec-WebSocket-Version", "13"),
-            ("Content-Length", "0"),
-        ],
-    );
-    let resp = raw_request(gw.port, head);
-    assert_eq!(resp.status, 405, "{resp:?}");
-    assert!(
-        resp.json()["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{resp:?}"
-    );
+    let alice = gw.token("alice");
+    let open: Vec<Ws> = (0..100)
+        .map(|i| ws_connect(gw.port, &alice).unwrap_or_else(|e| panic!("connection {i}: {e}")))
+        .collect();
+    gw.wait_active_connections(100);
+    upgrade_with_token(&gw, &alice).assert_error(429, "too many connections for this user");
+    let (_bob, hello) = ws_open(gw.port, &gw.token("bob"));
+    assert_eq!(hello["user_id"], "bob");
+    drop(open);
 }
 
 #[test]
@@ -426,18 +516,6 @@ fn request_head_over_8_kib_is_431() {
     let pad = "x".repeat(7000);
     let resp = raw_request(gw.port, upgrade_request(&path, &[("X-Pad", &pad)]));
     assert_eq!(resp.status, 101, "{resp:?}");
-}
-
-#[test]
-fn unknown_path_is_404() {
-    let (_redis, gw) = setup(&[]);
-    http_get(gw.port, "/nope", &[]).assert_error(404, "not found");
-    http_get(gw.port, "/wsx", &[]).assert_error(404, "not found");
-    raw_request(
-        gw.port,
-        upgrade_request(&format!("/other?token={}", gw.token("a")), &[]),
-    )
-    .assert_error(404, "not found");
 }
 
 #[test]
@@ -467,7 +545,7 @@ fn unfinished_request_head_is_closed_after_handshake_timeout() {
 fn rejected_handshakes_are_counted() {
     let (_redis, gw) = setup(&[]);
     upgrade_with_token(&gw, "garbage").assert_error(401, INVALID);
-    raw_request(gw.port, upgrade_request("/ws", &[])).assert_error(401, "missing token parameter");
+    raw_request(gw.port, upgrade_request("/ws", &[])).assert_error(401, MISSING);
     let text = gw.metrics_text();
     let rejected: f64 = text
         .lines()
@@ -487,14 +565,7 @@ fn health_body_shape() {
     let (_redis, gw) = setup(&[("REDIS_PING_INTERVAL", "200ms")]);
     gw.wait_redis_connected(PROMPT);
     let (_ws, _) = ws_open(gw.port, &gw.token("alice"));
-    let resp = http_get(gw.port, "/health", &[]);
-    assert_eq!(resp.status, 200);
-    assert!(
-        resp.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{resp:?}"
-    );
-    let body = resp.json();
+    let body = get_json(&gw, "/health");
     assert_eq!(body["status"], "healthy", "{body}");
     assert_timestamp_any(&body["timestamp"]);
     assert_eq!(body["redis"]["status"], "connected", "{body}");
@@ -505,6 +576,19 @@ fn health_body_shape() {
     wait_until(PROMPT, "/health reports redis.ping_ms", || {
         gw.health().1["redis"]["ping_ms"].is_number()
     });
+}
+
+/// `GET path`, which must answer 200 with a JSON body; returns the body.
+#[track_caller]
+fn get_json(gw: &Gateway, path: &str) -> Value {
+    let resp = http_get(gw.port, path, &[]);
+    assert_eq!(resp.status, 200, "{path}: {resp:?}");
+    assert!(
+        resp.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{resp:?}"
+    );
+    resp.json()
 }
 
 /// /health's timestamp: RFC 3339 (the Go service used seconds or nanoseconds;
@@ -615,14 +699,7 @@ fn metrics_json_has_the_go_shape() {
     redis.notify("alice", r#"{"type":"m","payload":1}"#);
     recv_json(&mut a, PROMPT);
 
-    let resp = http_get(gw.port, "/metrics?format=json", &[]);
-    assert_eq!(resp.status, 200);
-    assert!(
-        resp.header("content-type")
-            .is_some_and(|c| c.starts_with("application/json")),
-        "{resp:?}"
-    );
-    let body = resp.json();
+    let body = get_json(&gw, "/metrics?format=json");
     assert_eq!(body["service"], "websocket-service", "{body}");
     assert!(
         body["timestamp"].is_string() || body["timestamp"].is_number(),

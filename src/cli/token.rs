@@ -123,13 +123,12 @@ pub fn sign(config: &Config, args: &TokenArgs, now: u64) -> Result<String, Strin
     let Some(secret) = jwt.secret.as_deref() else {
         return Err("JWT_SECRET_KEY is not set".to_string());
     };
-    let algorithm = match jwt.algorithm.as_deref() {
-        None | Some("HS256") => Algorithm::HS256,
-        Some("HS384") => Algorithm::HS384,
-        Some("HS512") => Algorithm::HS512,
+    let algorithm = match jwt.algorithm {
+        None => Algorithm::HS256,
+        Some(alg @ (Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)) => alg,
         Some(other) => {
             return Err(format!(
-                "JWT_ALGORITHM is {other}; this command signs HMAC tokens (HS256/HS384/HS512) only"
+                "JWT_ALGORITHM is {other:?}; this command signs HMAC tokens (HS256/HS384/HS512) only"
             ));
         }
     };

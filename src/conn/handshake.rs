@@ -5,14 +5,15 @@
 //! `Decision`. The event loop runs it on every read until it is not `NeedMore`; the
 //! fuzz target runs the very same function.
 
-use crate::auth::{Authenticator, TokenSources, extract_token};
+use crate::auth::{Authenticator, Identity, TokenSource, TokenSources, token_candidates};
 use crate::http::Rejection;
 
 /// Largest request head we accept (RFC 6455 servers commonly use 8 KiB, like nginx).
 pub const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Most headers in one head; more is answered like an oversized head.
 pub const MAX_HEADERS: usize = 64;
-/// Most `Cookie` headers looked at for the token.
+/// Most `Cookie` headers looked at for the token (the cookies tried are capped
+/// separately, by `auth::MAX_COOKIE_CANDIDATES`).
 const MAX_COOKIE_HEADERS: usize = 8;
 
 /// What the server must know to judge an upgrade.
@@ -103,6 +104,34 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
     if request.version != Some(1) {
         return Decision::Reject(Rejection::BadRequest);
     }
+
+    let mut cookies = [&[][..]; MAX_COOKIE_HEADERS];
+    let mut cookie_count = 0;
+    for header in head
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+        .take(MAX_COOKIE_HEADERS)
+    {
+        cookies[cookie_count] = header.value;
+        cookie_count += 1;
+    }
+    let sources = TokenSources {
+        authorization: head.value("authorization"),
+        cookies: &cookies[..cookie_count],
+        query: query.map(str::as_bytes),
+    };
+    // The token comes before the upgrade headers, as in the Go service: a
+    // monitoring probe's plain `GET /ws` gets 401 `missing token parameter`.
+    // Only its presence is checked here; validation waits until the cheap checks
+    // below have passed.
+    if token_candidates(&sources, rules.cookie_name)
+        .next()
+        .is_none()
+    {
+        return Decision::Reject(Rejection::MissingToken);
+    }
+
     if !head.has_token("upgrade", "websocket") || !head.has_token("connection", "upgrade") {
         return Decision::Reject(Rejection::UpgradeRequired);
     }
@@ -116,48 +145,30 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
     else {
         return Decision::Reject(Rejection::BadKey);
     };
-    if !rules.allowed_origins.is_empty() {
-        let allowed = head.value("origin").is_some_and(|origin| {
-            rules
+    // Browsers always send `Origin` on a WebSocket; a request without one is not
+    // a browser (a native app, a backend, `ws-notify listen`) and is let through,
+    // as gorilla/websocket does. A listed `Origin` is what a cookie token needs.
+    let origin_listed = match head.value("origin") {
+        None => false,
+        Some(origin) => {
+            let listed = rules
                 .allowed_origins
                 .iter()
-                .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin))
-        });
-        if !allowed {
-            return Decision::Reject(Rejection::OriginNotAllowed);
+                .any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin));
+            if !listed && !rules.allowed_origins.is_empty() {
+                return Decision::Reject(Rejection::OriginNotAllowed);
+            }
+            listed
         }
-    }
+    };
     // Checked before the token so that a storm of connections costs no signature checks.
     if counts.open_connections() >= rules.max_connections {
         return Decision::Reject(Rejection::ConnectionLimit);
     }
 
-    let mut cookies = [&[][..]; MAX_COOKIE_HEADERS];
-    let mut cookie_count = 0;
-    for header in head
-        .headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
-    {
-        if cookie_count < MAX_COOKIE_HEADERS {
-            cookies[cookie_count] = header.value;
-            cookie_count += 1;
-        }
-    }
-    let sources = TokenSources {
-        authorization: head.value("authorization"),
-        cookies: &cookies[..cookie_count],
-        query: query.map(str::as_bytes),
-    };
-    let Some(token) = extract_token(&sources, rules.cookie_name) else {
-        return Decision::Reject(Rejection::MissingToken);
-    };
-    let identity = match rules.authenticator.authenticate(&token) {
+    let identity = match first_valid_token(&sources, rules, origin_listed) {
         Ok(identity) => identity,
-        Err(reason) => {
-            log::debug!("token refused: {}", reason.as_str());
-            return Decision::Reject(Rejection::InvalidToken);
-        }
+        Err(rejection) => return Decision::Reject(rejection),
     };
     if rules.max_connections_per_user > 0
         && counts.connections_of(&identity.user_id) >= rules.max_connections_per_user
@@ -170,6 +181,40 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
         user_id: identity.user_id,
         expires_at: identity.expires_at,
     })
+}
+
+/// The first token that validates, trying the sources in the documented order
+/// (at most `MAX_TOKEN_CANDIDATES` signature checks), so a stale cookie does not
+/// hide a valid query token. A cookie counts only with a listed `Origin`
+/// (cross-site WebSocket hijacking); without one it is passed over like an
+/// absent cookie, and if it was the only token the answer is 403.
+fn first_valid_token(
+    sources: &TokenSources<'_>,
+    rules: &HandshakeRules<'_>,
+    origin_listed: bool,
+) -> Result<Identity, Rejection> {
+    let mut refusal = Rejection::MissingToken;
+    for candidate in token_candidates(sources, rules.cookie_name) {
+        if candidate.source == TokenSource::Cookie && !origin_listed {
+            if refusal == Rejection::MissingToken {
+                refusal = Rejection::OriginNotAllowed;
+            }
+            log::debug!("cookie token passed over: no listed Origin");
+            continue;
+        }
+        match rules.authenticator.authenticate(&candidate.token) {
+            Ok(identity) => return Ok(identity),
+            Err(reason) => {
+                log::debug!(
+                    "token refused: {} (from {})",
+                    reason.as_str(),
+                    candidate.source.as_str()
+                );
+                refusal = Rejection::InvalidToken;
+            }
+        }
+    }
+    Err(refusal)
 }
 
 struct Head<'h, 'b> {
@@ -260,11 +305,20 @@ mod tests {
     }
 
     fn decide(head: &[u8], origins: &[String], counts: &Counts) -> Decision {
+        decide_with_cookie(head, origins, None, counts)
+    }
+
+    fn decide_with_cookie(
+        head: &[u8],
+        origins: &[String],
+        cookie_name: Option<&str>,
+        counts: &Counts,
+    ) -> Decision {
         let authenticator = authenticator();
         let rules = HandshakeRules {
             authenticator: &authenticator,
             allowed_origins: origins,
-            cookie_name: None,
+            cookie_name,
             max_connections: 10,
             max_connections_per_user: 2,
         };
@@ -331,34 +385,30 @@ mod tests {
     #[test]
     fn upgrade_errors() {
         let ok = upgrade_head(&format!("/ws?token={}", token("carol")), "");
-        assert_eq!(
-            rejection(ok.replace("GET", "POST").as_bytes()),
-            Some(Rejection::MethodNotAllowed)
-        );
-        assert_eq!(
-            rejection(ok.replace("HTTP/1.1", "HTTP/1.0").as_bytes()),
-            Some(Rejection::BadRequest)
-        );
-        assert_eq!(
-            rejection(ok.replace("Upgrade: websocket", "Upgrade: h2c").as_bytes()),
-            Some(Rejection::UpgradeRequired)
-        );
-        assert_eq!(
-            rejection(ok.replace("Version: 13", "Version: 12").as_bytes()),
-            Some(Rejection::UnsupportedVersion)
-        );
-        assert_eq!(
-            rejection(ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "short").as_bytes()),
-            Some(Rejection::BadKey)
-        );
-        assert_eq!(
-            rejection(upgrade_head("/ws", "").as_bytes()),
-            Some(Rejection::MissingToken)
-        );
-        assert_eq!(
-            rejection(upgrade_head("/ws?token=abc.def.ghi", "").as_bytes()),
-            Some(Rejection::InvalidToken)
-        );
+        let cases = [
+            (ok.replace("GET", "POST"), Rejection::MethodNotAllowed),
+            (ok.replace("HTTP/1.1", "HTTP/1.0"), Rejection::BadRequest),
+            (
+                ok.replace("Upgrade: websocket", "Upgrade: h2c"),
+                Rejection::UpgradeRequired,
+            ),
+            (
+                ok.replace("Version: 13", "Version: 12"),
+                Rejection::UnsupportedVersion,
+            ),
+            (
+                ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"),
+                Rejection::BadKey,
+            ),
+            (upgrade_head("/ws", ""), Rejection::MissingToken),
+            (
+                upgrade_head("/ws?token=abc.def.ghi", ""),
+                Rejection::InvalidToken,
+            ),
+        ];
+        for (head, expected) in cases {
+            assert_eq!(rejection(head.as_bytes()), Some(expected), "{head}");
+        }
     }
 
     #[test]
@@ -369,35 +419,115 @@ mod tests {
         );
         let allowed = ["https://app.example".to_string()];
         let other = ["https://other.example".to_string()];
-        assert!(matches!(
-            decide(head.as_bytes(), &allowed, &NO_LOAD),
-            Decision::Upgrade(_)
-        ));
-        assert_eq!(
-            decide(head.as_bytes(), &other, &NO_LOAD),
-            Decision::Reject(Rejection::OriginNotAllowed)
-        );
         let full = Counts {
             open: 10,
             per_user: 0,
         };
-        assert_eq!(
-            decide(head.as_bytes(), &[], &full),
-            Decision::Reject(Rejection::ConnectionLimit)
-        );
-        // The global limit is checked before the token.
-        assert_eq!(
-            decide(upgrade_head("/ws", "").as_bytes(), &[], &full),
-            Decision::Reject(Rejection::ConnectionLimit)
-        );
         let busy_user = Counts {
             open: 3,
             per_user: 2,
         };
+        // The global limit is checked before the token is validated.
+        let bad_token = upgrade_head("/ws?token=a.b.c", "");
+        let cases: [(&str, &[String], &Counts, Option<Rejection>); 5] = [
+            (&head, &allowed, &NO_LOAD, None),
+            (&head, &other, &NO_LOAD, Some(Rejection::OriginNotAllowed)),
+            (&head, &[], &full, Some(Rejection::ConnectionLimit)),
+            (&bad_token, &[], &full, Some(Rejection::ConnectionLimit)),
+            (&head, &[], &busy_user, Some(Rejection::UserLimit)),
+        ];
+        for (head, origins, counts, expected) in cases {
+            match (decide(head.as_bytes(), origins, counts), expected) {
+                (Decision::Upgrade(_), None) => {}
+                (Decision::Reject(got), Some(expected)) => assert_eq!(got, expected, "{head}"),
+                (got, expected) => panic!("{head}: {got:?}, expected {expected:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn token_presence_is_checked_before_the_upgrade_headers() {
         assert_eq!(
-            decide(head.as_bytes(), &[], &busy_user),
-            Decision::Reject(Rejection::UserLimit)
+            rejection(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Rejection::MissingToken)
         );
+        // Validation waits for the cheap checks.
+        assert_eq!(
+            rejection(b"GET /ws?token=a.b.c HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Rejection::UpgradeRequired)
+        );
+    }
+
+    /// Which user the head upgrades as, or the rejection.
+    fn outcome(target: &str, extra: &str, origins: &[String]) -> Result<String, Rejection> {
+        let head = upgrade_head(target, extra);
+        match decide_with_cookie(head.as_bytes(), origins, Some("jwt"), &NO_LOAD) {
+            Decision::Upgrade(upgrade) => Ok(upgrade.user_id),
+            Decision::Reject(rejection) => Err(rejection),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn first_valid_token_and_cookies_only_from_a_listed_origin() {
+        let listed = ["https://app.example".to_string()];
+        let origin = "Origin: https://app.example\r\n";
+        let (good, other) = (token("cookie-user"), token("query-user"));
+        let query = format!("/ws?token={other}");
+        let cases: Vec<(String, &str, Result<&str, Rejection>)> = vec![
+            (
+                format!("{origin}Cookie: jwt={good}\r\n"),
+                "/ws",
+                Ok("cookie-user"),
+            ),
+            // No Origin: the cookie is passed over.
+            (
+                format!("Cookie: jwt={good}\r\n"),
+                "/ws",
+                Err(Rejection::OriginNotAllowed),
+            ),
+            (format!("Cookie: jwt={good}\r\n"), &query, Ok("query-user")),
+            // A stale cookie does not hide the next source or cookie.
+            (
+                format!("{origin}Cookie: jwt=garbage\r\n"),
+                &query,
+                Ok("query-user"),
+            ),
+            (
+                format!("{origin}Cookie: jwt=; jwt={good}\r\n"),
+                "/ws",
+                Ok("cookie-user"),
+            ),
+            (
+                format!("{origin}Cookie: jwt=garbage\r\n"),
+                "/ws",
+                Err(Rejection::InvalidToken),
+            ),
+            (
+                "Authorization: Bearer x.y.z\r\n".to_string(),
+                &query,
+                Ok("query-user"),
+            ),
+            (
+                "Authorization: Basic eDp5\r\n".to_string(),
+                "/ws",
+                Err(Rejection::MissingToken),
+            ),
+            // No Origin is a non-browser client: let through.
+            (String::new(), &query, Ok("query-user")),
+            (
+                "Origin: https://evil.example\r\n".to_string(),
+                &query,
+                Err(Rejection::OriginNotAllowed),
+            ),
+        ];
+        for (extra, target, expected) in cases {
+            assert_eq!(
+                outcome(target, &extra, &listed),
+                expected.map(str::to_owned),
+                "{target} with {extra:?}"
+            );
+        }
     }
 
     #[test]
