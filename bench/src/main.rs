@@ -1,6 +1,6 @@
-//! ws-notify-bench: the load generator for ws-notify (issue 5, DESIGN.md
-//! section 6). It connects to a running server and to its Redis; it never
-//! starts either.
+//! ws-notify-bench: the load generator for ws-notify, behind the figures of
+//! PERFORMANCE.md (README.md, "Load testing"). It connects to a running
+//! server and to its Redis; it never starts either.
 //!
 //! ```text
 //!  main thread ── sign tokens ── spawn clients ── wait: all open ── hold ── PUBLISH (pipelined) ── drain ── report
@@ -8,13 +8,14 @@
 //!  client thread 0..T: mio Poll ── connect / upgrade / count frames ◄── server ◄──┘ Redis
 //! ```
 //!
-//! The client threads share nothing but a few atomics with the main thread
-//! (progress, open connections per user, the stop flag); each keeps its own
-//! histograms, merged after `join`.
+//! The client threads (`client.rs`, one connection loop for every preset)
+//! share nothing but a few atomics with the main thread (progress, open
+//! connections per user, the stop flag); each keeps its own histograms,
+//! merged after `join`.
 //!
-//! The `soak` preset (issue 3) runs its own loop: `soak.rs` coordinates
-//! (churn, paced publishing, exact expected counts, server RSS/fd samples) and
-//! `soak_client.rs` holds, drains, closes and reopens the connections.
+//! The `soak` preset has its own main thread: `soak.rs` coordinates (churn,
+//! paced publishing, exact expected counts, server RSS/fd samples) and talks
+//! to the same client threads over channels.
 
 // serde_json's `json!` of the soak summary nests deeper than the default 128.
 #![recursion_limit = "256"]
@@ -26,7 +27,6 @@ mod histogram;
 mod publish;
 mod report;
 mod soak;
-mod soak_client;
 mod sock;
 mod token;
 
@@ -34,12 +34,12 @@ use std::error::Error;
 use std::net::Ipv4Addr;
 use std::process;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed, Ordering::SeqCst};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use args::{Command, Options, Preset};
-use client::{Client, Plan, Report, Shared};
+use client::{Mode, Shared};
 use publish::Publisher;
 use report::{CpuMark, Summary};
 
@@ -135,31 +135,15 @@ fn seconds(from: Instant, to: Option<Instant>) -> f64 {
 }
 
 fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
-    let nofile = sock::raise_nofile_limit().map_err(|e| format!("raising RLIMIT_NOFILE: {e}"))?;
-    let fds_needed = if options.churn {
+    let per_connection = if options.churn {
         options.concurrency
     } else {
         options.connections
-    } + 32;
-    if fds_needed as u64 > nofile {
-        eprintln!("warning: open-file limit {nofile} < {fds_needed}: some connections will fail");
-    }
+    };
+    sock::raise_nofile_limit_for(per_connection + 32)?;
     let sources: Arc<[Ipv4Addr]> = source_addresses(options).into();
-    let requests = Arc::new(token::upgrade_requests(options)?);
-    let accept: Arc<[u8]> = tungstenite::handshake::derive_accept_key(frame::WS_KEY.as_bytes())
-        .into_bytes()
-        .into();
-
     let mut publisher = if options.messages > 0 {
-        let mut p = Publisher::connect(&options.redis_url, &options.channel_prefix, options.users)
-            .map_err(|e| format!("Redis {}: {e}", options.redis_url))?;
-        if p.pattern_subscribers()? == 0 {
-            eprintln!(
-                "warning: no pattern subscription on {}: is ws-notify connected to this Redis?",
-                options.redis_url
-            );
-        }
-        Some(p)
+        Some(Publisher::for_options(options)?)
     } else {
         None
     };
@@ -177,31 +161,15 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
     let shared = Arc::new(Shared::new(options.threads, options.users));
     let cpu_start = cpu_mark();
     let start = Instant::now();
-    let churn_until = options.churn.then(|| start + options.duration);
-    let max_in_flight = options.concurrency.div_ceil(options.threads);
-    let mut handles = Vec::with_capacity(options.threads);
-    for thread in 0..options.threads {
-        let plan = Plan {
-            thread,
-            threads: options.threads,
-            connections: options.connections,
-            users: options.users,
-            max_in_flight,
-            churn_until,
-            connect_timeout: options.connect_timeout,
-            server: options.server,
-            sources: sources.clone(),
-            requests: requests.clone(),
-            accept: accept.clone(),
-        };
-        let shared = shared.clone();
-        let client = Client::new(plan, shared)?;
-        handles.push(
-            thread::Builder::new()
-                .name(format!("bench-client-{thread}"))
-                .spawn(move || client.run())?,
-        );
-    }
+    let handles = client::spawn(options, &sources, &shared, |_| {
+        if options.churn {
+            Mode::Churn {
+                until: start + options.duration,
+            }
+        } else {
+            Mode::Hold
+        }
+    })?;
 
     // Connect (hold) or churn until every thread has settled.
     let what = if options.churn {
@@ -294,15 +262,8 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
         None => None,
     };
 
-    shared.stop.store(true, Relaxed);
-    let mut total = Report::default();
-    for handle in handles {
-        let report = handle
-            .join()
-            .map_err(|_| "a client thread panicked")?
-            .map_err(|e| format!("client thread: {e}"))?;
-        total.merge(&report);
-    }
+    shared.stop.store(true, SeqCst);
+    let total = client::join(handles)?;
 
     let (published_count, publish_secs, unheard, deliver_secs) = match &published {
         Some(p) => (

@@ -1,4 +1,4 @@
-//! The soak preset (issue 3): hold N connections for `--duration`, close and
+//! The soak preset: hold N connections for `--duration`, close and
 //! reopen `--churn` of them every second, publish at a steady `--rate` to
 //! users that have connections, and check that every expected message
 //! arrived and that the server's RSS and fd count come back to their
@@ -57,13 +57,11 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::args::Options;
-use crate::client::Failures;
+use crate::client::{self, Close, Ended, Event, Failures, Mode, Report, Shared, StillOpen};
 use crate::histogram::Histogram;
 use crate::publish::Publisher;
 use crate::report::{self, CpuMark, CpuSpan};
-use crate::soak_client::{
-    Close, Ended, Event, SoakClient, SoakPlan, SoakReport, SoakShared, StillOpen,
-};
+use crate::sock;
 
 /// Counters whose change over the run is reported.
 const DELTA_SERIES: [&str; 5] = [
@@ -334,7 +332,7 @@ pub struct SoakSummary {
     pub source_addrs: usize,
     /// Seconds from the start sample to the end of publishing.
     pub run_secs: f64,
-    pub report: SoakReport,
+    pub report: Report,
     pub churn_requested: u64,
     /// Churn ticks that found fewer than `--churn` open slots.
     pub churn_short_ticks: u64,
@@ -438,7 +436,7 @@ impl SoakSummary {
             "run_seconds": (self.run_secs * 10.0).round() / 10.0,
             "opened": r.opened,
             "churn_requested": self.churn_requested,
-            "churn_closed": r.churn_closed,
+            "churn_closed": r.cycles,
             "churn_opened": r.opened.saturating_sub(self.connections as u64),
             "churn_short_ticks": self.churn_short_ticks,
             "drain_timeouts": r.drain_timeouts,
@@ -527,7 +525,7 @@ impl SoakSummary {
             format!(
                 "{} requested, {} closed cleanly, {} opened after start ({} drain timeouts, {} close timeouts, {} short ticks)",
                 self.churn_requested,
-                r.churn_closed,
+                r.cycles,
                 r.opened.saturating_sub(self.connections as u64),
                 r.drain_timeouts,
                 r.close_timeouts,
@@ -668,7 +666,7 @@ impl SoakSummary {
 /// The main thread's state while the soak runs.
 struct Coordinator<'a> {
     options: &'a Options,
-    shared: Arc<SoakShared>,
+    shared: Arc<Shared>,
     events: Receiver<Event>,
     commands: Vec<Sender<Close>>,
     publisher: Publisher,
@@ -979,58 +977,24 @@ pub fn run(
     options: &Options,
     sources: Arc<[std::net::Ipv4Addr]>,
 ) -> Result<SoakSummary, Box<dyn Error>> {
-    let nofile =
-        crate::sock::raise_nofile_limit().map_err(|e| format!("raising RLIMIT_NOFILE: {e}"))?;
-    let fds_needed = options.connections + options.concurrency + 32;
-    if fds_needed as u64 > nofile {
-        eprintln!("warning: open-file limit {nofile} < {fds_needed}: some connections will fail");
-    }
+    sock::raise_nofile_limit_for(options.connections + options.concurrency + 32)?;
     if options.server_pid.is_none() {
         eprintln!("warning: no --server-pid: server RSS and fds are not sampled");
     }
-    let requests = Arc::new(crate::token::upgrade_requests(options)?);
-    let accept: Arc<[u8]> =
-        tungstenite::handshake::derive_accept_key(crate::frame::WS_KEY.as_bytes())
-            .into_bytes()
-            .into();
-    let mut publisher =
-        Publisher::connect(&options.redis_url, &options.channel_prefix, options.users)
-            .map_err(|e| format!("Redis {}: {e}", options.redis_url))?;
-    if publisher.pattern_subscribers()? == 0 {
-        eprintln!(
-            "warning: no pattern subscription on {}: is ws-notify connected to this Redis?",
-            options.redis_url
-        );
-    }
+    let publisher = Publisher::for_options(options)?;
 
-    let shared = Arc::new(SoakShared::new(options.threads));
+    let shared = Arc::new(Shared::new(options.threads, options.users));
     let (event_tx, events) = mpsc::channel();
     let mut commands = Vec::with_capacity(options.threads);
-    let mut handles = Vec::with_capacity(options.threads);
     let cpu_start = CpuMark::take(options.server_pid, options.redis_pid);
-    for thread in 0..options.threads {
-        let plan = SoakPlan {
-            thread,
-            threads: options.threads,
-            connections: options.connections,
-            users: options.users,
-            max_in_flight: options.concurrency.div_ceil(options.threads),
-            connect_timeout: options.connect_timeout,
-            close_timeout: options.close_timeout,
-            server: options.server,
-            sources: sources.clone(),
-            requests: requests.clone(),
-            accept: accept.clone(),
-        };
+    let handles = client::spawn(options, &sources, &shared, |_| {
         let (tx, rx) = mpsc::channel();
         commands.push(tx);
-        let client = SoakClient::new(plan, shared.clone(), rx, event_tx.clone())?;
-        handles.push(
-            thread::Builder::new()
-                .name(format!("bench-soak-{thread}"))
-                .spawn(move || client.run())?,
-        );
-    }
+        Mode::Soak {
+            commands: rx,
+            events: event_tx.clone(),
+        }
+    })?;
     drop(event_tx);
 
     let mut co = Coordinator {
@@ -1061,19 +1025,9 @@ pub fn run(
     let cpu = CpuMark::take(options.server_pid, options.redis_pid).since(&cpu_start);
 
     shared.stop.store(true, SeqCst);
-    let mut total = SoakReport::default();
-    let mut thread_error = None;
-    for handle in handles {
-        match handle.join() {
-            Ok(Ok(report)) => total.merge(report),
-            Ok(Err(e)) => thread_error = Some(format!("client thread: {e}")),
-            Err(_) => thread_error = Some("a client thread panicked".into()),
-        }
-    }
+    let joined = client::join(handles);
     outcome?;
-    if let Some(e) = thread_error {
-        return Err(e.into());
-    }
+    let mut total = joined?;
     // Events sent before the threads stopped, then the connections still open.
     co.absorb_events();
     let still_open = std::mem::take(&mut total.still_open);
