@@ -54,6 +54,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use serde_json::{Value, json};
 use slab::Slab;
 
 use crate::args::{Options, Preset};
@@ -256,6 +257,47 @@ impl Failures {
             + self.timeout
             + self.closed
             + self.protocol
+    }
+
+    /// For the JSON line: each reason, the statuses by code.
+    pub fn to_json(&self) -> Value {
+        let status: serde_json::Map<String, Value> = self
+            .status
+            .iter()
+            .map(|(code, n)| (code.to_string(), (*n).into()))
+            .collect();
+        json!({
+            "socket": self.socket,
+            "connect": self.connect,
+            "status": status,
+            "timeout": self.timeout,
+            "closed": self.closed,
+            "protocol": self.protocol,
+        })
+    }
+
+    /// For the table: `0`, or the total and the reasons that occurred.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (name, n) in [
+            ("socket", self.socket),
+            ("connect", self.connect),
+            ("timeout", self.timeout),
+            ("closed", self.closed),
+            ("protocol", self.protocol),
+        ] {
+            if n > 0 {
+                parts.push(format!("{name} {n}"));
+            }
+        }
+        for (code, n) in &self.status {
+            parts.push(format!("HTTP {code}: {n}"));
+        }
+        if parts.is_empty() {
+            "0".to_string()
+        } else {
+            format!("{} ({})", self.total(), parts.join(", "))
+        }
     }
 }
 

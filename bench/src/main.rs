@@ -42,6 +42,7 @@ use args::{Command, Options, Preset};
 use client::{Mode, Shared};
 use publish::Publisher;
 use report::{CpuMark, Summary};
+use serde_json::Value;
 
 /// How often the main thread checks the client threads' progress.
 const PROGRESS_TICK: Duration = Duration::from_millis(2);
@@ -60,29 +61,28 @@ fn main() {
             process::exit(2);
         }
     };
-    if options.preset == Preset::Soak {
-        match soak::run(&options, source_addresses(&options).into()) {
-            Ok(summary) => {
-                println!("{}", summary.to_json());
-                eprint!("{}", summary.to_table());
-                process::exit(if summary.complete() { 0 } else { 3 });
-            }
-            Err(e) => {
-                eprintln!("ws-notify-bench: {e}");
-                process::exit(1);
-            }
-        }
-    }
-    match run(&options) {
-        Ok(summary) => {
-            println!("{}", summary.to_json());
-            eprint!("{}", summary.to_table());
-            process::exit(if summary.complete() { 0 } else { 3 });
+    match measure(&options) {
+        Ok((json, table, complete)) => {
+            println!("{json}");
+            eprint!("{table}");
+            process::exit(if complete { 0 } else { 3 });
         }
         Err(e) => {
             eprintln!("ws-notify-bench: {e}");
             process::exit(1);
         }
+    }
+}
+
+/// Runs the preset: the JSON line, the table, and whether the run was complete.
+fn measure(options: &Options) -> Result<(Value, String, bool), Box<dyn Error>> {
+    let sources: Arc<[Ipv4Addr]> = source_addresses(options).into();
+    if options.preset == Preset::Soak {
+        let summary = soak::run(options, sources)?;
+        Ok((summary.to_json(), summary.to_table(), summary.complete()))
+    } else {
+        let summary = run(options, sources)?;
+        Ok((summary.to_json(), summary.to_table(), summary.complete()))
     }
 }
 
@@ -134,14 +134,13 @@ fn seconds(from: Instant, to: Option<Instant>) -> f64 {
     to.map_or(0.0, |to| to.saturating_duration_since(from).as_secs_f64())
 }
 
-fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
+fn run(options: &Options, sources: Arc<[Ipv4Addr]>) -> Result<Summary, Box<dyn Error>> {
     let per_connection = if options.churn {
         options.concurrency
     } else {
         options.connections
     };
     sock::raise_nofile_limit_for(per_connection + 32)?;
-    let sources: Arc<[Ipv4Addr]> = source_addresses(options).into();
     let mut publisher = if options.messages > 0 {
         Some(Publisher::for_options(options)?)
     } else {
@@ -226,27 +225,9 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
         );
         let cpu_before = cpu_mark();
         let p = publisher.run(options.messages, options.rate, options.batch)?;
-        // Wait for every delivery, or until none arrives for --drain-timeout.
-        let mut seen = 0;
-        let mut progress_at = Instant::now();
-        loop {
-            let delivered = shared.sum(|c| &c.delivered);
-            if delivered >= expected {
-                break;
-            }
-            let now = Instant::now();
-            if delivered != seen {
-                seen = delivered;
-                progress_at = now;
-            } else if now.duration_since(progress_at) >= options.drain_timeout {
-                eprintln!(
-                    "drain timeout: {delivered} of {expected} delivered, none for {:.1} s",
-                    options.drain_timeout.as_secs_f64()
-                );
-                break;
-            }
-            thread::sleep(PROGRESS_TICK);
-        }
+        publish::wait_for_deliveries(options.drain_timeout, PROGRESS_TICK, || {
+            (shared.sum(|c| &c.delivered), expected)
+        });
         cpu_publish = Some(cpu_mark().since(&cpu_before));
         published = Some(p);
     }

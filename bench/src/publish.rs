@@ -136,3 +136,33 @@ fn bench_payload(out: &mut String, seq: u64, t: u64) {
         r#"{{"type":"bench","payload":{{"seq":{seq},"t":{t}}}}}"#
     );
 }
+
+/// Waits until every expected message was delivered, or until none arrived
+/// for `timeout`. `counts` returns (delivered, expected) so far; it is asked
+/// every `nap`.
+pub fn wait_for_deliveries(
+    timeout: Duration,
+    nap: Duration,
+    mut counts: impl FnMut() -> (u64, u64),
+) {
+    let (mut seen, _) = counts();
+    let mut progress_at = Instant::now();
+    loop {
+        let (delivered, expected) = counts();
+        if delivered >= expected {
+            return;
+        }
+        let now = Instant::now();
+        if delivered != seen {
+            seen = delivered;
+            progress_at = now;
+        } else if now.duration_since(progress_at) >= timeout {
+            eprintln!(
+                "drain timeout: {delivered} of {expected} delivered, none for {:.1} s",
+                timeout.as_secs_f64()
+            );
+            return;
+        }
+        thread::sleep(nap);
+    }
+}

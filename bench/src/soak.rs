@@ -47,7 +47,6 @@
 
 use std::collections::BTreeMap;
 use std::error::Error;
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -57,10 +56,9 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::args::Options;
-use crate::client::{self, Close, Ended, Event, Failures, Mode, Report, Shared, StillOpen};
-use crate::histogram::Histogram;
-use crate::publish::Publisher;
-use crate::report::{self, CpuMark, CpuSpan};
+use crate::client::{self, Close, Ended, Event, Mode, Report, Shared, StillOpen};
+use crate::publish::{self, Publisher};
+use crate::report::{self, CpuMark, CpuSpan, Table};
 use crate::sock;
 
 /// Counters whose change over the run is reported.
@@ -387,10 +385,6 @@ impl SoakSummary {
             && self.anomalies == 0
     }
 
-    fn failures(&self) -> &Failures {
-        &self.report.failures
-    }
-
     fn metric(&self, name: &str) -> Option<f64> {
         self.server_metrics.as_ref()?.get(name).copied()
     }
@@ -419,11 +413,7 @@ impl SoakSummary {
     }
 
     pub fn to_json(&self) -> Value {
-        let f = self.failures();
-        let mut status = serde_json::Map::new();
-        for (code, n) in &f.status {
-            status.insert(code.to_string(), (*n).into());
-        }
+        let f = &self.report.failures;
         let r = &self.report;
         json!({
             "preset": "soak",
@@ -442,14 +432,7 @@ impl SoakSummary {
             "drain_timeouts": r.drain_timeouts,
             "close_timeouts": r.close_timeouts,
             "failed": f.total(),
-            "failures": {
-                "socket": f.socket,
-                "connect": f.connect,
-                "status": status,
-                "timeout": f.timeout,
-                "closed": f.closed,
-                "protocol": f.protocol,
-            },
+            "failures": f.to_json(),
             "lost": r.lost,
             "handshake_us": report::quantiles(&r.handshake),
             "published": self.published,
@@ -475,12 +458,7 @@ impl SoakSummary {
             "server_rss_kib": self.band(|s| s.rss_kib),
             "server_fds": self.band(|s| s.fds),
             "samples": self.samples.iter().map(Sample::to_json).collect::<Vec<_>>(),
-            "cpu_seconds": {
-                "wall": (self.cpu.wall * 1000.0).round() / 1000.0,
-                "bench": (self.cpu.bench * 1000.0).round() / 1000.0,
-                "server": self.cpu.server.map(|v| (v * 1000.0).round() / 1000.0),
-                "redis": self.cpu.redis.map(|v| (v * 1000.0).round() / 1000.0),
-            },
+            "cpu_seconds": self.cpu.to_json(),
             "metrics_error": self.metrics_error,
             "other_frames": r.other_frames,
             "pings": r.pings,
@@ -491,23 +469,9 @@ impl SoakSummary {
     }
 
     pub fn to_table(&self) -> String {
-        let mut t = String::new();
-        let mut row = |name: &str, value: String| {
-            let _ = writeln!(t, "  {name:<26} {value}");
-        };
+        let mut t = Table::default();
         let r = &self.report;
-        let hist = |h: &Histogram| {
-            format!(
-                "p50 {} | p90 {} | p99 {} | p99.9 {} | max {}  (n={})",
-                h.quantile(0.5),
-                h.quantile(0.9),
-                h.quantile(0.99),
-                h.quantile(0.999),
-                h.max(),
-                h.count()
-            )
-        };
-        row(
+        t.row(
             "preset",
             format!(
                 "soak: {} connections, {} users, churn {}/s, {} msg/s, {:.0} s ({} threads, {} source addr)",
@@ -520,7 +484,7 @@ impl SoakSummary {
                 self.source_addrs
             ),
         );
-        row(
+        t.row(
             "churn",
             format!(
                 "{} requested, {} closed cleanly, {} opened after start ({} drain timeouts, {} close timeouts, {} short ticks)",
@@ -532,33 +496,10 @@ impl SoakSummary {
                 self.churn_short_ticks
             ),
         );
-        let f = self.failures();
-        let mut fails = vec![];
-        for (name, n) in [
-            ("socket", f.socket),
-            ("connect", f.connect),
-            ("timeout", f.timeout),
-            ("closed", f.closed),
-            ("protocol", f.protocol),
-        ] {
-            if n > 0 {
-                fails.push(format!("{name} {n}"));
-            }
-        }
-        for (code, n) in &f.status {
-            fails.push(format!("HTTP {code}: {n}"));
-        }
-        row(
-            "failed handshakes",
-            if fails.is_empty() {
-                "0".to_string()
-            } else {
-                format!("{} ({})", f.total(), fails.join(", "))
-            },
-        );
-        row("lost while open", r.lost.to_string());
-        row("handshake us", hist(&r.handshake));
-        row(
+        t.row("failed handshakes", self.report.failures.describe());
+        t.row("lost while open", r.lost.to_string());
+        t.row("handshake us", report::describe(&r.handshake));
+        t.row(
             "published",
             format!(
                 "{} ({:.0}/s; {} heard by no subscriber; {} slots with no eligible user)",
@@ -568,37 +509,37 @@ impl SoakSummary {
                 self.skipped
             ),
         );
-        row(
+        t.row(
             "delivered / expected",
             format!(
                 "{} / {} (missing {}, extra {}, {} connections short)",
                 self.delivered, self.expected, self.missing, self.extra, self.short_connections
             ),
         );
-        row(
+        t.row(
             "excluded",
             format!(
                 "{} published around an open, {} after our close frame",
                 r.before_open, r.after_close
             ),
         );
-        row("latency us", hist(&r.latency));
+        t.row("latency us", report::describe(&r.latency));
         match (
             self.reasons("ws_notify_messages_dropped_total"),
             self.reasons("ws_notify_disconnects_total"),
         ) {
             (Some(drops), Some(disconnects)) => {
-                row("server drops (this run)", describe_reasons(&drops));
-                row("server disconnects", describe_reasons(&disconnects));
+                t.row("server drops (this run)", describe_reasons(&drops));
+                t.row("server disconnects", describe_reasons(&disconnects));
                 if let Some(rejected) = self.reasons("ws_notify_connections_rejected_total") {
-                    row("server rejections", describe_reasons(&rejected));
+                    t.row("server rejections", describe_reasons(&rejected));
                 }
                 if let (Some(a), Some(rc), Some(d)) = (
                     self.metric("ws_notify_connections_accepted_total"),
                     self.metric("ws_notify_messages_received_total"),
                     self.metric("ws_notify_messages_delivered_total"),
                 ) {
-                    row(
+                    t.row(
                         "server accepted/recv/sent",
                         format!("{a} upgrades, {rc} messages received, {d} deliveries"),
                     );
@@ -607,17 +548,17 @@ impl SoakSummary {
                     .metric("ws_notify_redis_reconnects_total")
                     .filter(|n| *n > 0.0)
                 {
-                    row("server Redis reconnects", n.to_string());
+                    t.row("server Redis reconnects", n.to_string());
                 }
             }
-            _ => row(
+            _ => t.row(
                 "server /metrics",
                 self.metrics_error.clone().unwrap_or("not read".into()),
             ),
         }
         let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
         for s in &self.samples {
-            row(
+            t.row(
                 &format!("server at {}", s.label),
                 format!(
                     "t {:>6.1} s | RSS {} KiB | fds {} | server conns {} | bench open {}",
@@ -637,7 +578,7 @@ impl SoakSummary {
                 })
             };
             let max = |f: fn(&Sample) -> Option<u64>| opt(self.held().filter_map(f).max());
-            row(
+            t.row(
                 "server end - start",
                 format!(
                     "RSS {} KiB (max {} KiB) | fds {} (max {})",
@@ -648,9 +589,9 @@ impl SoakSummary {
                 ),
             );
         }
-        row("cpu", self.cpu.describe());
+        t.row("cpu", self.cpu.describe());
         if r.other_frames + r.pings + r.masked_frames + self.anomalies > 0 {
-            row(
+            t.row(
                 "other",
                 format!(
                     "{} other text frames, {} pings, {} masked frames, {} bench anomalies",
@@ -658,8 +599,8 @@ impl SoakSummary {
                 ),
             );
         }
-        row("complete", self.complete().to_string());
-        t
+        t.row("complete", self.complete().to_string());
+        t.finish()
     }
 }
 
@@ -942,29 +883,10 @@ impl Coordinator<'_> {
                 SETTLE_LIMIT.as_secs()
             );
         }
-        // Wait for every expected delivery, or until none arrives for --drain-timeout.
-        let mut seen = self.delivered_now();
-        let mut progress_at = Instant::now();
-        loop {
+        publish::wait_for_deliveries(options.drain_timeout, MAX_NAP, || {
             self.absorb_events();
-            let delivered = self.delivered_now();
-            let expected = self.ledger.expected_now(self.issued);
-            if delivered >= expected {
-                break;
-            }
-            let now = Instant::now();
-            if delivered != seen {
-                seen = delivered;
-                progress_at = now;
-            } else if now.duration_since(progress_at) >= options.drain_timeout {
-                eprintln!(
-                    "drain timeout: {delivered} of {expected} delivered, none for {:.1} s",
-                    options.drain_timeout.as_secs_f64()
-                );
-                break;
-            }
-            thread::sleep(MAX_NAP);
-        }
+            (self.delivered_now(), self.ledger.expected_now(self.issued))
+        });
         self.progress(start.elapsed().as_secs_f64());
         self.sample("end".into());
         self.metrics_after = self.scrape_deltas();
