@@ -13,7 +13,7 @@
 //! connections per user, the stop flag); each keeps its own histograms,
 //! merged after `join`.
 //!
-//! The `soak` preset has its own main thread: `soak.rs` coordinates (churn,
+//! The `soak` preset has its own main thread: `soak/` coordinates (churn,
 //! paced publishing, exact expected counts, server RSS/fd samples) and talks
 //! to the same client threads over channels.
 
@@ -22,6 +22,7 @@
 
 mod args;
 mod client;
+mod counts;
 mod frame;
 mod histogram;
 mod publish;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::client::Failures;
+use crate::counts::Failures;
 use crate::histogram::Histogram;
 
 /// Resident set size of `pid` in KiB (`VmRSS` in /proc/<pid>/status).
