@@ -7,10 +7,18 @@
 # Build stage: a release binary from the locked dependencies. BuildKit cache
 # mounts keep the crate registry and target/ between builds, so a code change
 # does not recompile every dependency.
+#
+# The root manifest is a workspace whose member bench/ is the load tool. Cargo
+# reads every member's manifest before it builds anything, but only the sources
+# of the package it builds: bench/Cargo.toml comes along, bench/src does not, so
+# a change to the load tool does not invalidate this build. .ci/check-docker-context
+# runs this stage's COPY lines and cargo build on exactly the files .dockerignore
+# admits.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+COPY bench/Cargo.toml ./bench/
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin ws-notify \

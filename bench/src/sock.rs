@@ -94,8 +94,18 @@ pub fn connect(dst: SocketAddrV4, src: Option<Ipv4Addr>) -> io::Result<TcpStream
     Ok(stream)
 }
 
+/// Raises the soft open-file limit to the hard limit and warns when it is
+/// below the `needed` descriptors.
+pub fn raise_nofile_limit_for(needed: usize) -> Result<(), String> {
+    let nofile = raise_nofile_limit().map_err(|e| format!("raising RLIMIT_NOFILE: {e}"))?;
+    if needed as u64 > nofile {
+        eprintln!("warning: open-file limit {nofile} < {needed}: some connections will fail");
+    }
+    Ok(())
+}
+
 /// Raises the soft open-file limit to the hard limit; returns the new soft limit.
-pub fn raise_nofile_limit() -> io::Result<u64> {
+fn raise_nofile_limit() -> io::Result<u64> {
     // SAFETY: rlimit is plain old data filled in by getrlimit.
     let mut limit: libc::rlimit = unsafe { mem::zeroed() };
     // SAFETY: valid resource id and pointer.

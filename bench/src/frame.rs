@@ -34,6 +34,11 @@ pub const CONNECTED_PREFIX: &[u8] = br#"{"type":"connected""#;
 /// a constant lets the client check the answer with one comparison).
 pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 
+/// The `Sec-WebSocket-Accept` a server answers to `WS_KEY`: base64 of the
+/// SHA-1 of the key and the RFC's GUID (`WS_KEY` is the sample nonce of RFC
+/// 6455 section 1.3, and this is the answer the RFC gives for it).
+const WS_ACCEPT: &[u8] = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
 /// A parsed frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FrameHead {
@@ -155,7 +160,7 @@ pub enum Upgrade {
 }
 
 /// Checks the server's answer to the upgrade request in `buf`.
-pub fn parse_upgrade(buf: &[u8], accept: &[u8]) -> Upgrade {
+pub fn parse_upgrade(buf: &[u8]) -> Upgrade {
     let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
         return Upgrade::Partial;
     };
@@ -167,7 +172,7 @@ pub fn parse_upgrade(buf: &[u8], accept: &[u8]) -> Upgrade {
     if status != 101 {
         return Upgrade::Refused(status);
     }
-    if !head.windows(accept.len()).any(|w| w == accept) {
+    if !head.windows(WS_ACCEPT.len()).any(|w| w == WS_ACCEPT) {
         return Upgrade::Refused(0);
     }
     Upgrade::Switched(end + 4)
@@ -234,14 +239,19 @@ mod tests {
     }
 
     #[test]
+    fn accept_key_answers_the_key() {
+        let derived = tungstenite::handshake::derive_accept_key(WS_KEY.as_bytes());
+        assert_eq!(derived.as_bytes(), WS_ACCEPT);
+    }
+
+    #[test]
     fn checks_the_upgrade_answer() {
-        let accept = b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
         let ok = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n\x81\x00";
-        assert_eq!(parse_upgrade(ok, accept), Upgrade::Switched(ok.len() - 2));
-        assert_eq!(parse_upgrade(&ok[..20], accept), Upgrade::Partial);
+        assert_eq!(parse_upgrade(ok), Upgrade::Switched(ok.len() - 2));
+        assert_eq!(parse_upgrade(&ok[..20]), Upgrade::Partial);
         let busy = b"HTTP/1.1 503 Service Unavailable\r\n\r\n{}";
-        assert_eq!(parse_upgrade(busy, accept), Upgrade::Refused(503));
+        assert_eq!(parse_upgrade(busy), Upgrade::Refused(503));
         let wrong = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: nope\r\n\r\n";
-        assert_eq!(parse_upgrade(wrong, accept), Upgrade::Refused(0));
+        assert_eq!(parse_upgrade(wrong), Upgrade::Refused(0));
     }
 }

@@ -2,12 +2,14 @@
 //! for k in 0..M, pipelined in batches, optionally paced to a fixed rate.
 //! Runs on the main thread with a blocking Redis connection.
 
+use std::error::Error;
 use std::fmt::Write as _;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use redis::{Connection, RedisResult};
 
+use crate::args::Options;
 use crate::client::unix_micros;
 use crate::token::user_id;
 
@@ -29,7 +31,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn connect(url: &str, prefix: &str, users: usize) -> RedisResult<Publisher> {
+    fn connect(url: &str, prefix: &str, users: usize) -> RedisResult<Publisher> {
         let con = redis::Client::open(url)?.get_connection()?;
         let channels = (0..users)
             .map(|u| format!("{prefix}{}", user_id(u)))
@@ -37,8 +39,21 @@ impl Publisher {
         Ok(Publisher { con, channels })
     }
 
+    /// Connects to `--redis-url` and warns when no gateway is subscribed there.
+    pub fn for_options(options: &Options) -> Result<Publisher, Box<dyn Error>> {
+        let mut p = Publisher::connect(&options.redis_url, &options.channel_prefix, options.users)
+            .map_err(|e| format!("Redis {}: {e}", options.redis_url))?;
+        if p.pattern_subscribers()? == 0 {
+            eprintln!(
+                "warning: no pattern subscription on {}: is ws-notify connected to this Redis?",
+                options.redis_url
+            );
+        }
+        Ok(p)
+    }
+
     /// Pattern subscriptions on the Redis server (the gateway holds one).
-    pub fn pattern_subscribers(&mut self) -> RedisResult<i64> {
+    fn pattern_subscribers(&mut self) -> RedisResult<i64> {
         redis::cmd("PUBSUB").arg("NUMPAT").query(&mut self.con)
     }
 
@@ -120,4 +135,34 @@ fn bench_payload(out: &mut String, seq: u64, t: u64) {
         out,
         r#"{{"type":"bench","payload":{{"seq":{seq},"t":{t}}}}}"#
     );
+}
+
+/// Waits until every expected message was delivered, or until none arrived
+/// for `timeout`. `counts` returns (delivered, expected) so far; it is asked
+/// every `nap`.
+pub fn wait_for_deliveries(
+    timeout: Duration,
+    nap: Duration,
+    mut counts: impl FnMut() -> (u64, u64),
+) {
+    let (mut seen, _) = counts();
+    let mut progress_at = Instant::now();
+    loop {
+        let (delivered, expected) = counts();
+        if delivered >= expected {
+            return;
+        }
+        let now = Instant::now();
+        if delivered != seen {
+            seen = delivered;
+            progress_at = now;
+        } else if now.duration_since(progress_at) >= timeout {
+            eprintln!(
+                "drain timeout: {delivered} of {expected} delivered, none for {:.1} s",
+                timeout.as_secs_f64()
+            );
+            return;
+        }
+        thread::sleep(nap);
+    }
 }

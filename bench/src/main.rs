@@ -1,6 +1,6 @@
-//! ws-notify-bench: the load generator for ws-notify (issue 5, DESIGN.md
-//! section 6). It connects to a running server and to its Redis; it never
-//! starts either.
+//! ws-notify-bench: the load generator for ws-notify, behind the figures of
+//! PERFORMANCE.md (README.md, "Load testing"). It connects to a running
+//! server and to its Redis; it never starts either.
 //!
 //! ```text
 //!  main thread ── sign tokens ── spawn clients ── wait: all open ── hold ── PUBLISH (pipelined) ── drain ── report
@@ -8,25 +8,26 @@
 //!  client thread 0..T: mio Poll ── connect / upgrade / count frames ◄── server ◄──┘ Redis
 //! ```
 //!
-//! The client threads share nothing but a few atomics with the main thread
-//! (progress, open connections per user, the stop flag); each keeps its own
-//! histograms, merged after `join`.
+//! The client threads (`client.rs`, one connection loop for every preset)
+//! share nothing but a few atomics with the main thread (progress, open
+//! connections per user, the stop flag); each keeps its own histograms,
+//! merged after `join`.
 //!
-//! The `soak` preset (issue 3) runs its own loop: `soak.rs` coordinates
-//! (churn, paced publishing, exact expected counts, server RSS/fd samples) and
-//! `soak_client.rs` holds, drains, closes and reopens the connections.
+//! The `soak` preset has its own main thread: `soak/` coordinates (churn,
+//! paced publishing, exact expected counts, server RSS/fd samples) and talks
+//! to the same client threads over channels.
 
 // serde_json's `json!` of the soak summary nests deeper than the default 128.
 #![recursion_limit = "256"]
 
 mod args;
 mod client;
+mod counts;
 mod frame;
 mod histogram;
 mod publish;
 mod report;
 mod soak;
-mod soak_client;
 mod sock;
 mod token;
 
@@ -34,14 +35,15 @@ use std::error::Error;
 use std::net::Ipv4Addr;
 use std::process;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed, Ordering::SeqCst};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use args::{Command, Options, Preset};
-use client::{Client, Plan, Report, Shared};
+use client::{Mode, Shared};
 use publish::Publisher;
 use report::{CpuMark, Summary};
+use serde_json::Value;
 
 /// How often the main thread checks the client threads' progress.
 const PROGRESS_TICK: Duration = Duration::from_millis(2);
@@ -60,29 +62,28 @@ fn main() {
             process::exit(2);
         }
     };
-    if options.preset == Preset::Soak {
-        match soak::run(&options, source_addresses(&options).into()) {
-            Ok(summary) => {
-                println!("{}", summary.to_json());
-                eprint!("{}", summary.to_table());
-                process::exit(if summary.complete() { 0 } else { 3 });
-            }
-            Err(e) => {
-                eprintln!("ws-notify-bench: {e}");
-                process::exit(1);
-            }
-        }
-    }
-    match run(&options) {
-        Ok(summary) => {
-            println!("{}", summary.to_json());
-            eprint!("{}", summary.to_table());
-            process::exit(if summary.complete() { 0 } else { 3 });
+    match measure(&options) {
+        Ok((json, table, complete)) => {
+            println!("{json}");
+            eprint!("{table}");
+            process::exit(if complete { 0 } else { 3 });
         }
         Err(e) => {
             eprintln!("ws-notify-bench: {e}");
             process::exit(1);
         }
+    }
+}
+
+/// Runs the preset: the JSON line, the table, and whether the run was complete.
+fn measure(options: &Options) -> Result<(Value, String, bool), Box<dyn Error>> {
+    let sources: Arc<[Ipv4Addr]> = source_addresses(options).into();
+    if options.preset == Preset::Soak {
+        let summary = soak::run(options, sources)?;
+        Ok((summary.to_json(), summary.to_table(), summary.complete()))
+    } else {
+        let summary = run(options, sources)?;
+        Ok((summary.to_json(), summary.to_table(), summary.complete()))
     }
 }
 
@@ -134,32 +135,15 @@ fn seconds(from: Instant, to: Option<Instant>) -> f64 {
     to.map_or(0.0, |to| to.saturating_duration_since(from).as_secs_f64())
 }
 
-fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
-    let nofile = sock::raise_nofile_limit().map_err(|e| format!("raising RLIMIT_NOFILE: {e}"))?;
-    let fds_needed = if options.churn {
+fn run(options: &Options, sources: Arc<[Ipv4Addr]>) -> Result<Summary, Box<dyn Error>> {
+    let per_connection = if options.churn {
         options.concurrency
     } else {
         options.connections
-    } + 32;
-    if fds_needed as u64 > nofile {
-        eprintln!("warning: open-file limit {nofile} < {fds_needed}: some connections will fail");
-    }
-    let sources: Arc<[Ipv4Addr]> = source_addresses(options).into();
-    let requests = Arc::new(token::upgrade_requests(options)?);
-    let accept: Arc<[u8]> = tungstenite::handshake::derive_accept_key(frame::WS_KEY.as_bytes())
-        .into_bytes()
-        .into();
-
+    };
+    sock::raise_nofile_limit_for(per_connection + 32)?;
     let mut publisher = if options.messages > 0 {
-        let mut p = Publisher::connect(&options.redis_url, &options.channel_prefix, options.users)
-            .map_err(|e| format!("Redis {}: {e}", options.redis_url))?;
-        if p.pattern_subscribers()? == 0 {
-            eprintln!(
-                "warning: no pattern subscription on {}: is ws-notify connected to this Redis?",
-                options.redis_url
-            );
-        }
-        Some(p)
+        Some(Publisher::for_options(options)?)
     } else {
         None
     };
@@ -177,31 +161,15 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
     let shared = Arc::new(Shared::new(options.threads, options.users));
     let cpu_start = cpu_mark();
     let start = Instant::now();
-    let churn_until = options.churn.then(|| start + options.duration);
-    let max_in_flight = options.concurrency.div_ceil(options.threads);
-    let mut handles = Vec::with_capacity(options.threads);
-    for thread in 0..options.threads {
-        let plan = Plan {
-            thread,
-            threads: options.threads,
-            connections: options.connections,
-            users: options.users,
-            max_in_flight,
-            churn_until,
-            connect_timeout: options.connect_timeout,
-            server: options.server,
-            sources: sources.clone(),
-            requests: requests.clone(),
-            accept: accept.clone(),
-        };
-        let shared = shared.clone();
-        let client = Client::new(plan, shared)?;
-        handles.push(
-            thread::Builder::new()
-                .name(format!("bench-client-{thread}"))
-                .spawn(move || client.run())?,
-        );
-    }
+    let handles = client::spawn(options, &sources, &shared, |_| {
+        if options.churn {
+            Mode::Churn {
+                until: start + options.duration,
+            }
+        } else {
+            Mode::Hold
+        }
+    })?;
 
     // Connect (hold) or churn until every thread has settled.
     let what = if options.churn {
@@ -258,27 +226,9 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
         );
         let cpu_before = cpu_mark();
         let p = publisher.run(options.messages, options.rate, options.batch)?;
-        // Wait for every delivery, or until none arrives for --drain-timeout.
-        let mut seen = 0;
-        let mut progress_at = Instant::now();
-        loop {
-            let delivered = shared.sum(|c| &c.delivered);
-            if delivered >= expected {
-                break;
-            }
-            let now = Instant::now();
-            if delivered != seen {
-                seen = delivered;
-                progress_at = now;
-            } else if now.duration_since(progress_at) >= options.drain_timeout {
-                eprintln!(
-                    "drain timeout: {delivered} of {expected} delivered, none for {:.1} s",
-                    options.drain_timeout.as_secs_f64()
-                );
-                break;
-            }
-            thread::sleep(PROGRESS_TICK);
-        }
+        publish::wait_for_deliveries(options.drain_timeout, PROGRESS_TICK, || {
+            (shared.sum(|c| &c.delivered), expected)
+        });
         cpu_publish = Some(cpu_mark().since(&cpu_before));
         published = Some(p);
     }
@@ -294,15 +244,8 @@ fn run(options: &Options) -> Result<Summary, Box<dyn Error>> {
         None => None,
     };
 
-    shared.stop.store(true, Relaxed);
-    let mut total = Report::default();
-    for handle in handles {
-        let report = handle
-            .join()
-            .map_err(|_| "a client thread panicked")?
-            .map_err(|e| format!("client thread: {e}"))?;
-        total.merge(&report);
-    }
+    shared.stop.store(true, SeqCst);
+    let total = client::join(handles)?;
 
     let (published_count, publish_secs, unheard, deliver_secs) = match &published {
         Some(p) => (

@@ -58,7 +58,7 @@ Exit status: 0 when every connection opened and every expected message arrived,
 3 when not, 2 for a usage error, 1 when Redis or the server could not be used.
 ";
 
-/// A named scenario (DESIGN.md section 6).
+/// A named scenario (README.md, "Load testing").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Preset {
     Custom,

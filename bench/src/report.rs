@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::client::Failures;
+use crate::counts::Failures;
 use crate::histogram::Histogram;
 
 /// Resident set size of `pid` in KiB (`VmRSS` in /proc/<pid>/status).
@@ -92,7 +92,7 @@ impl CpuMark {
 }
 
 impl CpuSpan {
-    fn to_json(self) -> Value {
+    pub fn to_json(self) -> Value {
         let r = |v: f64| (v * 1000.0).round() / 1000.0;
         json!({
             "wall": r(self.wall),
@@ -218,6 +218,35 @@ fn rate(count: u64, secs: f64) -> f64 {
     if secs > 0.0 { count as f64 / secs } else { 0.0 }
 }
 
+/// The stderr table: one `name value` row per line.
+#[derive(Default)]
+pub struct Table(String);
+
+impl Table {
+    pub fn row(&mut self, name: &str, value: String) {
+        // Writing to a String cannot fail.
+        let _ = writeln!(self.0, "  {name:<26} {value}");
+    }
+
+    pub fn finish(self) -> String {
+        self.0
+    }
+}
+
+/// A histogram as a table cell: the quantiles, the maximum and the count.
+pub fn describe(h: &Histogram) -> String {
+    format!(
+        "p50 {} | p90 {} | p99 {} | p99.9 {} | max {}  (n={})",
+        h.quantile(0.5),
+        h.quantile(0.9),
+        h.quantile(0.99),
+        h.quantile(0.999),
+        h.max(),
+        h.count()
+    )
+}
+
+/// A histogram for the JSON line.
 pub fn quantiles(h: &Histogram) -> Value {
     json!({
         "count": h.count(),
@@ -272,40 +301,12 @@ impl Summary {
         )
     }
 
-    fn describe_failures(&self) -> String {
-        let f = &self.failures;
-        let mut parts = Vec::new();
-        for (name, n) in [
-            ("socket", f.socket),
-            ("connect", f.connect),
-            ("timeout", f.timeout),
-            ("closed", f.closed),
-            ("protocol", f.protocol),
-        ] {
-            if n > 0 {
-                parts.push(format!("{name} {n}"));
-            }
-        }
-        for (code, n) in &f.status {
-            parts.push(format!("HTTP {code}: {n}"));
-        }
-        if parts.is_empty() {
-            "0".to_string()
-        } else {
-            format!("{} ({})", self.failed(), parts.join(", "))
-        }
-    }
-
     fn server_counter(&self, name: &str) -> Option<f64> {
         self.server_metrics.as_ref()?.get(name).copied()
     }
 
     /// The machine-readable line.
     pub fn to_json(&self) -> Value {
-        let mut status = serde_json::Map::new();
-        for (code, n) in &self.failures.status {
-            status.insert(code.to_string(), (*n).into());
-        }
         json!({
             "preset": self.preset,
             "connections": self.target_connections,
@@ -315,14 +316,7 @@ impl Summary {
             "source_addrs": self.source_addrs,
             "opened": self.opened,
             "failed": self.failed(),
-            "failures": {
-                "socket": self.failures.socket,
-                "connect": self.failures.connect,
-                "status": status,
-                "timeout": self.failures.timeout,
-                "closed": self.failures.closed,
-                "protocol": self.failures.protocol,
-            },
+            "failures": self.failures.to_json(),
             "lost": self.lost,
             "connect_seconds": self.connect_secs,
             "handshakes_per_sec": self.handshakes_per_sec().round(),
@@ -364,22 +358,8 @@ impl Summary {
 
     /// The human-readable table.
     pub fn to_table(&self) -> String {
-        let mut t = String::new();
-        let mut row = |name: &str, value: String| {
-            let _ = writeln!(t, "  {name:<26} {value}");
-        };
-        let hist = |h: &Histogram| {
-            format!(
-                "p50 {} | p90 {} | p99 {} | p99.9 {} | max {}  (n={})",
-                h.quantile(0.5),
-                h.quantile(0.9),
-                h.quantile(0.99),
-                h.quantile(0.999),
-                h.max(),
-                h.count()
-            )
-        };
-        row(
+        let mut t = Table::default();
+        t.row(
             "preset",
             format!(
                 "{} ({} threads, {} in flight, {} source addr)",
@@ -387,32 +367,32 @@ impl Summary {
             ),
         );
         if self.churn {
-            row(
+            t.row(
                 "handshakes",
                 format!("{} in {:.2} s", self.opened, self.connect_secs),
             );
-            row(
+            t.row(
                 "closed cleanly",
                 format!("{} ({} close timeouts)", self.cycles, self.close_timeouts),
             );
         } else {
-            row(
+            t.row(
                 "connections",
                 format!(
                     "{} opened of {} ({} users)",
                     self.opened, self.target_connections, self.users
                 ),
             );
-            row("connect time", format!("{:.2} s", self.connect_secs));
+            t.row("connect time", format!("{:.2} s", self.connect_secs));
         }
-        row("failed", self.describe_failures());
-        row("handshakes/s", format!("{:.0}", self.handshakes_per_sec()));
-        row("handshake us", hist(&self.handshake));
+        t.row("failed", self.failures.describe());
+        t.row("handshakes/s", format!("{:.0}", self.handshakes_per_sec()));
+        t.row("handshake us", describe(&self.handshake));
         if !self.churn {
-            row("lost while open", self.lost.to_string());
+            t.row("lost while open", self.lost.to_string());
         }
         if self.messages > 0 {
-            row(
+            t.row(
                 "published",
                 format!(
                     "{} in {:.2} s ({:.0}/s; {} heard by no subscriber)",
@@ -422,7 +402,7 @@ impl Summary {
                     self.unheard
                 ),
             );
-            row(
+            t.row(
                 "delivered / expected",
                 format!(
                     "{} / {} (missing {})",
@@ -431,7 +411,7 @@ impl Summary {
                     self.expected.saturating_sub(self.delivered)
                 ),
             );
-            row(
+            t.row(
                 "delivered/s",
                 format!(
                     "{:.0} (first publish to last receive: {:.2} s)",
@@ -439,11 +419,11 @@ impl Summary {
                     self.deliver_secs
                 ),
             );
-            row("latency us", hist(&self.latency));
+            t.row("latency us", describe(&self.latency));
         }
         let kib = |v: Option<u64>| v.map_or("-".to_string(), |v| format!("{v} KiB"));
         if self.rss_before.is_some() {
-            row(
+            t.row(
                 "server RSS",
                 format!(
                     "before {} | connected {} | end {}",
@@ -453,34 +433,34 @@ impl Summary {
                 ),
             );
             if let Some(per) = self.rss_per_connection() {
-                row("server RSS / connection", format!("{per:.0} bytes"));
+                t.row("server RSS / connection", format!("{per:.0} bytes"));
             }
         }
         if let Some(drops) = self.drops() {
             let list: Vec<String> = drops.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            row("server drops (this run)", list.join(" "));
+            t.row("server drops (this run)", list.join(" "));
             if let (Some(r), Some(d)) = (
                 self.server_counter("ws_notify_messages_received_total"),
                 self.server_counter("ws_notify_messages_delivered_total"),
             ) {
-                row("server received/delivered", format!("{r} / {d}"));
+                t.row("server received/delivered", format!("{r} / {d}"));
             }
             if let Some(n) = self.server_counter(RECONNECTS).filter(|n| *n > 0.0) {
-                row(
+                t.row(
                     "server Redis reconnects",
                     format!("{n} (messages published meanwhile are lost)"),
                 );
             }
         }
-        row("cpu while connecting", self.cpu_connect.describe());
+        t.row("cpu while connecting", self.cpu_connect.describe());
         if let Some(cpu) = &self.cpu_publish {
-            row("cpu while publishing", cpu.describe());
+            t.row("cpu while publishing", cpu.describe());
         }
         if let Some(e) = &self.metrics_error {
-            row("server /metrics", e.clone());
+            t.row("server /metrics", e.clone());
         }
         if self.other_frames + self.pings + self.masked_frames > 0 {
-            row(
+            t.row(
                 "other frames",
                 format!(
                     "{} text, {} pings, {} masked",
@@ -488,8 +468,8 @@ impl Summary {
                 ),
             );
         }
-        row("complete", self.complete().to_string());
-        t
+        t.row("complete", self.complete().to_string());
+        t.finish()
     }
 }
 
