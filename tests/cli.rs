@@ -3,13 +3,11 @@
 //! binary against a real redis-server and gateway.
 
 mod common;
-#[path = "clients/procs.rs"]
-mod procs;
 
 use std::process::Command;
 
+use common::procs::{self, Output, Proc};
 use common::*;
-use procs::{Output, Proc};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ws-notify");
@@ -52,10 +50,7 @@ fn token_is_accepted_by_the_gateway() {
     assert_eq!(hello["user_id"], "alice", "{hello}");
 
     // The header says HS256; the claims carry the user, iat and exp = iat + 1h.
-    let claims: Value = serde_json::from_slice(&base64url_decode(
-        token.split('.').nth(1).expect("claims part"),
-    ))
-    .expect("claims JSON");
+    let claims = token_claims(token);
     assert_eq!(claims["sub"], "alice");
     let (iat, exp) = (
         claims["iat"].as_i64().unwrap(),
@@ -92,8 +87,7 @@ fn token_follows_the_gateway_claim_rules() {
     let token = out.stdout.trim();
     let (_ws, hello) = ws_open(gw.port, token);
     assert_eq!(hello["user_id"], "bob", "{hello}");
-    let claims: Value =
-        serde_json::from_slice(&base64url_decode(token.split('.').nth(1).unwrap())).unwrap();
+    let claims = token_claims(token);
     assert_eq!(claims["role"], "admin");
     assert_eq!(claims["tier"], 3);
     assert_eq!(claims["iss"], "https://auth.example");
@@ -521,27 +515,4 @@ fn serve_subcommand_runs_the_server() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
     assert_eq!(server.expect_exit(secs(10)), Some(0));
-}
-
-fn base64url_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => panic!("not base64url: {text:?}"),
-        }
-    };
-    let mut out = Vec::new();
-    for chunk in text.as_bytes().chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= value(c) << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
 }

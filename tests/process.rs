@@ -276,34 +276,6 @@ fn console_encoding_starts() {
     );
 }
 
-/// The fields of a /proc stat file after the parenthesised command name: the
-/// first of them is field 3 of proc(5).
-fn stat_fields(path: &str) -> Vec<String> {
-    let stat = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"));
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    after.split_whitespace().map(str::to_string).collect()
-}
-
-/// user + system CPU time of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    // utime and stime are fields 14 and 15.
-    let fields = stat_fields(&format!("/proc/{pid}/stat"));
-    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
-}
-
-/// Each thread's name and nice value (field 19).
-fn thread_nice_values(pid: u32) -> Vec<(String, i64)> {
-    let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc/pid/task") {
-        let task = task.expect("task entry").path();
-        let name = std::fs::read_to_string(task.join("comm")).expect("read comm");
-        let fields = stat_fields(&task.join("stat").to_string_lossy());
-        threads.push((name.trim().to_string(), fields[16].parse().expect("nice")));
-    }
-    threads.sort();
-    threads
-}
-
 #[test]
 fn the_event_loop_runs_below_the_redis_reader() {
     let own = stat_fields("/proc/self/stat")[16]

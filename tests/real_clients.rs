@@ -9,8 +9,6 @@
 //! `target/tmp/real-clients/` and reused while their pinned versions match.
 
 mod common;
-#[path = "clients/procs.rs"]
-mod procs;
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -24,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::procs::{self, Proc};
 use common::*;
-use procs::Proc;
 use serde_json::{Value, json};
 use tungstenite::Message;
 

@@ -298,180 +298,11 @@ fn wrong_credentials_are_reported_without_the_password() {
 
 // ---- TLS ------------------------------------------------------------------------
 
-/// A throwaway CA, a server certificate it signed for 127.0.0.1, and a second,
-/// unrelated CA; all made by openssl in a temp dir.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = TempDir::new("redis-tls");
-        for ca in ["ca", "other-ca"] {
-            openssl(
-                &dir,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.crt"),
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN=ws-notify test {ca}"),
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign",
-                ],
-            );
-        }
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
-        std::fs::write(
-            dir.file("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
-             basicConstraints=CA:FALSE\n\
-             keyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth\n",
-        )
-        .expect("write extensions");
-        openssl(
-            &dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-            ],
-        );
-        Pki { dir }
-    }
-}
-
-/// `redis-server` listening with TLS only (`--port 0`), killed on drop.
-struct TlsRedis {
-    port: u16,
-    child: std::process::Child,
-    client: redis::Client,
-}
-
-impl TlsRedis {
-    fn start(pki: &Pki) -> TlsRedis {
-        // rustls needs one process-wide crypto provider; a second install fails
-        // harmlessly.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let ca = std::fs::read(pki.dir.file("ca.crt")).expect("CA");
-        let mut last = String::new();
-        for _ in 0..5 {
-            let port = free_port();
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", "0", "--tls-port", &port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--tls-cert-file", &pki.dir.file_str("server.crt")])
-                .args(["--tls-key-file", &pki.dir.file_str("server.key")])
-                .args(["--tls-ca-cert-file", &pki.dir.file_str("ca.crt")])
-                .args(["--tls-auth-clients", "no"])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
-            let client = redis::Client::build_with_tls(
-                format!("rediss://127.0.0.1:{port}/"),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                },
-            )
-            .expect("TLS client");
-            let mut server = TlsRedis {
-                port,
-                child,
-                client,
-            };
-            let deadline = Instant::now() + secs(10);
-            loop {
-                let ping = server
-                    .client
-                    .get_connection_with_timeout(secs(1))
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-                match ping {
-                    Ok(_) => return server,
-                    Err(e) => last = e.to_string(),
-                }
-                if let Ok(Some(status)) = server.child.try_wait() {
-                    last = format!("redis-server exited: {status} (built without TLS?)");
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    break;
-                }
-                std::thread::sleep(ms(20));
-            }
-        }
-        panic!("TLS redis-server did not come up: {last}");
-    }
-
-    fn publish(&self, channel: &str, payload: &str) -> i64 {
-        let mut con = self
-            .client
-            .get_connection_with_timeout(secs(2))
-            .expect("TLS connect");
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(payload)
-            .query(&mut con)
-            .expect("PUBLISH over TLS")
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        // Already exited is fine here.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn redis_over_tls_with_a_private_ca() {
     let pki = Pki::new();
     let redis = TlsRedis::start(&pki);
-    let url = format!("rediss://127.0.0.1:{}/", redis.port);
+    let url = redis.url();
 
     // The right CA: subscribed over TLS, messages delivered.
     let ca = pki.dir.file_str("ca.crt");
@@ -481,7 +312,7 @@ fn redis_over_tls_with_a_private_ca() {
     );
     gw.wait_redis_connected(secs(10));
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
-    assert!(redis.publish("user_noti:alice", r#"{"type":"tls","payload":1}"#) >= 1);
+    assert!(redis.redis.notify("alice", r#"{"type":"tls","payload":1}"#) >= 1);
     assert_message(&recv_json(&mut ws, PROMPT), "tls");
 
     // Another CA, or the system roots: refused, and /health says why.
