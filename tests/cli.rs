@@ -25,7 +25,7 @@ fn cli(args: &[&str], env: &[(&str, &str)]) -> Command {
 
 #[track_caller]
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    procs::run(&format!("ws-notify {args:?}"), cli(args, env), secs(15))
+    procs::run(&format!("ws-notify {args:?}"), cli(args, env), secs(30))
 }
 
 fn ws_url(gw: &Gateway) -> String {
@@ -170,7 +170,7 @@ fn listen_prints_messages_as_json_lines() {
 
     // Server shutdown: close 1001 is not a normal close, so exit 1.
     gw.signal(libc::SIGTERM);
-    assert_eq!(listener.expect_exit(secs(10)), Some(1));
+    assert_eq!(listener.expect_exit(secs(30)), Some(1));
     assert!(
         listener.stderr().contains("closed: 1001"),
         "stderr: {}",
@@ -180,19 +180,59 @@ fn listen_prints_messages_as_json_lines() {
 
 #[test]
 fn listen_answers_pings() {
-    // With a 1 s ping interval and 2 s pong wait, a client that did not answer
-    // pings would be dropped within 3 s; listen is still connected after 4 s.
+    // A raw client that never answers pings is the yardstick: once the gateway
+    // has dropped it for a missed pong (1 s ping interval + 2 s pong wait, by
+    // the gateway's own clock, however loaded the machine), listen, connected
+    // before it, has been through the same pings and must still be there.
     let (redis, gw) = setup(&[("WS_PING_INTERVAL", "1s"), ("WS_PONG_WAIT", "2s")]);
     let token = gw.token("dora");
     let mut listener = listen(&gw, &[], &[("WS_TOKEN", &token)]);
     json_line(&listener.expect_line(PROMPT));
-    std::thread::sleep(secs(4));
+    gw.wait_active_connections(1);
+    let mut silent = RawWs::open(gw.port, &gw.token("silent"));
+    assert!(
+        silent.wait_gone(secs(30)),
+        "the gateway never dropped a client that does not answer pings"
+    );
+    assert_eq!(
+        gw.metric(r#"ws_notify_disconnects_total{reason="pong_timeout"}"#),
+        1.0,
+        "only the silent client missed its pongs"
+    );
     assert_eq!(gw.active_connections(), 1, "listen was dropped");
     assert_eq!(redis.notify("dora", r#"{"type":"still_here"}"#), 1);
     let msg = json_line(&listener.expect_line(PROMPT));
     assert_message(&msg, "still_here");
     assert_eq!(msg["payload"], Value::Null);
     assert!(listener.wait(secs(0)).is_none(), "listen exited");
+}
+
+#[test]
+fn listen_closes_normally_and_exits_0_on_ctrl_c() {
+    let (redis, gw) = setup(&[]);
+    let mut listener = listen(&gw, &["--token", &gw.token("ivan")], &[]);
+    json_line(&listener.expect_line(PROMPT));
+    gw.wait_active_connections(1);
+    assert_eq!(redis.notify("ivan", r#"{"type":"before","payload":1}"#), 1);
+    assert_message(&json_line(&listener.expect_line(PROMPT)), "before");
+
+    send_signal(listener.pid(), libc::SIGINT);
+    assert_eq!(listener.expect_exit(secs(30)), Some(0), "exit code");
+    let stderr = listener.stderr();
+    assert!(
+        stderr.contains("interrupted: sent close 1000; closed: 1000"),
+        "stderr: {stderr}"
+    );
+    // The gateway saw a close frame from the client (not a dropped socket).
+    gw.wait_metric_at_least(
+        r#"ws_notify_disconnects_total{reason="client_closed"}"#,
+        1.0,
+    );
+    assert_eq!(
+        gw.metric(r#"ws_notify_disconnects_total{reason="connection_lost"}"#),
+        0.0
+    );
+    gw.wait_active_connections(0);
 }
 
 #[test]
@@ -203,7 +243,7 @@ fn listen_exits_1_with_4001_when_the_token_expires() {
     let mut listener = listen(&gw, &[], &[("WS_TOKEN", &short)]);
     let connected = json_line(&listener.expect_line(PROMPT));
     assert_eq!(connected["type"], "connected");
-    assert_eq!(listener.expect_exit(secs(10)), Some(1));
+    assert_eq!(listener.expect_exit(secs(30)), Some(1));
     let stderr = listener.stderr();
     assert!(
         stderr.contains("closed: 4001 token expired"),
@@ -217,7 +257,7 @@ fn listen_reports_a_refused_upgrade() {
     let (_redis, gw) = setup(&[]);
     let bad = token("not-the-secret", "frank", 3600);
     let mut listener = listen(&gw, &["--token", &bad], &[]);
-    assert_eq!(listener.expect_exit(secs(10)), Some(1));
+    assert_eq!(listener.expect_exit(secs(30)), Some(1));
     let stderr = listener.stderr();
     assert!(
         stderr.contains("HTTP 401") && stderr.contains("invalid or expired token"),
@@ -389,15 +429,17 @@ fn healthcheck_healthy_degraded_and_closed() {
 
 #[test]
 fn healthcheck_times_out_on_a_silent_server() {
-    // A listener that accepts but never answers: exit 1 after about 2 s.
+    // A listener that accepts but never answers: exit 1 once its 2 s are up
+    // (never sooner; how much later depends on the machine's load, and `run`
+    // bounds it).
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}/health", silent.local_addr().unwrap());
+    let url = format!("http://{}/health", silent.local_addr().expect("local_addr"));
     let started = std::time::Instant::now();
     let out = run(&["healthcheck", "--url", &url], &[]);
     let took = started.elapsed();
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("no answer within 2000 ms"), "{out:?}");
-    assert!(took >= ms(1900) && took < secs(5), "took {took:?}");
+    assert!(took >= ms(1900), "gave up after {took:?}");
 }
 
 #[test]
@@ -512,7 +554,6 @@ fn serve_subcommand_runs_the_server() {
     let (ws, hello) = ws_open(port, &token("serve-secret", "hank", 60));
     assert_eq!(hello["user_id"], "hank");
     drop(ws);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(server.expect_exit(secs(10)), Some(0));
+    send_signal(server.pid(), libc::SIGTERM);
+    assert_eq!(server.expect_exit(secs(30)), Some(0));
 }
