@@ -1,5 +1,5 @@
 //! An open connection's life: client frames, close codes, token expiry, slow
-//! clients and keep-alive (DESIGN.md sections 2 and 3; issue 2 items 5, 8, 9, 10).
+//! clients and keep-alive (README: "Protocol" and "Close codes").
 
 mod common;
 
@@ -72,8 +72,7 @@ fn client_close_is_answered_and_the_connection_removed() {
     .expect("close");
     let (code, _) = expect_close(&mut ws, PROMPT);
     assert_eq!(code, 1000, "close reply code");
-    gw.wait_active_connections(0);
-    wait_until(PROMPT, "total_unique_users == 0", || gw.unique_users() == 0);
+    gw.wait_empty();
 }
 
 #[test]
@@ -97,42 +96,35 @@ fn too_big_message_closes_with_1009() {
 }
 
 #[test]
-fn unmasked_client_frame_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_frame(0x81, b"hi", None)
-        .expect("write unmasked frame");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1002);
-    gw.wait_active_connections(0);
-}
-
-#[test]
-fn reserved_opcode_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_masked(0x83, b"??")
-        .expect("write frame with opcode 3");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1002);
-}
-
-#[test]
-fn reserved_bits_close_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // RSV1 set without a negotiated extension (RFC 6455 section 5.2).
-    raw.send_masked(0xc1, b"hi").expect("write frame with RSV1");
-    assert_eq!(raw.expect_close(PROMPT).0, 1002);
-}
-
-#[test]
-fn oversized_control_frame_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // Control frames carry at most 125 bytes (RFC 6455 section 5.5).
-    raw.send_masked(0x89, &[b'p'; 200]).expect("write big ping");
-    assert_eq!(raw.expect_close(PROMPT).0, 1002);
+fn protocol_violations_close_with_the_rfc_code() {
+    // What the client sends, and the close code RFC 6455 asks for.
+    let mut fragments = masked_frame(0x01, &[b'a'; 300]);
+    fragments.extend(masked_frame(0x00, &[b'a'; 300]));
+    fragments.extend(masked_frame(0x80, &[b'a'; 300]));
+    let cases: [(&str, Vec<u8>, u16); 6] = [
+        ("unmasked frame", client_frame(0x81, b"hi", None), 1002),
+        ("reserved opcode 3", masked_frame(0x83, b"??"), 1002),
+        // Without a negotiated extension (RFC 6455 section 5.2).
+        ("RSV1 set", masked_frame(0xc1, b"hi"), 1002),
+        // Control frames carry at most 125 bytes (RFC 6455 section 5.5).
+        ("200-byte ping", masked_frame(0x89, &[b'p'; 200]), 1002),
+        (
+            "invalid UTF-8 text",
+            masked_frame(0x81, &[b'o', b'k', 0xff, 0xfe]),
+            1007,
+        ),
+        // Each fragment is under WS_MAX_MESSAGE_SIZE; the message is not.
+        ("900 bytes in three fragments", fragments, 1009),
+    ];
+    let (_redis, gw) = setup(&[("WS_MAX_MESSAGE_SIZE", "512")]);
+    for (what, bytes, expected) in cases {
+        let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+        raw.send_raw(&bytes).expect("write");
+        let (code, reason) = raw.expect_close(PROMPT);
+        assert_eq!(code, expected, "{what}: close {code} {reason:?}");
+        assert!(raw.wait_gone(PROMPT), "{what}: connection not closed");
+        gw.wait_active_connections(0);
+    }
 }
 
 #[test]
@@ -170,27 +162,6 @@ fn fragmented_message_is_reassembled() {
         got_pong_frame,
         "the ping between fragments was not answered before the message"
     );
-}
-
-#[test]
-fn fragmented_message_over_the_limit_closes_with_1009() {
-    let (_redis, gw) = setup(&[("WS_MAX_MESSAGE_SIZE", "512")]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // Each fragment is small; the message is not.
-    raw.send_masked(0x01, &[b'a'; 300]).expect("fragment");
-    raw.send_masked(0x00, &[b'a'; 300]).expect("fragment");
-    raw.send_masked(0x80, &[b'a'; 300]).expect("fragment");
-    assert_eq!(raw.expect_close(PROMPT).0, 1009);
-}
-
-#[test]
-fn invalid_utf8_closes_with_1007() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_masked(0x81, &[b'o', b'k', 0xff, 0xfe])
-        .expect("write bad text frame");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1007);
 }
 
 #[test]

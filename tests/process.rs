@@ -77,19 +77,14 @@ fn config_errors_exit_2_naming_the_variable() {
 
 #[test]
 fn go_style_durations_are_accepted() {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(
-        redis.port,
-        &[
-            ("WS_PING_INTERVAL", "1m30s"),
-            ("WS_PONG_WAIT", "2m"),
-            ("WS_WRITE_WAIT", "1500ms"),
-            ("WS_HANDSHAKE_TIMEOUT", "2.5s"),
-            ("SHUTDOWN_TIMEOUT", "1h"),
-            ("JWT_LEEWAY", "0s"),
-        ],
-    );
-    gw.wait_redis_connected(PROMPT);
+    let (_redis, gw) = setup(&[
+        ("WS_PING_INTERVAL", "1m30s"),
+        ("WS_PONG_WAIT", "2m"),
+        ("WS_WRITE_WAIT", "1500ms"),
+        ("WS_HANDSHAKE_TIMEOUT", "2.5s"),
+        ("SHUTDOWN_TIMEOUT", "1h"),
+        ("JWT_LEEWAY", "0s"),
+    ]);
     let (_ws, hello) = ws_open(gw.port, &gw.token("alice"));
     assert_eq!(hello["user_id"], "alice");
 }
@@ -98,8 +93,7 @@ fn go_style_durations_are_accepted() {
 fn sigterm_closes_clients_with_1001_and_exits_0() {
     // Both clients answer the close (tungstenite does), so the exit does not
     // wait for the hour-long timeout.
-    let redis = RedisServer::start();
-    let mut gw = Gateway::start(redis.port, &[("SHUTDOWN_TIMEOUT", NEVER)]);
+    let (_redis, mut gw) = setup(&[("SHUTDOWN_TIMEOUT", NEVER)]);
     let (mut a, _) = ws_open(gw.port, &gw.token("alice"));
     let (mut b, _) = ws_open(gw.port, &gw.token("bob"));
     gw.wait_active_connections(2);
@@ -114,8 +108,7 @@ fn sigterm_closes_clients_with_1001_and_exits_0() {
 
 #[test]
 fn sigint_exits_0() {
-    let redis = RedisServer::start();
-    let mut gw = Gateway::start(redis.port, &[("SHUTDOWN_TIMEOUT", NEVER)]);
+    let (_redis, mut gw) = setup(&[("SHUTDOWN_TIMEOUT", NEVER)]);
     let (mut a, _) = ws_open(gw.port, &gw.token("alice"));
     gw.signal(libc::SIGINT);
     assert_eq!(expect_close(&mut a, PROMPT).0, 1001);
@@ -133,8 +126,7 @@ fn sigterm_without_clients_or_redis_exits_0() {
 
 #[test]
 fn shutdown_timeout_bounds_a_client_that_never_replies() {
-    let redis = RedisServer::start();
-    let mut gw = Gateway::start(redis.port, &[("SHUTDOWN_TIMEOUT", "1s")]);
+    let (_redis, mut gw) = setup(&[("SHUTDOWN_TIMEOUT", "1s")]);
     let mut raw = RawWs::open(gw.port, &gw.token("alice"));
     let start = Instant::now();
     gw.signal(libc::SIGTERM);
@@ -154,8 +146,7 @@ fn shutdown_timeout_bounds_a_client_that_never_replies() {
 
 #[test]
 fn second_signal_exits_at_once() {
-    let redis = RedisServer::start();
-    let mut gw = Gateway::start(redis.port, &[("SHUTDOWN_TIMEOUT", NEVER)]);
+    let (redis, mut gw) = setup(&[("SHUTDOWN_TIMEOUT", NEVER)]);
     let mut raw = RawWs::open(gw.port, &gw.token("alice"));
     gw.signal(libc::SIGTERM);
     // The close frame shows the first signal was handled; the client never replies.
@@ -194,12 +185,7 @@ fn second_signal_exits_at_once() {
 
 #[test]
 fn json_logs_and_no_tokens_in_them() {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(
-        redis.port,
-        &[("LOGGER_LEVEL", "debug"), ("LOGGER_ENCODING", "json")],
-    );
-    gw.wait_redis_connected(PROMPT);
+    let (redis, gw) = setup(&[("LOGGER_LEVEL", "debug"), ("LOGGER_ENCODING", "json")]);
     let good = gw.token("alice");
     let bad = token("wrong-secret", "mallory", 3600);
     let (mut ws, _) = ws_open(gw.port, &good);
@@ -217,8 +203,7 @@ fn json_logs_and_no_tokens_in_them() {
     );
     redis.notify("alice", r#"{"type":"x","payload":1}"#);
     recv_json(&mut ws, PROMPT);
-    ws.close(None).expect("close");
-    let _ = close_or_gone(&mut ws, PROMPT);
+    close_ws(&mut ws);
     gw.wait_active_connections(0);
 
     let parse = |line: &str| {
@@ -265,8 +250,7 @@ fn json_logs_and_no_tokens_in_them() {
 fn logger_level_filters() {
     let (_redis, gw) = setup(&[("LOGGER_LEVEL", "error")]);
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
-    ws.close(None).expect("close");
-    let _ = close_or_gone(&mut ws, PROMPT);
+    close_ws(&mut ws);
     gw.wait_active_connections(0);
     let logs = gw.logs();
     for line in logs.lines().filter(|l| !l.trim().is_empty()) {
@@ -280,12 +264,7 @@ fn logger_level_filters() {
 
 #[test]
 fn console_encoding_starts() {
-    let redis = RedisServer::start();
-    let gw = Gateway::start(
-        redis.port,
-        &[("LOGGER_ENCODING", "console"), ("LOGGER_LEVEL", "info")],
-    );
-    gw.wait_redis_connected(PROMPT);
+    let (_redis, gw) = setup(&[("LOGGER_ENCODING", "console"), ("LOGGER_LEVEL", "info")]);
     let (_ws, _) = ws_open(gw.port, &gw.token("alice"));
     wait_until(PROMPT, "a console log line", || {
         !gw.logs().trim().is_empty()

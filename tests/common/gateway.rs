@@ -255,6 +255,15 @@ impl Gateway {
         });
     }
 
+    /// Waits until no connection and no user is left.
+    #[track_caller]
+    pub fn wait_empty(&self) {
+        self.wait_active_connections(0);
+        wait_until(PROMPT, "total_unique_users == 0", || {
+            self.unique_users() == 0
+        });
+    }
+
     /// Waits until /health says 200 and Redis connected (the gateway is subscribed).
     #[track_caller]
     pub fn wait_redis_connected(&self, timeout: Duration) {

@@ -14,47 +14,39 @@ impl Pki {
     pub fn new() -> Pki {
         let dir = TempDir::new("redis-tls");
         for ca in ["ca", "other-ca"] {
+            let (key, crt, subject) = (
+                format!("{ca}.key"),
+                format!("{ca}.crt"),
+                format!("/CN=ws-notify test {ca}"),
+            );
             openssl(
                 &dir,
                 &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.crt"),
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN=ws-notify test {ca}"),
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign",
-                ],
+                    &new_p256_key(&key)[..],
+                    &[
+                        "-x509",
+                        "-out",
+                        &crt,
+                        "-days",
+                        "2",
+                        "-subj",
+                        &subject,
+                        "-addext",
+                        "basicConstraints=critical,CA:TRUE",
+                        "-addext",
+                        "keyUsage=critical,keyCertSign,cRLSign",
+                    ],
+                ]
+                .concat(),
             );
         }
         openssl(
             &dir,
             &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
+                &new_p256_key("server.key")[..],
+                &["-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+            ]
+            .concat(),
         );
         std::fs::write(
             dir.file("server.ext"),
@@ -86,6 +78,20 @@ impl Pki {
         );
         Pki { dir }
     }
+}
+
+/// `openssl req` arguments that make a new unencrypted P-256 key in `key_file`.
+fn new_p256_key(key_file: &str) -> [&str; 8] {
+    [
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key_file,
+    ]
 }
 
 /// `redis-server` with a TLS port (certificate from a [`Pki`]) besides the

@@ -159,6 +159,15 @@ pub fn close_or_gone(ws: &mut Ws, timeout: Duration) -> Option<(u16, String)> {
     }
 }
 
+/// Closes from the client side (no code) and reads until the server's reply
+/// or the end of the connection.
+#[track_caller]
+pub fn close_ws(ws: &mut Ws) {
+    ws.close(None).expect("send close");
+    // A server that dropped the connection instead of replying is fine here.
+    let _ = close_or_gone(ws, PROMPT);
+}
+
 /// Asserts that no text or binary message arrives for `duration` (pings and
 /// pongs are ignored). Use only where the absence is the point.
 #[track_caller]
