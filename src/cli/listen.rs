@@ -40,8 +40,9 @@ lost connection or a refused upgrade, 2 a bad argument.";
 /// How long connecting and the opening handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often a blocked read looks whether Ctrl-C was pressed (signal-hook
-/// restarts the interrupted read, so the read itself must time out).
+/// How often a blocked read looks whether Ctrl-C was pressed, in case the
+/// signal arrives just before the read starts (a read it interrupts returns
+/// at once).
 const INTERRUPT_CHECK: Duration = Duration::from_millis(100);
 
 /// How long to wait for the server's close reply after Ctrl-C.
@@ -279,12 +280,10 @@ fn read_loop<S: io::Read + io::Write>(
         };
         let message = match ws.read() {
             Ok(message) => message,
-            Err(tungstenite::Error::Io(e))
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
+            // A read timeout, or the signal itself (a socket read with a
+            // timeout is not restarted after a handler: signal(7)); nothing
+            // was consumed, so the next read resumes where this one stopped.
+            Err(tungstenite::Error::Io(e)) if is_retry(&e) => {
                 if closing_until.is_some_and(|until| Instant::now() >= until) {
                     return ended(close, "no close reply from the server".to_string());
                 }
@@ -310,8 +309,11 @@ fn read_loop<S: io::Read + io::Write>(
             }
             // tungstenite queued the pong; the next read (or this flush) sends it.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
-                if let Err(e) = ws.flush() {
-                    return ended(close, e.to_string());
+                match ws.flush() {
+                    // What is not written yet stays queued for the next read.
+                    Err(tungstenite::Error::Io(e)) if is_retry(&e) => {}
+                    Err(e) => return ended(close, e.to_string()),
+                    Ok(()) => {}
                 }
                 continue;
             }
@@ -324,6 +326,14 @@ fn read_loop<S: io::Read + io::Write>(
             return End::Closed(u16::from(CloseCode::Normal), String::new());
         }
     }
+}
+
+/// An I/O error after which the same call may simply be made again.
+fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
 }
 
 fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
@@ -368,6 +378,88 @@ mod tests {
         assert!(url_has_token("ws://h/ws?x=1&token=abc"));
         assert!(!url_has_token("ws://h/ws?tokens=abc"));
         assert!(!url_has_token("ws://h/ws"));
+    }
+
+    /// A socket that plays back scripted reads (then EOF) and keeps what is
+    /// written to it.
+    struct Scripted {
+        reads: std::collections::VecDeque<io::Result<Vec<u8>>>,
+        written: Vec<u8>,
+    }
+
+    impl Scripted {
+        fn new(reads: Vec<io::Result<Vec<u8>>>) -> WebSocket<Scripted> {
+            let stream = Scripted {
+                reads: reads.into(),
+                written: Vec::new(),
+            };
+            WebSocket::from_raw_socket(stream, tungstenite::protocol::Role::Client, None)
+        }
+    }
+
+    impl io::Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.reads.pop_front() {
+                None => Ok(0),
+                Some(Err(e)) => Err(e),
+                Some(Ok(bytes)) => {
+                    buf[..bytes.len()].copy_from_slice(&bytes);
+                    Ok(bytes.len())
+                }
+            }
+        }
+    }
+
+    impl io::Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn interrupted() -> io::Result<Vec<u8>> {
+        Err(io::Error::from(io::ErrorKind::Interrupted))
+    }
+
+    /// A server's (unmasked) close frame with code 1000.
+    fn server_close_1000() -> io::Result<Vec<u8>> {
+        Ok(vec![0x88, 0x02, 0x03, 0xe8])
+    }
+
+    #[test]
+    fn ctrl_c_sends_a_normal_close_and_waits_for_the_reply() {
+        // The signal interrupts the blocked read (EINTR); then the server answers.
+        let mut ws = Scripted::new(vec![interrupted(), server_close_1000()]);
+        let mut out = Vec::new();
+        let end = read_loop(&mut ws, &mut out, &AtomicBool::new(true));
+        assert_eq!(
+            end,
+            End::Interrupted {
+                reply: "closed: 1000 ".to_string()
+            }
+        );
+        // Our close frame: final, opcode 8, masked, code 1000.
+        let written = &ws.get_ref().written;
+        assert_eq!(written[..2], [0x88, 0x80 | 2], "{written:?}");
+        let (mask, code) = (&written[2..6], &written[6..8]);
+        assert_eq!([code[0] ^ mask[0], code[1] ^ mask[1]], [0x03, 0xe8]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn an_interrupted_read_without_ctrl_c_reads_on() {
+        let text = br#"{"a":1}"#;
+        let mut frame = vec![0x81, text.len() as u8];
+        frame.extend_from_slice(text);
+        let mut ws = Scripted::new(vec![interrupted(), Ok(frame), server_close_1000()]);
+        let mut out = Vec::new();
+        let end = read_loop(&mut ws, &mut out, &AtomicBool::new(false));
+        assert_eq!(end, End::Closed(1000, String::new()));
+        assert_eq!(out, b"{\"a\":1}\n");
     }
 
     #[test]
