@@ -19,8 +19,8 @@
 //! - `config`: `NAME=value` lines (an env file).
 //!
 //! This file is compiled as a module of other crates (`#[path]`), so it uses only the
-//! dependencies the main crate already has: `ws-notify`, `serde`, `serde_json`,
-//! `jsonwebtoken`, `tungstenite`.
+//! dependencies the main crate and its tests already have: `ws-notify`, `serde`,
+//! `serde_json`, `jsonwebtoken`, `tungstenite`, `base64`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
@@ -30,6 +30,10 @@ use std::io::{self, Read};
 use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
+use base64::alphabet;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
 use serde::de::{self, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -198,39 +202,25 @@ fn authenticator() -> &'static Authenticator {
     })
 }
 
-const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+/// Base64url without padding (RFC 7515 section 2), as jsonwebtoken writes it.
+const BASE64URL: GeneralPurpose = URL_SAFE_NO_PAD;
 
-/// Base64url without padding (RFC 7515 section 2).
-pub fn base64url_encode(input: &[u8]) -> String {
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(char::from(BASE64URL[((n >> (18 - 6 * i)) & 63) as usize]));
-        }
-    }
-    out
+/// Base64url without padding that also accepts non-zero trailing bits (jsonwebtoken
+/// does not, so a token it accepted always decodes here).
+const BASE64URL_LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true),
+);
+
+fn base64url_encode(input: &[u8]) -> String {
+    BASE64URL.encode(input)
 }
 
-/// Lenient base64url decoding (no padding, trailing bits ignored); None on other bytes.
 fn base64url_decode(input: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(input.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for b in input.bytes() {
-        let v = BASE64URL.iter().position(|&c| c == b)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    (bits < 6).then_some(out)
+    BASE64URL_LENIENT.decode(input).ok()
 }
 
 // --- handshake -------------------------------------------------------------------

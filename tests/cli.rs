@@ -3,13 +3,11 @@
 //! binary against a real redis-server and gateway.
 
 mod common;
-#[path = "clients/procs.rs"]
-mod procs;
 
 use std::process::Command;
 
+use common::procs::{self, Output, Proc};
 use common::*;
-use procs::{Output, Proc};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ws-notify");
@@ -27,7 +25,7 @@ fn cli(args: &[&str], env: &[(&str, &str)]) -> Command {
 
 #[track_caller]
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    procs::run(&format!("ws-notify {args:?}"), cli(args, env), secs(15))
+    procs::run(&format!("ws-notify {args:?}"), cli(args, env), secs(30))
 }
 
 fn ws_url(gw: &Gateway) -> String {
@@ -52,10 +50,7 @@ fn token_is_accepted_by_the_gateway() {
     assert_eq!(hello["user_id"], "alice", "{hello}");
 
     // The header says HS256; the claims carry the user, iat and exp = iat + 1h.
-    let claims: Value = serde_json::from_slice(&base64url_decode(
-        token.split('.').nth(1).expect("claims part"),
-    ))
-    .expect("claims JSON");
+    let claims = token_claims(token);
     assert_eq!(claims["sub"], "alice");
     let (iat, exp) = (
         claims["iat"].as_i64().unwrap(),
@@ -92,8 +87,7 @@ fn token_follows_the_gateway_claim_rules() {
     let token = out.stdout.trim();
     let (_ws, hello) = ws_open(gw.port, token);
     assert_eq!(hello["user_id"], "bob", "{hello}");
-    let claims: Value =
-        serde_json::from_slice(&base64url_decode(token.split('.').nth(1).unwrap())).unwrap();
+    let claims = token_claims(token);
     assert_eq!(claims["role"], "admin");
     assert_eq!(claims["tier"], 3);
     assert_eq!(claims["iss"], "https://auth.example");
@@ -176,7 +170,7 @@ fn listen_prints_messages_as_json_lines() {
 
     // Server shutdown: close 1001 is not a normal close, so exit 1.
     gw.signal(libc::SIGTERM);
-    assert_eq!(listener.expect_exit(secs(10)), Some(1));
+    assert_eq!(listener.expect_exit(secs(30)), Some(1));
     assert!(
         listener.stderr().contains("closed: 1001"),
         "stderr: {}",
@@ -186,19 +180,59 @@ fn listen_prints_messages_as_json_lines() {
 
 #[test]
 fn listen_answers_pings() {
-    // With a 1 s ping interval and 2 s pong wait, a client that did not answer
-    // pings would be dropped within 3 s; listen is still connected after 4 s.
+    // A raw client that never answers pings is the yardstick: once the gateway
+    // has dropped it for a missed pong (1 s ping interval + 2 s pong wait, by
+    // the gateway's own clock, however loaded the machine), listen, connected
+    // before it, has been through the same pings and must still be there.
     let (redis, gw) = setup(&[("WS_PING_INTERVAL", "1s"), ("WS_PONG_WAIT", "2s")]);
     let token = gw.token("dora");
     let mut listener = listen(&gw, &[], &[("WS_TOKEN", &token)]);
     json_line(&listener.expect_line(PROMPT));
-    std::thread::sleep(secs(4));
+    gw.wait_active_connections(1);
+    let mut silent = RawWs::open(gw.port, &gw.token("silent"));
+    assert!(
+        silent.wait_gone(secs(30)),
+        "the gateway never dropped a client that does not answer pings"
+    );
+    assert_eq!(
+        gw.metric(r#"ws_notify_disconnects_total{reason="pong_timeout"}"#),
+        1.0,
+        "only the silent client missed its pongs"
+    );
     assert_eq!(gw.active_connections(), 1, "listen was dropped");
     assert_eq!(redis.notify("dora", r#"{"type":"still_here"}"#), 1);
     let msg = json_line(&listener.expect_line(PROMPT));
     assert_message(&msg, "still_here");
     assert_eq!(msg["payload"], Value::Null);
     assert!(listener.wait(secs(0)).is_none(), "listen exited");
+}
+
+#[test]
+fn listen_closes_normally_and_exits_0_on_ctrl_c() {
+    let (redis, gw) = setup(&[]);
+    let mut listener = listen(&gw, &["--token", &gw.token("ivan")], &[]);
+    json_line(&listener.expect_line(PROMPT));
+    gw.wait_active_connections(1);
+    assert_eq!(redis.notify("ivan", r#"{"type":"before","payload":1}"#), 1);
+    assert_message(&json_line(&listener.expect_line(PROMPT)), "before");
+
+    send_signal(listener.pid(), libc::SIGINT);
+    assert_eq!(listener.expect_exit(secs(30)), Some(0), "exit code");
+    let stderr = listener.stderr();
+    assert!(
+        stderr.contains("interrupted: sent close 1000; closed: 1000"),
+        "stderr: {stderr}"
+    );
+    // The gateway saw a close frame from the client (not a dropped socket).
+    gw.wait_metric_at_least(
+        r#"ws_notify_disconnects_total{reason="client_closed"}"#,
+        1.0,
+    );
+    assert_eq!(
+        gw.metric(r#"ws_notify_disconnects_total{reason="connection_lost"}"#),
+        0.0
+    );
+    gw.wait_active_connections(0);
 }
 
 #[test]
@@ -209,7 +243,7 @@ fn listen_exits_1_with_4001_when_the_token_expires() {
     let mut listener = listen(&gw, &[], &[("WS_TOKEN", &short)]);
     let connected = json_line(&listener.expect_line(PROMPT));
     assert_eq!(connected["type"], "connected");
-    assert_eq!(listener.expect_exit(secs(10)), Some(1));
+    assert_eq!(listener.expect_exit(secs(30)), Some(1));
     let stderr = listener.stderr();
     assert!(
         stderr.contains("closed: 4001 token expired"),
@@ -223,7 +257,7 @@ fn listen_reports_a_refused_upgrade() {
     let (_redis, gw) = setup(&[]);
     let bad = token("not-the-secret", "frank", 3600);
     let mut listener = listen(&gw, &["--token", &bad], &[]);
-    assert_eq!(listener.expect_exit(secs(10)), Some(1));
+    assert_eq!(listener.expect_exit(secs(30)), Some(1));
     let stderr = listener.stderr();
     assert!(
         stderr.contains("HTTP 401") && stderr.contains("invalid or expired token"),
@@ -395,15 +429,17 @@ fn healthcheck_healthy_degraded_and_closed() {
 
 #[test]
 fn healthcheck_times_out_on_a_silent_server() {
-    // A listener that accepts but never answers: exit 1 after about 2 s.
+    // A listener that accepts but never answers: exit 1 once its 2 s are up
+    // (never sooner; how much later depends on the machine's load, and `run`
+    // bounds it).
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let url = format!("http://{}/health", silent.local_addr().unwrap());
+    let url = format!("http://{}/health", silent.local_addr().expect("local_addr"));
     let started = std::time::Instant::now();
     let out = run(&["healthcheck", "--url", &url], &[]);
     let took = started.elapsed();
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("no answer within 2000 ms"), "{out:?}");
-    assert!(took >= ms(1900) && took < secs(5), "took {took:?}");
+    assert!(took >= ms(1900), "gave up after {took:?}");
 }
 
 #[test]
@@ -518,30 +554,6 @@ fn serve_subcommand_runs_the_server() {
     let (ws, hello) = ws_open(port, &token("serve-secret", "hank", 60));
     assert_eq!(hello["user_id"], "hank");
     drop(ws);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(server.expect_exit(secs(10)), Some(0));
-}
-
-fn base64url_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => panic!("not base64url: {text:?}"),
-        }
-    };
-    let mut out = Vec::new();
-    for chunk in text.as_bytes().chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= value(c) << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    out
+    send_signal(server.pid(), libc::SIGTERM);
+    assert_eq!(server.expect_exit(secs(30)), Some(0));
 }

@@ -1,5 +1,5 @@
 //! An open connection's life: client frames, close codes, token expiry, slow
-//! clients and keep-alive (DESIGN.md sections 2 and 3; issue 2 items 5, 8, 9, 10).
+//! clients and keep-alive (README: "Protocol" and "Close codes").
 
 mod common;
 
@@ -72,8 +72,7 @@ fn client_close_is_answered_and_the_connection_removed() {
     .expect("close");
     let (code, _) = expect_close(&mut ws, PROMPT);
     assert_eq!(code, 1000, "close reply code");
-    gw.wait_active_connections(0);
-    wait_until(PROMPT, "total_unique_users == 0", || gw.unique_users() == 0);
+    gw.wait_empty();
 }
 
 #[test]
@@ -97,42 +96,35 @@ fn too_big_message_closes_with_1009() {
 }
 
 #[test]
-fn unmasked_client_frame_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_frame(0x81, b"hi", None)
-        .expect("write unmasked frame");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1002);
-    gw.wait_active_connections(0);
-}
-
-#[test]
-fn reserved_opcode_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_masked(0x83, b"??")
-        .expect("write frame with opcode 3");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1002);
-}
-
-#[test]
-fn reserved_bits_close_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // RSV1 set without a negotiated extension (RFC 6455 section 5.2).
-    raw.send_masked(0xc1, b"hi").expect("write frame with RSV1");
-    assert_eq!(raw.expect_close(PROMPT).0, 1002);
-}
-
-#[test]
-fn oversized_control_frame_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // Control frames carry at most 125 bytes (RFC 6455 section 5.5).
-    raw.send_masked(0x89, &[b'p'; 200]).expect("write big ping");
-    assert_eq!(raw.expect_close(PROMPT).0, 1002);
+fn protocol_violations_close_with_the_rfc_code() {
+    // What the client sends, and the close code RFC 6455 asks for.
+    let mut fragments = masked_frame(0x01, &[b'a'; 300]);
+    fragments.extend(masked_frame(0x00, &[b'a'; 300]));
+    fragments.extend(masked_frame(0x80, &[b'a'; 300]));
+    let cases: [(&str, Vec<u8>, u16); 6] = [
+        ("unmasked frame", client_frame(0x81, b"hi", None), 1002),
+        ("reserved opcode 3", masked_frame(0x83, b"??"), 1002),
+        // Without a negotiated extension (RFC 6455 section 5.2).
+        ("RSV1 set", masked_frame(0xc1, b"hi"), 1002),
+        // Control frames carry at most 125 bytes (RFC 6455 section 5.5).
+        ("200-byte ping", masked_frame(0x89, &[b'p'; 200]), 1002),
+        (
+            "invalid UTF-8 text",
+            masked_frame(0x81, &[b'o', b'k', 0xff, 0xfe]),
+            1007,
+        ),
+        // Each fragment is under WS_MAX_MESSAGE_SIZE; the message is not.
+        ("900 bytes in three fragments", fragments, 1009),
+    ];
+    let (_redis, gw) = setup(&[("WS_MAX_MESSAGE_SIZE", "512")]);
+    for (what, bytes, expected) in cases {
+        let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+        raw.send_raw(&bytes).expect("write");
+        let (code, reason) = raw.expect_close(PROMPT);
+        assert_eq!(code, expected, "{what}: close {code} {reason:?}");
+        assert!(raw.wait_gone(PROMPT), "{what}: connection not closed");
+        gw.wait_active_connections(0);
+    }
 }
 
 #[test]
@@ -173,27 +165,6 @@ fn fragmented_message_is_reassembled() {
 }
 
 #[test]
-fn fragmented_message_over_the_limit_closes_with_1009() {
-    let (_redis, gw) = setup(&[("WS_MAX_MESSAGE_SIZE", "512")]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // Each fragment is small; the message is not.
-    raw.send_masked(0x01, &[b'a'; 300]).expect("fragment");
-    raw.send_masked(0x00, &[b'a'; 300]).expect("fragment");
-    raw.send_masked(0x80, &[b'a'; 300]).expect("fragment");
-    assert_eq!(raw.expect_close(PROMPT).0, 1009);
-}
-
-#[test]
-fn invalid_utf8_closes_with_1007() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_masked(0x81, &[b'o', b'k', 0xff, 0xfe])
-        .expect("write bad text frame");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1007);
-}
-
-#[test]
 fn raw_client_text_ping_works() {
     // The hand-made client is a valid client when it masks its frames.
     let (_redis, gw) = setup(&[]);
@@ -221,7 +192,7 @@ fn token_expiry_closes_with_4001() {
     let (_redis, gw) = setup(&[]);
     let start = Instant::now();
     let (mut ws, _) = ws_open(gw.port, &token(&gw.secret, "alice", 2));
-    let (code, reason) = expect_close(&mut ws, secs(6));
+    let (code, reason) = expect_close(&mut ws, secs(30));
     let elapsed = start.elapsed();
     assert_eq!((code, reason.as_str()), (4001, "token expired"));
     assert!(
@@ -326,20 +297,18 @@ fn slow_client_is_closed_with_4008_while_a_reading_one_gets_everything() {
 fn keepalive_pings_a_reading_client_which_stays_connected() {
     let (_redis, gw) = setup(&[("WS_PING_INTERVAL", "200ms"), ("WS_PONG_WAIT", "600ms")]);
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
-    let start = Instant::now();
+    // Four pings span 800 ms of the gateway's clock, past the 600 ms pong wait
+    // of the first: had the pongs not counted, it would have dropped us.
     let mut pings = 0;
-    while start.elapsed() < ms(2200) {
+    wait_until(secs(30), "four pings", || {
         // Reading answers pings with pongs (tungstenite does that for us).
         match recv_message(&mut ws, ms(100)) {
             Some(Message::Ping(_)) => pings += 1,
             Some(other) => panic!("unexpected {other:?}"),
             None => {}
         }
-    }
-    assert!(
-        pings >= 4,
-        "only {pings} pings in 2.2 s with a 200ms interval"
-    );
+        pings >= 4
+    });
     send_text(&mut ws, r#"{"type":"ping"}"#);
     assert_eq!(recv_json(&mut ws, PROMPT)["type"], "pong");
     assert_eq!(gw.active_connections(), 1);
@@ -352,7 +321,7 @@ fn keepalive_drops_a_silent_client() {
     let start = Instant::now();
     // It never reads or writes; the gateway gives up on it.
     gw.wait_active_connections(1);
-    wait_until(secs(5), "the silent client is dropped", || {
+    wait_until(secs(30), "the silent client is dropped", || {
         gw.active_connections() == 0
     });
     assert!(
@@ -368,21 +337,21 @@ fn keepalive_drops_a_silent_client() {
 
 #[test]
 fn keepalive_counts_any_client_frame_as_alive() {
-    let (_redis, gw) = setup(&[("WS_PING_INTERVAL", "200ms"), ("WS_PONG_WAIT", "600ms")]);
+    let (_redis, gw) = setup(&[("WS_PING_INTERVAL", "200ms"), ("WS_PONG_WAIT", "1s")]);
     let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    let start = Instant::now();
-    // Sends a text ping every 200 ms and never answers pings: still alive.
-    while start.elapsed() < ms(1800) {
+    // Sends a text ping every 100 ms and never answers pings. Eight pings span
+    // 1.6 s of the gateway's clock, past the 1 s pong wait: still alive.
+    let mut pings = 0;
+    while pings < 8 {
         raw.send_masked(0x81, br#"{"type":"ping"}"#).expect("write");
-        let tick = Instant::now() + ms(200);
-        while Instant::now() < tick {
-            match raw.read_event(tick.saturating_duration_since(Instant::now())) {
-                RawEvent::Frame { .. } | RawEvent::Timeout => {}
-                RawEvent::Eof => panic!(
-                    "dropped after {:?} although it kept sending",
-                    start.elapsed()
-                ),
-                RawEvent::Error(e) => panic!("dropped after {:?}: {e}", start.elapsed()),
+        let tick = Instant::now() + ms(100);
+        while let Some(left) = tick.checked_duration_since(Instant::now()) {
+            match raw.read_event(left) {
+                RawEvent::Frame { opcode: 9, .. } => pings += 1,
+                RawEvent::Frame { .. } => {}
+                RawEvent::Timeout => break,
+                RawEvent::Eof => panic!("dropped after {pings} pings although it kept sending"),
+                RawEvent::Error(e) => panic!("dropped after {pings} pings: {e}"),
             }
         }
     }

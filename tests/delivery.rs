@@ -1,5 +1,5 @@
-//! Redis -> gateway -> WebSocket delivery (DESIGN.md section 3, "Server -> client"
-//! and "Redis -> server"; issue 2 items 8 and 11).
+//! Redis -> gateway -> WebSocket delivery (README: "Messages from the server"
+//! and "Publishing").
 
 mod common;
 
@@ -81,33 +81,22 @@ fn messages_arrive_in_publish_order_one_per_frame() {
 }
 
 #[test]
-fn user_ids_may_contain_colons() {
+fn unusual_user_ids_get_their_messages() {
     let (redis, gw) = setup(&[]);
-    let user = "org:42:alice";
-    let (mut ws, hello) = ws_open(gw.port, &gw.token(user));
-    assert_eq!(hello["user_id"], user);
-    let (mut other, _) = ws_open(gw.port, &gw.token("alice"));
-    redis.publish(
-        "user_noti:org:42:alice",
-        r#"{"type":"colon","payload":"x"}"#,
-    );
-    let msg = recv_json(&mut ws, PROMPT);
-    assert_message(&msg, "colon");
-    // "alice" (the last segment) is a different user.
+    let (mut alice, _) = ws_open(gw.port, &gw.token("alice"));
+    // Colons (the prefix ends with one) and characters outside ASCII.
+    for user in ["org:42:alice", "jos\u{e9}-\u{1f600}"] {
+        let (mut ws, hello) = ws_open(gw.port, &gw.token(user));
+        assert_eq!(hello["user_id"], user);
+        assert!(redis.notify(user, r#"{"type":"odd_id","payload":"\u00e9"}"#) >= 1);
+        let msg = recv_json(&mut ws, PROMPT);
+        assert_message(&msg, "odd_id");
+        assert_eq!(msg["payload"], "\u{e9}", "{user}");
+    }
+    // "alice" (the last segment of "org:42:alice") is a different user: the
+    // first message she gets is her own.
     redis.notify("alice", r#"{"type":"plain","payload":null}"#);
-    assert_eq!(recv_json(&mut other, PROMPT)["type"], "plain");
-}
-
-#[test]
-fn non_ascii_user_ids() {
-    let (redis, gw) = setup(&[]);
-    let user = "jos\u{e9}-\u{1f600}";
-    let (mut ws, hello) = ws_open(gw.port, &gw.token(user));
-    assert_eq!(hello["user_id"], user);
-    assert!(redis.notify(user, r#"{"type":"utf8","payload":"\u00e9"}"#) >= 1);
-    let msg = recv_json(&mut ws, PROMPT);
-    assert_message(&msg, "utf8");
-    assert_eq!(msg["payload"], "\u{e9}");
+    assert_eq!(recv_json(&mut alice, PROMPT)["type"], "plain");
 }
 
 #[test]
@@ -241,17 +230,14 @@ fn user_entry_disappears_with_its_last_connection() {
     let (mut a2, _) = ws_open(gw.port, &gw.token("alice"));
     gw.wait_active_connections(2);
     assert_eq!(gw.unique_users(), 1);
-    a1.close(None).expect("close");
-    let _ = close_or_gone(&mut a1, PROMPT);
+    close_ws(&mut a1);
     gw.wait_active_connections(1);
     assert_eq!(gw.unique_users(), 1);
     // The remaining connection still gets messages.
     redis.notify("alice", r#"{"type":"still","payload":1}"#);
     assert_eq!(recv_json(&mut a2, PROMPT)["type"], "still");
-    a2.close(None).expect("close");
-    let _ = close_or_gone(&mut a2, PROMPT);
-    gw.wait_active_connections(0);
-    wait_until(PROMPT, "total_unique_users == 0", || gw.unique_users() == 0);
+    close_ws(&mut a2);
+    gw.wait_empty();
 }
 
 #[test]
@@ -329,7 +315,7 @@ fn invalid_message_warnings_are_rate_limited() {
 
 #[test]
 fn invalid_messages_for_offline_users_are_counted_invalid() {
-    // DESIGN.md section 3: anything that is not a JSON object with a string
+    // README, "Publishing": anything that is not a JSON object with a string
     // `type` is dropped, counted as invalid and logged with the channel,
     // whether or not the user has a connection here.
     let (redis, gw) = setup(&[("LOGGER_LEVEL", "info")]);

@@ -1,5 +1,6 @@
 //! The package itself (issue 2 item 1): the files a new machine needs, and a
-//! `template.env` that lists every configuration variable of DESIGN.md section 4.
+//! `template.env` that lists every configuration variable of the README's
+//! "Configuration" table.
 
 use std::path::Path;
 

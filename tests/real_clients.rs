@@ -9,8 +9,6 @@
 //! `target/tmp/real-clients/` and reused while their pinned versions match.
 
 mod common;
-#[path = "clients/procs.rs"]
-mod procs;
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -24,8 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::procs::{self, Proc};
 use common::*;
-use procs::Proc;
 use serde_json::{Value, json};
 use tungstenite::Message;
 
@@ -176,12 +174,43 @@ fn python(test: &str) -> Option<PathBuf> {
     Some(venv.join("bin/python"))
 }
 
-fn python_client(python: &Path, gw: &Gateway, token: &str) -> Proc {
-    let mut cmd = Command::new(python);
-    cmd.arg(Path::new(CLIENTS).join("python/client.py"))
+/// `<program> tests/clients/<script> ws://127.0.0.1:<port>/ws <token>`.
+fn client_command(
+    program: impl AsRef<std::ffi::OsStr>,
+    script: &str,
+    gw: &Gateway,
+    token: &str,
+) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.arg(Path::new(CLIENTS).join(script))
         .arg(format!("ws://127.0.0.1:{}/ws", gw.port))
-        .arg(token)
-        .env("PYTHONUNBUFFERED", "1");
+        .arg(token);
+    cmd
+}
+
+/// Reads the client's line for the gateway's `connected` message and waits
+/// until the gateway counts the connection.
+#[track_caller]
+fn expect_connected_line(client: &mut Proc, gw: &Gateway, user: &str) {
+    let line = json_line(&client.expect_line(PROMPT));
+    assert_eq!(line["event"], "message", "{line}");
+    assert_message(&line["data"], "connected");
+    assert_eq!(line["data"]["payload"]["user_id"], user, "{line}");
+    gw.wait_active_connections(1);
+}
+
+/// Reads the client's line for a message of type `ty`; returns its payload.
+#[track_caller]
+fn expect_message_line(client: &mut Proc, ty: &str) -> Value {
+    let line = json_line(&client.expect_line(PROMPT));
+    assert_eq!(line["event"], "message", "{line}");
+    assert_message(&line["data"], ty);
+    line["data"]["payload"].clone()
+}
+
+fn python_client(python: &Path, gw: &Gateway, token: &str) -> Proc {
+    let mut cmd = client_command(python, "python/client.py", gw, token);
+    cmd.env("PYTHONUNBUFFERED", "1");
     Proc::spawn("python websockets client", cmd)
 }
 
@@ -199,19 +228,13 @@ fn python_websockets_receives_a_published_message() {
     // permessage-deflate by default; the server declines it).
     assert_eq!(open["extensions"], json!([]), "{open}");
     assert_eq!(open["subprotocol"], Value::Null, "{open}");
-    let connected = json_line(&client.expect_line(PROMPT));
-    assert_eq!(connected["data"]["type"], "connected", "{connected}");
-    assert_eq!(connected["data"]["payload"]["user_id"], "pia");
-    gw.wait_active_connections(1);
+    expect_connected_line(&mut client, &gw, "pia");
 
     let published =
         r#"{"type":"invoice_paid","payload":{"invoice":"INV-7","amount":120.5,"tags":["a","b"]}}"#;
     assert_eq!(redis.notify("pia", published), 1);
-    let msg = json_line(&client.expect_line(PROMPT));
-    assert_eq!(msg["event"], "message", "{msg}");
-    assert_message(&msg["data"], "invoice_paid");
     assert_eq!(
-        msg["data"]["payload"],
+        expect_message_line(&mut client, "invoice_paid"),
         json!({"invoice": "INV-7", "amount": 120.5, "tags": ["a", "b"]})
     );
 }
@@ -225,9 +248,8 @@ fn python_websockets_sees_close_4001_on_token_expiry() {
     let short = token(&gw.secret, "quinn", 2);
     let mut client = python_client(&python, &gw, &short);
     assert_eq!(json_line(&client.expect_line(PROMPT))["event"], "open");
-    let connected = json_line(&client.expect_line(PROMPT));
-    assert_eq!(connected["data"]["type"], "connected", "{connected}");
-    let close = json_line(&client.expect_line(secs(10)));
+    expect_connected_line(&mut client, &gw, "quinn");
+    let close = json_line(&client.expect_line(secs(30)));
     assert_eq!(
         close,
         json!({"event": "close", "code": 4001, "reason": "token expired"})
@@ -272,11 +294,8 @@ fn node_modules(test: &str) -> Option<PathBuf> {
 }
 
 fn node_client(modules: &Path, gw: &Gateway, token: &str, deflate: bool) -> Proc {
-    let mut cmd = Command::new("node");
-    cmd.arg(Path::new(CLIENTS).join("node/client.js"))
-        .arg(format!("ws://127.0.0.1:{}/ws", gw.port))
-        .arg(token)
-        .env("NODE_PATH", modules);
+    let mut cmd = client_command("node", "node/client.js", gw, token);
+    cmd.env("NODE_PATH", modules);
     if deflate {
         cmd.arg("deflate");
     }
@@ -295,18 +314,13 @@ fn node_ws_receives_a_published_message() {
         open,
         json!({"event": "open", "extensions": "", "offered": null, "response_extensions": null})
     );
-    let connected = json_line(&client.expect_line(PROMPT));
-    assert_message(&connected["data"], "connected");
-    assert_eq!(connected["data"]["payload"]["user_id"], "rosa");
-    gw.wait_active_connections(1);
+    expect_connected_line(&mut client, &gw, "rosa");
 
     assert_eq!(
         redis.notify("rosa", r#"{"type":"chat","payload":"héllo ✓"}"#),
         1
     );
-    let msg = json_line(&client.expect_line(PROMPT));
-    assert_message(&msg["data"], "chat");
-    assert_eq!(msg["data"]["payload"], "héllo ✓");
+    assert_eq!(expect_message_line(&mut client, "chat"), "héllo ✓");
 }
 
 #[test]
@@ -327,16 +341,12 @@ fn node_ws_permessage_deflate_offer_is_declined() {
     assert_eq!(open["response_extensions"], Value::Null, "{open}");
     assert_eq!(open["extensions"], "", "{open}");
 
-    let connected = json_line(&client.expect_line(PROMPT));
-    assert_eq!(connected["data"]["type"], "connected");
-    gw.wait_active_connections(1);
+    expect_connected_line(&mut client, &gw, "sam");
     // A large, very compressible message still arrives intact, uncompressed.
     let text = "notification ".repeat(400);
     let published = json!({"type": "digest", "payload": {"text": text}}).to_string();
     assert_eq!(redis.notify("sam", &published), 1);
-    let msg = json_line(&client.expect_line(PROMPT));
-    assert_message(&msg["data"], "digest");
-    assert_eq!(msg["data"]["payload"]["text"], text);
+    assert_eq!(expect_message_line(&mut client, "digest")["text"], text);
 }
 
 // ---------------------------------------------------------------------------

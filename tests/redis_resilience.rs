@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -17,7 +17,7 @@ const FAST_REDIS: (&str, &str) = ("REDIS_PING_INTERVAL", "200ms");
 
 /// How long a subscription must last to count as healthy and reset the
 /// reconnect backoff: 6 ping intervals of [`FAST_REDIS`] (200 ms), plus margin.
-const HEALTHY: std::time::Duration = std::time::Duration::from_millis(1500);
+const HEALTHY: Duration = Duration::from_millis(1500);
 
 #[test]
 fn redis_killed_and_restarted_ten_times_while_clients_stay() {
@@ -44,11 +44,12 @@ fn redis_killed_and_restarted_ten_times_while_clients_stay() {
         wait_until(PROMPT, "/health reports Redis disconnected", || {
             gw.health().0 == 503
         });
-        let down = Instant::now();
         redis.restart();
-        gw.wait_redis_connected(secs(40));
+        // From Redis being back (its restart's time depends on the machine).
+        let back = Instant::now();
+        gw.wait_redis_connected(secs(60));
         subscribed_at = Instant::now();
-        reconnect_times.push(down.elapsed());
+        reconnect_times.push(back.elapsed());
         // Every message published while subscribed is delivered.
         for (user, ws) in users.iter().zip(clients.iter_mut()) {
             let n = redis.notify(user, format!(r#"{{"type":"cycle","payload":{cycle}}}"#));
@@ -70,13 +71,19 @@ fn redis_killed_and_restarted_ten_times_while_clients_stay() {
         "reconnect counter"
     );
     assert_eq!(gw.active_connections(), users.len() as u64);
-    // The backoff was reset after each healthy period: every re-subscription is
-    // quick. Without the reset the delay cap doubles every cycle (100 ms to
-    // 25.6 s by the ninth) and the later cycles take seconds.
-    let slowest = *reconnect_times.iter().max().expect("cycles");
+    // The backoff was reset after each healthy period: the last cycles
+    // re-subscribe as quickly as the first ones. Without the reset the delay
+    // cap doubles every cycle (100 ms to 25.6 s by the ninth, a uniform delay
+    // below it), so the last half would take tens of seconds against well
+    // under a second for the first half. Both halves run on the same machine
+    // under the same load; PROMPT absorbs a single slow cycle.
+    let (first, last) = reconnect_times.split_at(CYCLES / 2);
+    let (first, last): (Duration, Duration) = (first.iter().sum(), last.iter().sum());
     assert!(
-        slowest < secs(3),
-        "a re-subscription took {slowest:?}: {reconnect_times:?}"
+        last <= first * 3 + PROMPT,
+        "the last {} re-subscriptions took {last:?}, the first {} {first:?}: {reconnect_times:?}",
+        CYCLES - CYCLES / 2,
+        CYCLES / 2
     );
     let max_fds = *fds.iter().max().expect("cycles");
     let max_threads = *threads.iter().max().expect("cycles");
@@ -126,18 +133,15 @@ fn frozen_redis_is_noticed_within_a_bound_and_delivery_resumes() {
     redis.signal(libc::SIGSTOP);
     let stopped = Instant::now();
     let mut body = serde_json::Value::Null;
-    wait_until(PROMPT, "/health notices the frozen Redis", || {
+    // The reader pings every 200 ms and waits at most max(1 s, ping interval)
+    // for the pong: noticed in about 1.2 s. Without that ping it would never
+    // be noticed (the sockets stay open), so a generous deadline still tells.
+    wait_until(secs(30), "/health notices the frozen Redis", || {
         let (status, b) = gw.health();
         body = b;
         status == 503
     });
     let noticed = stopped.elapsed();
-    // The reader pings every 200 ms and waits at most max(1 s, ping interval)
-    // for the pong: noticed in about 1.2 s, well under 3 s even when loaded.
-    assert!(
-        noticed < secs(3),
-        "frozen Redis noticed only after {noticed:?}"
-    );
     let error = body["redis"]["error"]
         .as_str()
         .unwrap_or_default()
@@ -157,7 +161,7 @@ fn frozen_redis_is_noticed_within_a_bound_and_delivery_resumes() {
 
     redis.signal(libc::SIGCONT);
     let resumed = Instant::now();
-    gw.wait_redis_connected(secs(15));
+    gw.wait_redis_connected(secs(30));
     let reconnected = resumed.elapsed();
     assert!(redis.notify("alice", r#"{"type":"back","payload":1}"#) >= 1);
     assert_message(&recv_json(&mut ws, PROMPT), "back");
@@ -298,180 +302,11 @@ fn wrong_credentials_are_reported_without_the_password() {
 
 // ---- TLS ------------------------------------------------------------------------
 
-/// A throwaway CA, a server certificate it signed for 127.0.0.1, and a second,
-/// unrelated CA; all made by openssl in a temp dir.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = TempDir::new("redis-tls");
-        for ca in ["ca", "other-ca"] {
-            openssl(
-                &dir,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.crt"),
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN=ws-notify test {ca}"),
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign",
-                ],
-            );
-        }
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
-        std::fs::write(
-            dir.file("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
-             basicConstraints=CA:FALSE\n\
-             keyUsage=critical,digitalSignature\n\
-             extendedKeyUsage=serverAuth\n",
-        )
-        .expect("write extensions");
-        openssl(
-            &dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-            ],
-        );
-        Pki { dir }
-    }
-}
-
-/// `redis-server` listening with TLS only (`--port 0`), killed on drop.
-struct TlsRedis {
-    port: u16,
-    child: std::process::Child,
-    client: redis::Client,
-}
-
-impl TlsRedis {
-    fn start(pki: &Pki) -> TlsRedis {
-        // rustls needs one process-wide crypto provider; a second install fails
-        // harmlessly.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let ca = std::fs::read(pki.dir.file("ca.crt")).expect("CA");
-        let mut last = String::new();
-        for _ in 0..5 {
-            let port = free_port();
-            let child = std::process::Command::new("redis-server")
-                .args(["--port", "0", "--tls-port", &port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--tls-cert-file", &pki.dir.file_str("server.crt")])
-                .args(["--tls-key-file", &pki.dir.file_str("server.key")])
-                .args(["--tls-ca-cert-file", &pki.dir.file_str("ca.crt")])
-                .args(["--tls-auth-clients", "no"])
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("spawn redis-server");
-            let client = redis::Client::build_with_tls(
-                format!("rediss://127.0.0.1:{port}/"),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(ca.clone()),
-                },
-            )
-            .expect("TLS client");
-            let mut server = TlsRedis {
-                port,
-                child,
-                client,
-            };
-            let deadline = Instant::now() + secs(10);
-            loop {
-                let ping = server
-                    .client
-                    .get_connection_with_timeout(secs(1))
-                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c));
-                match ping {
-                    Ok(_) => return server,
-                    Err(e) => last = e.to_string(),
-                }
-                if let Ok(Some(status)) = server.child.try_wait() {
-                    last = format!("redis-server exited: {status} (built without TLS?)");
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    break;
-                }
-                std::thread::sleep(ms(20));
-            }
-        }
-        panic!("TLS redis-server did not come up: {last}");
-    }
-
-    fn publish(&self, channel: &str, payload: &str) -> i64 {
-        let mut con = self
-            .client
-            .get_connection_with_timeout(secs(2))
-            .expect("TLS connect");
-        redis::cmd("PUBLISH")
-            .arg(channel)
-            .arg(payload)
-            .query(&mut con)
-            .expect("PUBLISH over TLS")
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        // Already exited is fine here.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn redis_over_tls_with_a_private_ca() {
     let pki = Pki::new();
     let redis = TlsRedis::start(&pki);
-    let url = format!("rediss://127.0.0.1:{}/", redis.port);
+    let url = redis.url();
 
     // The right CA: subscribed over TLS, messages delivered.
     let ca = pki.dir.file_str("ca.crt");
@@ -481,7 +316,7 @@ fn redis_over_tls_with_a_private_ca() {
     );
     gw.wait_redis_connected(secs(10));
     let (mut ws, _) = ws_open(gw.port, &gw.token("alice"));
-    assert!(redis.publish("user_noti:alice", r#"{"type":"tls","payload":1}"#) >= 1);
+    assert!(redis.redis.notify("alice", r#"{"type":"tls","payload":1}"#) >= 1);
     assert_message(&recv_json(&mut ws, PROMPT), "tls");
 
     // Another CA, or the system roots: refused, and /health says why.

@@ -1,12 +1,15 @@
 //! `ws-notify listen`: a debugging WebSocket client. Connects with
 //! tungstenite's blocking client over a plain `TcpStream` (`ws://` only),
 //! answers pings, prints every message as one JSON line on stdout, and
-//! reports the close on stderr.
+//! reports the close on stderr. Ctrl-C (SIGINT) or SIGTERM ends the session
+//! with a normal close (1000) and exit 0; a second one exits at once.
 
 use std::io::{self, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::HandshakeError;
@@ -28,11 +31,22 @@ code and reason on stderr.
   --token <jwt>     sent as 'Authorization: Bearer <jwt>'; default $WS_TOKEN.
                     Not needed if the URL carries ?token=...
 
-Exit codes: 0 after a normal close (1000), 1 after any other close, a lost
-connection or a refused upgrade, 2 a bad argument.";
+Ctrl-C (or SIGTERM) closes the connection normally (close code 1000) and exits
+0; a second Ctrl-C exits at once with 1.
+
+Exit codes: 0 after a normal close (1000) or Ctrl-C, 1 after any other close, a
+lost connection or a refused upgrade, 2 a bad argument.";
 
 /// How long connecting and the opening handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How often a blocked read looks whether Ctrl-C was pressed, in case the
+/// signal arrives just before the read starts (a read it interrupts returns
+/// at once).
+const INTERRUPT_CHECK: Duration = Duration::from_millis(100);
+
+/// How long to wait for the server's close reply after Ctrl-C.
+const CLOSE_REPLY_WAIT: Duration = Duration::from_secs(5);
 
 /// The parsed `listen` arguments (the token already taken from `WS_TOKEN`
 /// if not given).
@@ -109,9 +123,18 @@ enum End {
     Closed(u16, String),
     /// The connection dropped without a close frame, or failed.
     Lost(String),
+    /// Ctrl-C: our close (1000) was sent; `reply` tells how the session ended.
+    Interrupted { reply: String },
 }
 
 pub fn run(args: &ListenArgs) -> ExitCode {
+    let interrupted = match on_interrupt() {
+        Ok(flag) => flag,
+        Err(e) => {
+            eprintln!("ws-notify listen: cannot handle Ctrl-C: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let mut ws = match connect(args) {
         Ok(ws) => ws,
         Err(e) => {
@@ -121,7 +144,7 @@ pub fn run(args: &ListenArgs) -> ExitCode {
     };
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    let end = read_loop(&mut ws, &mut out);
+    let end = read_loop(&mut ws, &mut out, &interrupted);
     match end {
         End::Closed(code, reason) => {
             eprintln!("ws-notify listen: closed: {code} {reason}");
@@ -135,7 +158,27 @@ pub fn run(args: &ListenArgs) -> ExitCode {
             eprintln!("ws-notify listen: connection lost: {why}");
             ExitCode::from(EXIT_FAILURE)
         }
+        End::Interrupted { reply } => {
+            eprintln!("ws-notify listen: interrupted: sent close 1000; {reply}");
+            ExitCode::SUCCESS
+        }
     }
+}
+
+/// A flag that SIGINT and SIGTERM set; a second signal, once it is set, exits
+/// the process at once with [`EXIT_FAILURE`].
+fn on_interrupt() -> io::Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // Registered first, so it sees the flag as it was before this signal.
+        signal_hook::flag::register_conditional_shutdown(
+            signal,
+            i32::from(EXIT_FAILURE),
+            flag.clone(),
+        )?;
+        signal_hook::flag::register(signal, flag.clone())?;
+    }
+    Ok(flag)
 }
 
 /// Opens the TCP connection and does the opening handshake.
@@ -182,10 +225,11 @@ fn connect(args: &ListenArgs) -> Result<WebSocket<TcpStream>, String> {
             ));
         }
     };
-    // From here on reads block until the server sends something: the server
-    // pings every WS_PING_INTERVAL, so a dead connection is still noticed.
+    // From here on reads wait for the server (it pings every WS_PING_INTERVAL,
+    // so a dead connection is still noticed), looking at the Ctrl-C flag
+    // between short timeouts.
     ws.get_ref()
-        .set_read_timeout(None)
+        .set_read_timeout(Some(INTERRUPT_CHECK))
         .map_err(|e| format!("socket setup: {e}"))?;
     Ok(ws)
 }
@@ -205,27 +249,54 @@ fn connect_tcp(host: &str, port: u16) -> Result<TcpStream, String> {
 }
 
 /// Reads until the connection ends, printing each data message as a line.
-fn read_loop<S: io::Read + io::Write>(ws: &mut WebSocket<S>, out: &mut impl Write) -> End {
+/// Once `interrupted` is set, sends a normal close and waits (at most
+/// [`CLOSE_REPLY_WAIT`]) for the server's reply.
+fn read_loop<S: io::Read + io::Write>(
+    ws: &mut WebSocket<S>,
+    out: &mut impl Write,
+    interrupted: &AtomicBool,
+) -> End {
     let mut close: Option<(u16, String)> = None;
+    // Set once our close frame is out: the deadline for the server's reply.
+    let mut closing_until: Option<Instant> = None;
     loop {
+        if closing_until.is_none() && interrupted.load(Ordering::Relaxed) {
+            let normal = CloseFrame {
+                code: CloseCode::Normal,
+                reason: "".into(),
+            };
+            // Fails only if the connection is already closing or gone; the
+            // read below then reports how it ended.
+            let _ = ws.close(Some(normal));
+            closing_until = Some(Instant::now() + CLOSE_REPLY_WAIT);
+        }
+        let ended = |close: Option<(u16, String)>, why: String| match (closing_until, close) {
+            (Some(_), Some((code, reason))) => End::Interrupted {
+                reply: format!("closed: {code} {reason}"),
+            },
+            (Some(_), None) => End::Interrupted { reply: why },
+            (None, Some((code, reason))) => End::Closed(code, reason),
+            (None, None) => End::Lost(why),
+        };
         let message = match ws.read() {
             Ok(message) => message,
+            // A read timeout, or the signal itself (a socket read with a
+            // timeout is not restarted after a handler: signal(7)); nothing
+            // was consumed, so the next read resumes where this one stopped.
+            Err(tungstenite::Error::Io(e)) if is_retry(&e) => {
+                if closing_until.is_some_and(|until| Instant::now() >= until) {
+                    return ended(close, "no close reply from the server".to_string());
+                }
+                continue;
+            }
             // After the close handshake completed (tungstenite replied to the
-            // server's close frame).
+            // server's close frame, or the server answered ours).
             Err(tungstenite::Error::ConnectionClosed) => {
-                return match close {
-                    Some((code, reason)) => End::Closed(code, reason),
-                    None => End::Lost("closed".to_string()),
-                };
+                return ended(close, "closed".to_string());
             }
-            Err(e) => {
-                return match close {
-                    // The server may drop the TCP connection right after its
-                    // close frame; the close was still received.
-                    Some((code, reason)) => End::Closed(code, reason),
-                    None => End::Lost(e.to_string()),
-                };
-            }
+            // The server may drop the TCP connection right after its close
+            // frame; the close was still received.
+            Err(e) => return ended(close, e.to_string()),
         };
         let line = match message {
             Message::Text(text) => json_line(text.as_str()),
@@ -238,8 +309,11 @@ fn read_loop<S: io::Read + io::Write>(ws: &mut WebSocket<S>, out: &mut impl Writ
             }
             // tungstenite queued the pong; the next read (or this flush) sends it.
             Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {
-                if let Err(e) = ws.flush() {
-                    return End::Lost(e.to_string());
+                match ws.flush() {
+                    // What is not written yet stays queued for the next read.
+                    Err(tungstenite::Error::Io(e)) if is_retry(&e) => {}
+                    Err(e) => return ended(close, e.to_string()),
+                    Ok(()) => {}
                 }
                 continue;
             }
@@ -252,6 +326,14 @@ fn read_loop<S: io::Read + io::Write>(ws: &mut WebSocket<S>, out: &mut impl Writ
             return End::Closed(u16::from(CloseCode::Normal), String::new());
         }
     }
+}
+
+/// An I/O error after which the same call may simply be made again.
+fn is_retry(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
 }
 
 fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
@@ -296,6 +378,88 @@ mod tests {
         assert!(url_has_token("ws://h/ws?x=1&token=abc"));
         assert!(!url_has_token("ws://h/ws?tokens=abc"));
         assert!(!url_has_token("ws://h/ws"));
+    }
+
+    /// A socket that plays back scripted reads (then EOF) and keeps what is
+    /// written to it.
+    struct Scripted {
+        reads: std::collections::VecDeque<io::Result<Vec<u8>>>,
+        written: Vec<u8>,
+    }
+
+    impl Scripted {
+        fn new(reads: Vec<io::Result<Vec<u8>>>) -> WebSocket<Scripted> {
+            let stream = Scripted {
+                reads: reads.into(),
+                written: Vec::new(),
+            };
+            WebSocket::from_raw_socket(stream, tungstenite::protocol::Role::Client, None)
+        }
+    }
+
+    impl io::Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.reads.pop_front() {
+                None => Ok(0),
+                Some(Err(e)) => Err(e),
+                Some(Ok(bytes)) => {
+                    buf[..bytes.len()].copy_from_slice(&bytes);
+                    Ok(bytes.len())
+                }
+            }
+        }
+    }
+
+    impl io::Write for Scripted {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.written.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn interrupted() -> io::Result<Vec<u8>> {
+        Err(io::Error::from(io::ErrorKind::Interrupted))
+    }
+
+    /// A server's (unmasked) close frame with code 1000.
+    fn server_close_1000() -> io::Result<Vec<u8>> {
+        Ok(vec![0x88, 0x02, 0x03, 0xe8])
+    }
+
+    #[test]
+    fn ctrl_c_sends_a_normal_close_and_waits_for_the_reply() {
+        // The signal interrupts the blocked read (EINTR); then the server answers.
+        let mut ws = Scripted::new(vec![interrupted(), server_close_1000()]);
+        let mut out = Vec::new();
+        let end = read_loop(&mut ws, &mut out, &AtomicBool::new(true));
+        assert_eq!(
+            end,
+            End::Interrupted {
+                reply: "closed: 1000 ".to_string()
+            }
+        );
+        // Our close frame: final, opcode 8, masked, code 1000.
+        let written = &ws.get_ref().written;
+        assert_eq!(written[..2], [0x88, 0x80 | 2], "{written:?}");
+        let (mask, code) = (&written[2..6], &written[6..8]);
+        assert_eq!([code[0] ^ mask[0], code[1] ^ mask[1]], [0x03, 0xe8]);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn an_interrupted_read_without_ctrl_c_reads_on() {
+        let text = br#"{"a":1}"#;
+        let mut frame = vec![0x81, text.len() as u8];
+        frame.extend_from_slice(text);
+        let mut ws = Scripted::new(vec![interrupted(), Ok(frame), server_close_1000()]);
+        let mut out = Vec::new();
+        let end = read_loop(&mut ws, &mut out, &AtomicBool::new(false));
+        assert_eq!(end, End::Closed(1000, String::new()));
+        assert_eq!(out, b"{\"a\":1}\n");
     }
 
     #[test]

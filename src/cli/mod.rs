@@ -33,7 +33,7 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code of a runtime failure.
 pub const EXIT_FAILURE: u8 = 1;
 
-/// Port the gateway listens on when `WS_PORT` is unset (DESIGN.md section 4).
+/// Port the gateway listens on when `WS_PORT` is unset (README: "Configuration").
 const DEFAULT_PORT: u16 = 8081;
 
 const MAIN_USAGE: &str = "\

@@ -71,7 +71,7 @@ pub fn parse(parser: &mut Parser) -> Result<PublishArgs, ParseStop> {
     })
 }
 
-/// The message as the gateway expects it (DESIGN.md section 3).
+/// The message as the gateway expects it (README: "Publishing").
 pub fn message(args: &PublishArgs) -> String {
     let kind = serde_json::Value::from(args.kind.as_str());
     format!(r#"{{"type":{kind},"payload":{}}}"#, args.payload.trim())

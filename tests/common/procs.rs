@@ -1,8 +1,7 @@
 //! Child processes for the CLI and real-client tests: stdout read line by
 //! line through a channel (so a test can wait for one line with a deadline),
-//! stderr collected, the child killed on drop. Included with `#[path]` by
-//! tests/cli.rs and tests/real_clients.rs.
-#![allow(dead_code)]
+//! stderr collected, the child killed on drop (used by tests/cli.rs and
+//! tests/real_clients.rs).
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
