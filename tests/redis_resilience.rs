@@ -22,7 +22,13 @@ const HEALTHY: Duration = Duration::from_millis(1500);
 #[test]
 fn redis_killed_and_restarted_ten_times_while_clients_stay() {
     const CYCLES: usize = 10;
-    let (mut redis, gw) = setup(&[FAST_REDIS, ("LOGGER_LEVEL", "info")]);
+    // A cap far above the default 2 s, so a backoff that was not reset would
+    // show (the default cap alone keeps every delay short).
+    let (mut redis, gw) = setup(&[
+        FAST_REDIS,
+        ("REDIS_RECONNECT_MAX", "30s"),
+        ("LOGGER_LEVEL", "info"),
+    ]);
     let users = ["alice", "bob", "carol"];
     let mut clients: Vec<Ws> = users
         .iter()
