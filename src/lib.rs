@@ -14,6 +14,7 @@
 //! Two threads: the event loop owns every socket and all per-connection state;
 //! the Redis reader owns the Redis connection and only hands raw messages over.
 //! Health state crossing the two lives in atomics (`redis_reader::RedisStatus`).
+//! A third thread, `log-writer`, writes the log lines the others buffer.
 
 pub mod auth;
 pub mod cli;

@@ -5,6 +5,7 @@
 //! path); the Redis side's numbers come from `RedisStatus` atomics.
 
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use crate::clock::Timestamp;
 use crate::conn::CloseReason;
@@ -39,19 +40,44 @@ pub struct Gauges {
     pub connections: usize,
     pub users: usize,
     pub uptime_seconds: u64,
+    /// Absent for `/health`, which does not report them.
+    pub process: Option<ProcessFigures>,
+}
+
+/// The process's resident memory and open descriptors, read from /proc.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessFigures {
     pub resident_bytes: Option<u64>,
     pub open_fds: Option<u64>,
 }
 
-impl Gauges {
-    /// Reads the process numbers from /proc (only when /metrics is asked for).
-    pub fn sample(connections: usize, users: usize, uptime_seconds: u64) -> Gauges {
-        Gauges {
-            connections,
-            users,
-            uptime_seconds,
-            resident_bytes: resident_bytes(),
-            open_fds: open_fds(),
+/// How long a sample of the process figures is reused.
+const PROCESS_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+
+/// Reads the process figures at most once per `PROCESS_SAMPLE_PERIOD`: counting
+/// open descriptors lists /proc/self/fd (about a microsecond per descriptor, so
+/// milliseconds with thousands of sockets) on the event loop, and a burst of
+/// `/metrics` requests must not stall delivery for everyone.
+#[derive(Default)]
+pub struct ProcessSampler {
+    last: Option<(Instant, ProcessFigures)>,
+}
+
+impl ProcessSampler {
+    /// The figures, sampled now if the last sample is older than the period.
+    pub fn figures(&mut self, now: Instant) -> ProcessFigures {
+        match self.last {
+            Some((at, figures)) if now.saturating_duration_since(at) < PROCESS_SAMPLE_PERIOD => {
+                figures
+            }
+            _ => {
+                let figures = ProcessFigures {
+                    resident_bytes: resident_bytes(),
+                    open_fds: open_fds(),
+                };
+                self.last = Some((now, figures));
+                figures
+            }
         }
     }
 }
@@ -152,6 +178,12 @@ impl Metrics {
             &[("", self.accept_fd_exhausted)],
         );
         metric(
+            "log_lines_dropped_total",
+            "counter",
+            "Log lines dropped because the log consumer could not keep up.",
+            &[("", crate::logging::dropped_lines())],
+        );
+        metric(
             "redis_connected",
             "gauge",
             "1 while subscribed to Redis.",
@@ -175,7 +207,8 @@ impl Metrics {
             "Seconds since start.",
             &[("", gauges.uptime_seconds)],
         );
-        if let Some(rss) = gauges.resident_bytes {
+        let process = gauges.process.unwrap_or_default();
+        if let Some(rss) = process.resident_bytes {
             metric(
                 "resident_memory_bytes",
                 "gauge",
@@ -183,7 +216,7 @@ impl Metrics {
                 &[("", rss)],
             );
         }
-        if let Some(fds) = gauges.open_fds {
+        if let Some(fds) = process.open_fds {
             metric(
                 "open_fds",
                 "gauge",

@@ -31,11 +31,11 @@ use crate::conn::{
     CloseReason, Connection, FramesRead, HeadRead, PING_FRAME, SessionParams, State,
     websocket_config,
 };
-use crate::http;
+use crate::http::{self, Rejection};
 use crate::hub::Hub;
 use crate::logging::RateLimited;
 use crate::message::{self, InvalidMessage, MessageEncoder};
-use crate::metrics::{self, Gauges, Metrics};
+use crate::metrics::{self, Gauges, Metrics, ProcessFigures, ProcessSampler};
 use crate::redis_reader::{Inbox, Published, RedisReader, RedisStatus};
 
 // Reserved tokens sit at the top of the range so a slab key is directly a token.
@@ -73,6 +73,8 @@ pub struct Server {
     /// (deadline, slab key, connection id); stale entries are skipped when popped.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     metrics: Metrics,
+    /// Resident memory and open descriptors for `/metrics`, sampled at most once a second.
+    process_sampler: ProcessSampler,
     inbox: Inbox,
     /// Reused buffer for one batch of Redis messages.
     inbound: Vec<Published>,
@@ -82,6 +84,9 @@ pub struct Server {
     redis: Arc<RedisStatus>,
     authenticator: Authenticator,
     config: Config,
+    /// `WS_MAX_CONNECTIONS`, lowered to what the open-file limit can hold.
+    max_connections: usize,
+    limit_warnings: RateLimited,
     encoder: MessageEncoder,
     ws_config: WebSocketConfig,
     /// Connections with output queued during this turn, flushed once at its end.
@@ -126,18 +131,17 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
 
-        let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
-        read_end.set_nonblocking(true)?;
-        write_end.set_nonblocking(true)?;
-        signal_hook::low_level::pipe::register(libc::SIGTERM, write_end.try_clone()?)?;
-        signal_hook::low_level::pipe::register(libc::SIGINT, write_end)?;
-        let mut signals = UnixStream::from_std(read_end);
+        let mut signals = install_signal_pipe()?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
 
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
 
+        let max_connections = connection_limit_for(
+            raise_open_file_limit(config.max_connections),
+            config.max_connections,
+        );
         let ws_config = websocket_config(config.max_message_size);
         Ok(Server {
             poll,
@@ -147,11 +151,12 @@ impl Server {
             // Sized for the connection limit up front: pages are only touched as
             // connections arrive, and growing by doubling would leave the old copies'
             // memory in the heap (resident) after the copy.
-            conns: Slab::with_capacity(config.max_connections + HANDSHAKE_HEADROOM),
-            hub: Hub::with_capacity(config.max_connections),
+            conns: Slab::with_capacity(max_connections + HANDSHAKE_HEADROOM),
+            hub: Hub::with_capacity(max_connections),
             // About two live entries per connection (see `schedule`).
-            timers: BinaryHeap::with_capacity(2 * (config.max_connections + HANDSHAKE_HEADROOM)),
+            timers: BinaryHeap::with_capacity(2 * (max_connections + HANDSHAKE_HEADROOM)),
             metrics: Metrics::default(),
+            process_sampler: ProcessSampler::default(),
             inbox,
             inbound: Vec::with_capacity(INBOX_BATCH),
             inbox_pending: true,
@@ -159,6 +164,8 @@ impl Server {
             redis,
             authenticator,
             config,
+            max_connections,
+            limit_warnings: RateLimited::new(Duration::from_secs(10)),
             encoder: MessageEncoder::new(),
             ws_config,
             to_flush: Vec::new(),
@@ -305,22 +312,35 @@ impl Server {
         }
     }
 
+    /// Reads the signal numbers the handlers wrote: SIGINT and SIGTERM start a
+    /// graceful shutdown (a second one exits at once); the ignored ones are logged.
     fn on_signal(&mut self, now: Instant) {
         let mut buf = [0u8; 16];
-        let mut received = 0;
+        let mut stops = 0;
         loop {
             match self.signals.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => received += n,
+                Ok(n) => {
+                    for &signal in &buf[..n] {
+                        match i32::from(signal) {
+                            libc::SIGINT | libc::SIGTERM => stops += 1,
+                            signal => info!(
+                                "{} ignored (SIGINT or SIGTERM stops the gateway)",
+                                signal_hook::low_level::signal_name(signal).unwrap_or("signal")
+                            ),
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
-        if received == 0 {
+        if stops == 0 {
             return;
         }
-        if self.shutdown_deadline.is_some() || received > 1 {
+        if self.shutdown_deadline.is_some() || stops > 1 {
             warn!("second signal: exiting without waiting for clients");
+            crate::logging::flush();
             std::process::exit(1);
         }
         self.begin_shutdown(now);
@@ -395,7 +415,7 @@ impl Server {
             authenticator: &self.authenticator,
             allowed_origins: &self.config.allowed_origins,
             cookie_name: self.config.jwt.cookie_name.as_deref(),
-            max_connections: self.config.max_connections,
+            max_connections: self.max_connections,
             max_connections_per_user: self.config.max_connections_per_user,
         };
         let respond_deadline = now + RESPOND_WAIT;
@@ -403,6 +423,15 @@ impl Server {
             Decision::NeedMore => {}
             Decision::Reject(rejection) => {
                 self.metrics.rejected[rejection as usize] += 1;
+                if rejection == Rejection::ConnectionLimit
+                    && let Some(suppressed) = self.limit_warnings.check(now)
+                {
+                    warn!(
+                        "connection limit reached ({} connections): new clients get 503 \
+                         ({suppressed} similar suppressed)",
+                        self.max_connections
+                    );
+                }
                 debug!(
                     "request refused: {} {} (connection_id={})",
                     rejection.status(),
@@ -412,8 +441,9 @@ impl Server {
                 conn.respond(&rejection.response(), now, respond_deadline);
             }
             Decision::Health => {
+                // O(1): counts the loop keeps, no /proc listing.
                 let (status, body) = metrics::render_health(
-                    &gauges(&self.hub, self.started),
+                    &gauges(&self.hub, self.started, None),
                     &self.redis,
                     &Timestamp::now(),
                 );
@@ -421,7 +451,8 @@ impl Server {
                 conn.respond(&answer, now, respond_deadline);
             }
             Decision::Metrics { json } => {
-                let gauges = gauges(&self.hub, self.started);
+                let process = self.process_sampler.figures(now);
+                let gauges = gauges(&self.hub, self.started, Some(process));
                 let answer = if json {
                     let body = self
                         .metrics
@@ -794,12 +825,13 @@ impl Server {
     }
 }
 
-fn gauges(hub: &Hub, started: Instant) -> Gauges {
-    Gauges::sample(
-        hub.connection_count(),
-        hub.user_count(),
-        started.elapsed().as_secs(),
-    )
+fn gauges(hub: &Hub, started: Instant, process: Option<ProcessFigures>) -> Gauges {
+    Gauges {
+        connections: hub.connection_count(),
+        users: hub.user_count(),
+        uptime_seconds: started.elapsed().as_secs(),
+        process,
+    }
 }
 
 /// When a token that expires at `exp` (unix seconds) stops being valid, with leeway.
@@ -809,6 +841,41 @@ fn instant_of_expiry(exp: u64, leeway: Duration, now: Instant) -> Instant {
         .saturating_add(leeway.as_millis() as u64);
     let now_millis = clock::unix_millis(SystemTime::now());
     now + Duration::from_millis(expiry_millis.saturating_sub(now_millis))
+}
+
+/// Signals that stop the gateway gracefully.
+const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+/// Signals whose default action would kill the process without a close frame
+/// (`systemctl reload`, `docker kill -s HUP`): logged and otherwise ignored.
+const IGNORED_SIGNALS: [libc::c_int; 3] = [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
+
+/// Installs handlers that write the signal's number into a socket pair (the
+/// self-pipe pattern) and returns the read end for the loop's poll.
+fn install_signal_pipe() -> io::Result<UnixStream> {
+    let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
+    read_end.set_nonblocking(true)?;
+    write_end.set_nonblocking(true)?;
+    let write_end = Arc::new(std::os::fd::OwnedFd::from(write_end));
+    for signal in STOP_SIGNALS.into_iter().chain(IGNORED_SIGNALS) {
+        let write_end = Arc::clone(&write_end);
+        let action = move || {
+            let byte = signal as u8;
+            // SAFETY: send(2) is async-signal-safe and the descriptor lives as long as
+            // the handler (the closure owns it). A full pipe (EAGAIN) loses only a
+            // repeat: the loop is already woken by what is unread.
+            unsafe {
+                libc::send(
+                    write_end.as_raw_fd(),
+                    (&byte as *const u8).cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                );
+            }
+        };
+        // SAFETY: the action only calls send(2), which is async-signal-safe.
+        unsafe { signal_hook::low_level::register(signal, action) }?;
+    }
+    Ok(UnixStream::from_std(read_end))
 }
 
 /// Asks for the largest accept queue the kernel allows (it caps the value at
@@ -853,8 +920,18 @@ fn lower_loop_priority(steps: i32) {
     }
 }
 
-/// Raises the soft open-file limit to the hard limit (DESIGN.md section 4) and warns
-/// when `max_connections` cannot fit in it. Returns the soft limit in effect.
+/// Descriptors the process needs besides client sockets: stdin/stdout/stderr,
+/// epoll, the waker, the listener, the signal socket pair, the Redis connection
+/// (two while it reconnects), /proc reads for `/metrics`, with a margin.
+const RESERVED_FDS: u64 = 16;
+/// Most descriptors kept for sockets still in their handshake (or being refused)
+/// once the authenticated connections reach the limit: enough for a burst of
+/// refusals to be answered, small enough that 19,500 connections fit in 20,000.
+const MAX_HANDSHAKE_FDS: u64 = 256;
+
+/// Raises the soft open-file limit to the hard limit and warns when
+/// `max_connections` cannot fit in it (see [`connection_limit_for`]). Returns the
+/// soft limit in effect.
 pub fn raise_open_file_limit(max_connections: usize) -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -876,12 +953,44 @@ pub fn raise_open_file_limit(max_connections: usize) -> u64 {
         }
     }
     let soft: u64 = limit.rlim_cur;
-    // The listener, waker, signal pipe, Redis and std streams need a few descriptors too.
-    let needed = max_connections as u64 + 32;
-    if soft < needed {
+    let effective = connection_limit_for(soft, max_connections);
+    if effective < max_connections {
         warn!(
-            "open-file limit {soft} is below WS_MAX_CONNECTIONS + 32 = {needed}: connections past the limit will be refused at accept"
+            "open-file limit {soft} cannot hold WS_MAX_CONNECTIONS={max_connections}: \
+             at most {effective} connections will be accepted (the rest get 503); \
+             raise the limit (ulimit -n, LimitNOFILE) to use the configured value"
         );
     }
     soft
+}
+
+/// The connection limit that fits in `soft_limit` descriptors: what the process
+/// needs for itself and a share for sockets in their handshake are set aside, so
+/// a client past the limit can still be accepted and answered 503 instead of
+/// waiting in the kernel's backlog for a descriptor that never frees.
+pub fn connection_limit_for(soft_limit: u64, max_connections: usize) -> usize {
+    if soft_limit == libc::RLIM_INFINITY {
+        return max_connections;
+    }
+    let available = soft_limit.saturating_sub(RESERVED_FDS);
+    let handshakes = (available / 16).clamp(4, MAX_HANDSHAKE_FDS);
+    let fits = usize::try_from(available.saturating_sub(handshakes)).unwrap_or(usize::MAX);
+    max_connections.min(fits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_limit_fits_the_open_file_limit() {
+        // Plenty of descriptors: the configured limit stands.
+        assert_eq!(connection_limit_for(65_536, 10_000), 10_000);
+        assert_eq!(connection_limit_for(libc::RLIM_INFINITY, 10_000), 10_000);
+        // 20,000 descriptors hold 19,500 connections (the documented budget).
+        assert!(connection_limit_for(20_000, 100_000) >= 19_500);
+        // A tiny limit keeps room for the process and a few handshakes.
+        assert_eq!(connection_limit_for(40, 10_000), 40 - 16 - 4);
+        assert_eq!(connection_limit_for(10, 10_000), 0);
+    }
 }

@@ -7,7 +7,7 @@ use super::{Arg, EXIT_FAILURE, EXIT_USAGE, ParseStop, Parser};
 use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::logging;
-use crate::server::{self, Server};
+use crate::server::Server;
 
 pub const USAGE: &str = "\
 Usage: ws-notify [serve]
@@ -42,24 +42,28 @@ pub fn run() -> ExitCode {
         Ok(authenticator) => authenticator,
         Err(e) => {
             log::error!("invalid configuration: {e}");
+            logging::flush();
             eprintln!("ws-notify: invalid configuration: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    server::raise_open_file_limit(config.max_connections);
     let listen = config.listen_addr_text();
     let server = match Server::bind(config, authenticator) {
         Ok(server) => server,
         Err(e) => {
             log::error!("cannot listen on {listen} (WS_HOST/WS_PORT): {e}");
+            logging::flush();
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match server.run() {
+    let code = match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("event loop failed: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
-    }
+    };
+    // The log writer thread dies with the process: let it write the last lines.
+    logging::flush();
+    code
 }
