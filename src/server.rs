@@ -25,12 +25,9 @@ use tungstenite::protocol::WebSocketConfig;
 use crate::auth::Authenticator;
 use crate::clock::{self, Timestamp};
 use crate::config::Config;
+use crate::conn::CloseReason;
 use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
-use crate::conn::outbound::FlushResult;
-use crate::conn::{
-    CloseReason, Connection, FramesRead, HeadRead, PING_FRAME, SessionParams, State,
-    websocket_config,
-};
+use crate::conn::{Connection, Ended, Limits, Next, Queued, SessionParams, Step, websocket_config};
 use crate::http::{self, Rejection};
 use crate::hub::Hub;
 use crate::logging::RateLimited;
@@ -89,6 +86,8 @@ pub struct Server {
     limit_warnings: RateLimited,
     encoder: MessageEncoder,
     ws_config: WebSocketConfig,
+    /// The settings connections decide by (the shutdown deadline included).
+    limits: Limits,
     /// Connections with output queued during this turn, flushed once at its end.
     to_flush: Vec<usize>,
     /// Connections that used their read budget and have more to read.
@@ -96,7 +95,6 @@ pub struct Server {
     started: Instant,
     next_connection_id: u64,
     accept_paused_until: Option<Instant>,
-    shutdown_deadline: Option<Instant>,
     invalid_warnings: RateLimited,
     accept_warnings: RateLimited,
 }
@@ -143,6 +141,13 @@ impl Server {
             config.max_connections,
         );
         let ws_config = websocket_config(config.max_message_size);
+        let limits = Limits {
+            ping_interval: config.ping_interval,
+            pong_wait: config.pong_wait,
+            write_wait: config.write_wait,
+            read_budget: READ_BUDGET,
+            shutdown_deadline: None,
+        };
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -168,12 +173,12 @@ impl Server {
             limit_warnings: RateLimited::new(Duration::from_secs(10)),
             encoder: MessageEncoder::new(),
             ws_config,
+            limits,
             to_flush: Vec::new(),
             read_again: Vec::new(),
             started: Instant::now(),
             next_connection_id: 1,
             accept_paused_until: None,
-            shutdown_deadline: None,
             invalid_warnings: RateLimited::new(Duration::from_secs(10)),
             accept_warnings: RateLimited::new(Duration::from_secs(10)),
         })
@@ -224,7 +229,7 @@ impl Server {
                 self.accept_paused_until = None;
                 self.accept(now);
             }
-            if let Some(deadline) = self.shutdown_deadline
+            if let Some(deadline) = self.limits.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
             {
                 info!(
@@ -237,13 +242,15 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if (self.inbox_pending && self.shutdown_deadline.is_none()) || !self.read_again.is_empty() {
+        if (self.inbox_pending && self.limits.shutdown_deadline.is_none())
+            || !self.read_again.is_empty()
+        {
             return Some(Duration::ZERO);
         }
         let next = [
             self.timers.peek().map(|Reverse((at, _, _))| *at),
             self.accept_paused_until,
-            self.shutdown_deadline,
+            self.limits.shutdown_deadline,
         ]
         .into_iter()
         .flatten()
@@ -286,7 +293,7 @@ impl Server {
                         now,
                         now + self.config.handshake_timeout,
                     ));
-                    self.schedule(key);
+                    self.settle(key, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
@@ -338,7 +345,7 @@ impl Server {
         if stops == 0 {
             return;
         }
-        if self.shutdown_deadline.is_some() || stops > 1 {
+        if self.limits.shutdown_deadline.is_some() || stops > 1 {
             warn!("second signal: exiting without waiting for clients");
             crate::logging::flush();
             std::process::exit(1);
@@ -350,7 +357,7 @@ impl Server {
     /// client, and wait for their close replies up to `SHUTDOWN_TIMEOUT`.
     fn begin_shutdown(&mut self, now: Instant) {
         let deadline = now + self.config.shutdown_timeout;
-        self.shutdown_deadline = Some(deadline);
+        self.limits.shutdown_deadline = Some(deadline);
         info!(
             "shutting down: closing {} connections (timeout {:?})",
             self.conns.len(),
@@ -363,13 +370,9 @@ impl Server {
         self.reader.stop();
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            match &mut conn.state {
-                State::Open(_) => self.end_session(key, CloseReason::Shutdown, now),
-                State::Closing(closing) => closing.deadline = closing.deadline.min(deadline),
-                State::Handshake { .. } | State::Respond { .. } | State::Gone => self.remove(key),
+            if let Some(conn) = self.conns.get_mut(key) {
+                let step = conn.shut_down(&self.limits, now);
+                self.carry_out(key, step, now);
             }
             self.settle(key, now);
         }
@@ -379,38 +382,47 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if writable && !conn.out.is_empty() && conn.flush(now).is_err() {
-            self.end_session(key, CloseReason::ConnectionLost, now);
-            self.remove(key);
-            return;
-        }
-        if readable {
-            match conn.state {
-                State::Handshake { .. } => self.read_handshake(key, now),
-                State::Respond { write_shut, .. } => {
-                    if write_shut && conn.drain_input() {
-                        self.remove(key);
-                    }
-                }
-                State::Open(_) | State::Closing(_) => self.read_session(key, now),
-                State::Gone => {}
-            }
-        }
+        let step = conn.on_ready(readable, writable, &self.limits, now);
+        self.carry_out(key, step, now);
         self.settle(key, now);
     }
 
-    fn read_handshake(&mut self, key: usize, now: Instant) {
+    /// Does what a connection's event left for the loop: evaluate a request head,
+    /// answer ping requests, read again next turn, account for an ended session.
+    fn carry_out(&mut self, key: usize, step: Step, now: Instant) {
+        match step {
+            Step::Continue => {}
+            Step::EvaluateHead => self.evaluate_head(key, now),
+            Step::Read { pongs, more } => {
+                if pongs > 0
+                    && let Some(conn) = self.conns.get_mut(key)
+                {
+                    let pong = self.encoder.encode_pong(&Timestamp::now());
+                    let dropped = conn.queue_pongs(&pong, pongs, self.config.send_buffer, now);
+                    self.metrics.dropped_buffer_full += dropped as u64;
+                }
+                if more {
+                    self.read_again.push(key);
+                }
+            }
+            Step::Ended(ended) => self.report_end(key, ended),
+            Step::HandshakeTimedOut => {
+                self.metrics.handshake_timeouts += 1;
+                debug!("handshake timeout (connection_id={})", self.conn_id(key));
+            }
+        }
+    }
+
+    fn conn_id(&self, key: usize) -> u64 {
+        self.conns.get(key).map_or(0, Connection::id)
+    }
+
+    /// The request head grew: the handshake decision (a pure function of the head,
+    /// the rules and the counts) and what the loop does with it.
+    fn evaluate_head(&mut self, key: usize, now: Instant) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        match conn.fill_head() {
-            HeadRead::WouldBlock => return,
-            HeadRead::Closed => {
-                self.remove(key);
-                return;
-            }
-            HeadRead::Progress => {}
-        }
         let rules = HandshakeRules {
             authenticator: &self.authenticator,
             allowed_origins: &self.config.allowed_origins,
@@ -436,7 +448,7 @@ impl Server {
                     "request refused: {} {} (connection_id={})",
                     rejection.status(),
                     rejection.label(),
-                    conn.id
+                    conn.id()
                 );
                 conn.respond(&rejection.response(), now, respond_deadline);
             }
@@ -474,16 +486,13 @@ impl Server {
                 let user_id = self.hub.add(&upgrade.user_id, key);
                 let connected =
                     self.encoder
-                        .encode_connected(&upgrade.user_id, conn.id, &Timestamp::now());
+                        .encode_connected(&upgrade.user_id, conn.id(), &Timestamp::now());
                 let expires_at = instant_of_expiry(upgrade.expires_at, self.config.jwt.leeway, now);
-                let peer = conn
-                    .socket
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
+                let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 info!(
                     "client connected user_id={} connection_id={} remote={peer}",
-                    upgrade.user_id, conn.id
+                    upgrade.user_id,
+                    conn.id()
                 );
                 conn.open(
                     &http::switching_protocols(&upgrade.accept_key),
@@ -498,28 +507,9 @@ impl Server {
                     },
                 );
                 // Frames that came with the request head are already buffered: read them now.
-                self.read_session(key, now);
+                let step = conn.read(&self.limits, now);
+                self.carry_out(key, step, now);
             }
-        }
-    }
-
-    fn read_session(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let (result, ping_requests) = conn.read_messages(READ_BUDGET, now);
-        if ping_requests > 0 && matches!(conn.state, State::Open(_)) {
-            let pong = self.encoder.encode_pong(&Timestamp::now());
-            for _ in 0..ping_requests {
-                if !conn.queue_message(pong.clone(), self.config.send_buffer, now) {
-                    self.metrics.dropped_buffer_full += 1;
-                }
-            }
-        }
-        match result {
-            FramesRead::WouldBlock => {}
-            FramesRead::BudgetSpent => self.read_again.push(key),
-            FramesRead::Closed(reason) => self.end_session(key, reason, now),
         }
     }
 
@@ -530,7 +520,10 @@ impl Server {
         }
         let mut keys = std::mem::take(&mut self.read_again);
         for key in keys.drain(..) {
-            self.read_session(key, now);
+            if let Some(conn) = self.conns.get_mut(key) {
+                let step = conn.read(&self.limits, now);
+                self.carry_out(key, step, now);
+            }
             self.settle(key, now);
         }
         if self.read_again.is_empty() {
@@ -586,14 +579,13 @@ impl Server {
                 let Some(conn) = self.conns.get_mut(key) else {
                     continue;
                 };
-                if conn.queue_message(frame.clone(), self.config.send_buffer, now) {
-                    self.metrics.delivered += 1;
-                    if !conn.flush_pending {
-                        conn.flush_pending = true;
+                match conn.queue_message(frame.clone(), self.config.send_buffer, now) {
+                    Queued::First => {
+                        self.metrics.delivered += 1;
                         self.to_flush.push(key);
                     }
-                } else {
-                    self.metrics.dropped_buffer_full += 1;
+                    Queued::Again => self.metrics.delivered += 1,
+                    Queued::Dropped => self.metrics.dropped_buffer_full += 1,
                 }
             }
         }
@@ -618,9 +610,6 @@ impl Server {
     fn flush_touched(&mut self, now: Instant) {
         let mut keys = std::mem::take(&mut self.to_flush);
         for key in keys.drain(..) {
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.flush_pending = false;
-            }
             self.settle(key, now);
         }
         self.to_flush = keys;
@@ -635,193 +624,76 @@ impl Server {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            if conn.id != id || conn.timer_at != Some(at) {
+            if conn.id() != id || !conn.timer_fired(at) {
                 continue; // superseded by an earlier entry, or the slot was reused
             }
-            conn.timer_at = None;
-            self.on_deadline(key, now);
+            let step = conn.on_deadline(&self.limits, now);
+            self.carry_out(key, step, now);
             self.settle(key, now);
         }
     }
 
-    /// A connection's earliest deadline passed: act on whichever ones are due.
-    fn on_deadline(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
+    /// A session ended: the hub, the metrics and the log line.
+    fn report_end(&mut self, key: usize, ended: Ended) {
+        self.hub.remove(&ended.user_id, key);
+        self.metrics.disconnects[ended.reason as usize] += 1;
+        let level = if ended.reason == CloseReason::Shutdown {
+            log::Level::Debug
+        } else {
+            log::Level::Info
         };
-        let pong_wait = self.config.pong_wait;
-        let write_wait = self.config.write_wait;
-        match &mut conn.state {
-            State::Handshake { deadline, .. } if now >= *deadline => {
-                self.metrics.handshake_timeouts += 1;
-                debug!("handshake timeout (connection_id={})", conn.id);
-                self.remove(key);
-            }
-            State::Respond { deadline, .. } if now >= *deadline => self.remove(key),
-            State::Closing(closing) if now >= closing.deadline => self.remove(key),
-            State::Open(session) => {
-                let stalled = !conn.out.is_empty() && now >= conn.last_write_progress + write_wait;
-                if now >= session.expires_at {
-                    self.end_session(key, CloseReason::TokenExpired, now);
-                } else if now >= session.last_seen + pong_wait {
-                    self.end_session(key, CloseReason::PongTimeout, now);
-                } else if stalled {
-                    self.end_session(key, CloseReason::SlowClient, now);
-                } else if now >= session.next_ping {
-                    session.next_ping = now + self.config.ping_interval;
-                    // A full control budget means pings are already waiting unsent.
-                    conn.queue_control(&PING_FRAME, now);
-                }
-            }
-            _ => {}
-        }
+        log::log!(
+            level,
+            "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
+            ended.user_id,
+            ended.connection_id,
+            ended.reason.label(),
+            ended.lived.as_millis()
+        );
     }
 
-    /// Ends an open session for `reason` (hub, log, metrics, close frame), or moves a
-    /// closing one along.
-    fn end_session(&mut self, key: usize, reason: CloseReason, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        match &mut conn.state {
-            State::Open(session) => {
-                self.hub.remove(&session.user_id, key);
-                self.metrics.disconnects[reason as usize] += 1;
-                let lived = now.saturating_duration_since(conn.accepted_at);
-                if reason == CloseReason::Shutdown {
-                    debug!(
-                        "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
-                        session.user_id,
-                        conn.id,
-                        reason.label(),
-                        lived.as_millis()
-                    );
-                } else {
-                    info!(
-                        "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
-                        session.user_id,
-                        conn.id,
-                        reason.label(),
-                        lived.as_millis()
-                    );
-                }
-                let deadline = self
-                    .shutdown_deadline
-                    .unwrap_or(now + self.config.write_wait);
-                if !conn.begin_close(reason, now, deadline) {
-                    self.remove(key);
-                }
-            }
-            // The client answered our close, so it has read it; with nothing left to
-            // send, close now: a client stops sending after its close (RFC 6455
-            // 5.5.1), so there is no unread input to turn the close into a reset, and
-            // the server closes the TCP connection first (7.1.1). Lingering until the
-            // client's EOF would hold the slot, and a shutdown, for a client that
-            // waits for us to close.
-            State::Closing(_) if reason == CloseReason::ClientClosed && conn.out.is_empty() => {
-                self.remove(key);
-            }
-            State::Closing(_) if reason == CloseReason::ClientClosed => conn.close_replied(),
-            State::Closing(_) => self.remove(key),
-            _ => {}
-        }
-    }
-
-    /// After any activity: write what is queued, finish connections that are done,
-    /// keep `WRITABLE` interest only while output is pending, and re-arm the deadline.
+    /// After any activity: the connection writes what is queued and says what to
+    /// keep (interest, deadline) or that it is finished; the loop carries it out.
     fn settle(&mut self, key: usize, now: Instant) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if !conn.out.is_empty() {
-            match conn.flush(now) {
-                Ok(FlushResult::Drained | FlushResult::WouldBlock) => {}
-                Err(_) => {
-                    self.end_session(key, CloseReason::ConnectionLost, now);
-                    self.remove(key);
+        match conn.settle(&self.limits, now) {
+            Next::Keep { reregister, arm } => {
+                if let Some(interest) = reregister
+                    && self
+                        .poll
+                        .registry()
+                        .reregister(conn.socket_mut(), Token(key), interest)
+                        .is_err()
+                {
+                    self.remove(key, now);
                     return;
                 }
-            }
-        }
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        if conn.out.is_empty()
-            && matches!(
-                conn.state,
-                State::Respond {
-                    write_shut: false,
-                    ..
+                if let Some(at) = arm {
+                    self.timers.push(Reverse((at, key, conn.id())));
                 }
-            )
-        {
-            // The final bytes are out: linger until the peer closes (or the deadline).
-            conn.shut_write();
-            if conn.drain_input() {
-                self.remove(key);
-                return;
             }
-        }
-        let want_writable = !conn.out.is_empty();
-        if want_writable != conn.writable_interest {
-            let interest = if want_writable {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            if self
-                .poll
-                .registry()
-                .reregister(&mut conn.socket, Token(key), interest)
-                .is_err()
-            {
-                self.end_session(key, CloseReason::ConnectionLost, now);
-                self.remove(key);
-                return;
-            }
-            conn.writable_interest = want_writable;
-        }
-        self.schedule(key);
-    }
-
-    /// Makes sure the heap holds an entry no later than the connection's next deadline.
-    fn schedule(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let next = match &conn.state {
-            State::Handshake { deadline, .. } | State::Respond { deadline, .. } => *deadline,
-            State::Closing(closing) => closing.deadline,
-            State::Open(session) => {
-                let mut next = session
-                    .expires_at
-                    .min(session.last_seen + self.config.pong_wait)
-                    .min(session.next_ping);
-                if !conn.out.is_empty() {
-                    next = next.min(conn.last_write_progress + self.config.write_wait);
+            Next::Remove(ended) => {
+                if let Some(ended) = ended {
+                    self.report_end(key, ended);
                 }
-                next
+                self.remove(key, now);
             }
-            State::Gone => return,
-        };
-        if conn.timer_at.is_none_or(|armed| next < armed) {
-            conn.timer_at = Some(next);
-            self.timers.push(Reverse((next, key, conn.id)));
         }
     }
 
-    /// Drops a connection: deregisters and closes its socket.
-    fn remove(&mut self, key: usize) {
-        if !self.conns.contains(key) {
+    /// Drops a connection: deregisters and closes its socket (a session still open
+    /// is accounted as lost).
+    fn remove(&mut self, key: usize, now: Instant) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
             return;
-        }
-        let mut conn = self.conns.remove(key);
-        if let State::Open(session) = &conn.state {
-            // Normally done by end_session; keeps the hub true whatever path got here.
-            self.hub.remove(&session.user_id, key);
+        };
+        if let Some(ended) = conn.abort(now) {
+            self.report_end(key, ended);
         }
         // The socket is closed right after; a failed deregister leaves nothing behind.
-        let _ = self.poll.registry().deregister(&mut conn.socket);
+        let _ = self.poll.registry().deregister(conn.socket_mut());
     }
 }
 

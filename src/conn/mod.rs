@@ -20,10 +20,11 @@ pub mod handshake;
 pub mod outbound;
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use mio::Interest;
 use mio::net::TcpStream;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
@@ -131,8 +132,9 @@ impl CloseReason {
     }
 }
 
-/// The state of a connection; each variant owns what that state needs.
-pub enum State {
+/// The state of a connection; each variant owns what that state needs, and a
+/// transition replaces the state by value.
+enum State {
     /// Reading the HTTP request head.
     Handshake { head: Vec<u8>, deadline: Instant },
     /// Final bytes are queued: an HTTP answer, or the last close frame of a session.
@@ -144,71 +146,139 @@ pub enum State {
     Open(Box<Session>),
     /// The server's close frame is queued; waiting for the client's close reply.
     Closing(Box<Closing>),
-    /// Transitional placeholder while a state is being replaced; never observed.
-    Gone,
+    /// Finished: the next `settle` tells the loop to remove the connection. Also
+    /// the placeholder while a state is moved out, so a transition that forgot to
+    /// put a state back ends the connection rather than leaving it without a timer.
+    Done,
 }
 
 /// An open WebSocket session.
-pub struct Session {
-    pub ws: WebSocketContext,
+struct Session {
+    ws: WebSocketContext,
     /// Shared with the hub's key.
-    pub user_id: Rc<str>,
+    user_id: Rc<str>,
     /// When the token's `exp` passes.
-    pub expires_at: Instant,
+    expires_at: Instant,
     /// Last time any byte arrived.
-    pub last_seen: Instant,
+    last_seen: Instant,
     /// When the next ping frame is due.
-    pub next_ping: Instant,
+    next_ping: Instant,
 }
 
 /// A session waiting for the client to answer the server's close frame.
-pub struct Closing {
-    pub ws: WebSocketContext,
-    pub deadline: Instant,
+struct Closing {
+    ws: WebSocketContext,
+    deadline: Instant,
+}
+
+/// What a connection's socket must offer besides reading and writing.
+pub trait Stream: Read + Write {
+    /// Shuts the write side (a lingering close).
+    fn shutdown_write(&self) -> io::Result<()>;
+    /// The client's address, for the log.
+    fn peer_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl Stream for TcpStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        TcpStream::peer_addr(self)
+    }
+}
+
+/// The loop's settings that the connection's decisions depend on.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub ping_interval: Duration,
+    pub pong_wait: Duration,
+    /// How long output may make no progress, and how long a close may take.
+    pub write_wait: Duration,
+    /// WebSocket messages read from one connection per turn.
+    pub read_budget: usize,
+    /// Set once shutdown has begun: closing handshakes must end by then.
+    pub shutdown_deadline: Option<Instant>,
+}
+
+/// What the loop must do after the connection handled an event (before `settle`).
+#[must_use]
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing besides `settle`.
+    Continue,
+    /// The request head grew: the loop evaluates it and calls `respond` or `open`.
+    EvaluateHead,
+    /// Frames were read: answer `pongs` `{"type":"ping"}` requests; `more` when the
+    /// read budget ran out and the connection must be read again next turn.
+    Read { pongs: usize, more: bool },
+    /// The session ended: the loop updates the hub, the metrics and the log.
+    Ended(Ended),
+    /// The request head did not arrive in time (counted by the loop).
+    HandshakeTimedOut,
+}
+
+/// What the loop must do once the connection has settled.
+#[must_use]
+#[derive(Debug)]
+pub enum Next {
+    /// Keep it: reregister the socket with this interest if given, and push a timer
+    /// entry at `arm` if given (the connection's deadline moved earlier).
+    Keep {
+        reregister: Option<Interest>,
+        arm: Option<Instant>,
+    },
+    /// Deregister and drop it; report the session's end first if there is one.
+    Remove(Option<Ended>),
+}
+
+/// A session that ended, for the hub, the metrics and the log line.
+#[derive(Debug)]
+pub struct Ended {
+    pub user_id: Rc<str>,
+    pub connection_id: u64,
+    pub reason: CloseReason,
+    /// Since the connection was accepted.
+    pub lived: Duration,
+}
+
+/// How queueing a message went.
+#[must_use]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// Queued, and the connection was not yet marked for this turn's flush: the
+    /// loop adds it to its list (once per connection per turn).
+    First,
+    /// Queued; the connection is already marked.
+    Again,
+    /// `WS_SEND_BUFFER` frames are already waiting: dropped.
+    Dropped,
 }
 
 /// One client connection.
-pub struct Connection {
-    pub socket: TcpStream,
+pub struct Connection<S = TcpStream> {
+    socket: S,
     /// Unique for the life of the process (the `connection_id` clients see).
-    pub id: u64,
-    pub state: State,
-    pub out: OutboundQueue,
-    /// Last time output made progress (or became pending).
-    pub last_write_progress: Instant,
-    /// Earliest deadline this connection has in the timer heap.
-    pub timer_at: Option<Instant>,
-    /// Whether the socket is registered for `WRITABLE` too.
-    pub writable_interest: bool,
-    /// Whether the connection is in the loop's list of connections to flush.
-    pub flush_pending: bool,
+    id: u64,
+    state: State,
+    out: OutboundQueue,
     /// When the connection was accepted.
-    pub accepted_at: Instant,
+    accepted_at: Instant,
+    /// Last time output made progress (or became pending).
+    last_write_progress: Instant,
+    /// Earliest deadline this connection has in the loop's timer heap.
+    timer_at: Option<Instant>,
+    /// Whether the socket is registered for `WRITABLE` too.
+    writable_interest: bool,
+    /// Whether the connection is in the loop's list of connections to flush.
+    flush_pending: bool,
 }
 
-/// How reading a request head went.
-pub enum HeadRead {
-    /// New bytes arrived (or the buffer is at its limit); evaluate the head.
-    Progress,
-    /// Nothing new; wait for the next readable event.
-    WouldBlock,
-    /// The client went away.
-    Closed,
-}
-
-/// How reading WebSocket frames went.
-#[derive(Debug, PartialEq, Eq)]
-pub enum FramesRead {
-    /// The socket has no more bytes for now.
-    WouldBlock,
-    /// The per-turn budget was used up; read again next turn.
-    BudgetSpent,
-    /// The connection must end for this reason.
-    Closed(CloseReason),
-}
-
-impl Connection {
-    pub fn new(socket: TcpStream, id: u64, now: Instant, handshake_deadline: Instant) -> Self {
+impl<S: Stream> Connection<S> {
+    /// A connection in its handshake; the loop registers it for `READABLE` and
+    /// calls `settle` to arm its deadline.
+    pub fn new(socket: S, id: u64, now: Instant, handshake_deadline: Instant) -> Self {
         Connection {
             socket,
             id,
@@ -217,24 +287,397 @@ impl Connection {
                 deadline: handshake_deadline,
             },
             out: OutboundQueue::default(),
+            accepted_at: now,
             last_write_progress: now,
             timer_at: None,
             writable_interest: false,
             flush_pending: false,
-            accepted_at: now,
         }
     }
 
-    /// The session's user, while open.
-    pub fn user_id(&self) -> Option<&Rc<str>> {
+    /// The `connection_id` clients see.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The socket, for the poll registry only.
+    pub fn socket_mut(&mut self) -> &mut S {
+        &mut self.socket
+    }
+
+    /// The client's address, for the log.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.socket.peer_addr().ok()
+    }
+
+    /// The bytes of the request head read so far.
+    pub fn head(&self) -> &[u8] {
         match &self.state {
-            State::Open(session) => Some(&session.user_id),
-            _ => None,
+            State::Handshake { head, .. } => head,
+            _ => &[],
         }
+    }
+
+    /// The socket is ready: write what waits, then read (the request head, frames,
+    /// or the input a lingering close drops).
+    pub fn on_ready(
+        &mut self,
+        readable: bool,
+        writable: bool,
+        limits: &Limits,
+        now: Instant,
+    ) -> Step {
+        if writable && !self.out.is_empty() && self.flush(now).is_err() {
+            return self.end(CloseReason::ConnectionLost, limits, now);
+        }
+        if !readable {
+            return Step::Continue;
+        }
+        match &self.state {
+            State::Handshake { .. } => match self.fill_head() {
+                HeadRead::Progress => Step::EvaluateHead,
+                HeadRead::WouldBlock => Step::Continue,
+                HeadRead::Closed => {
+                    self.state = State::Done;
+                    Step::Continue
+                }
+            },
+            State::Respond {
+                write_shut: true, ..
+            } => {
+                if self.drain_input() {
+                    self.state = State::Done;
+                }
+                Step::Continue
+            }
+            State::Open(_) | State::Closing(_) => self.read(limits, now),
+            State::Respond { .. } | State::Done => Step::Continue,
+        }
+    }
+
+    /// Reads WebSocket frames until `WouldBlock`, the budget, or the session's end.
+    pub fn read(&mut self, limits: &Limits, now: Instant) -> Step {
+        let (ws, discard_writes) = match &mut self.state {
+            State::Open(session) => (&mut session.ws, false),
+            // Replies to the peer's close are not needed: ours is already queued.
+            State::Closing(closing) => (&mut closing.ws, true),
+            _ => return Step::Continue,
+        };
+        let read = read_frames(
+            ws,
+            &mut self.socket,
+            &mut self.out,
+            limits.read_budget,
+            discard_writes,
+        );
+        // Pong messages answer only an open session.
+        let mut pongs = 0;
+        if let State::Open(session) = &mut self.state {
+            pongs = read.ping_requests;
+            if read.bytes_read > 0 {
+                session.last_seen = now;
+            }
+        }
+        match read.result {
+            FramesRead::WouldBlock => Step::Read { pongs, more: false },
+            FramesRead::BudgetSpent => Step::Read { pongs, more: true },
+            FramesRead::Closed(reason) => self.end(reason, limits, now),
+        }
+    }
+
+    /// Answers a plain HTTP request; the connection closes once the answer is written.
+    pub fn respond(&mut self, answer: &[u8], now: Instant, deadline: Instant) {
+        debug_assert!(
+            matches!(self.state, State::Handshake { .. }),
+            "respond outside the handshake"
+        );
+        self.queue_control(answer, now);
+        self.state = State::Respond {
+            deadline,
+            write_shut: false,
+        };
+    }
+
+    /// Completes the upgrade: queues the 101 answer and the `connected` message and
+    /// hands bytes that followed the head to the WebSocket reader (the loop then
+    /// calls `read`, for frames that came with the request).
+    pub fn open(
+        &mut self,
+        answer: &[u8],
+        connected: Frame,
+        head_len: usize,
+        session: SessionParams,
+    ) {
+        let State::Handshake { head, .. } = std::mem::replace(&mut self.state, State::Done) else {
+            debug_assert!(false, "open outside the handshake");
+            return;
+        };
+        // Bytes pipelined after the head (a first frame sent with the request) are not
+        // lost. Copied out rather than reusing `head`: tungstenite would keep the head
+        // buffer's whole allocation (kilobytes) as its read buffer for the session's life.
+        let rest = head.get(head_len..).unwrap_or_default().to_vec();
+        let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
+        self.queue_control(answer, session.now);
+        // The first message is always accepted: the queue is empty.
+        self.out.push_message(connected, usize::MAX);
+        self.state = State::Open(Box::new(Session {
+            ws,
+            user_id: session.user_id,
+            expires_at: session.expires_at,
+            last_seen: session.now,
+            next_ping: session.now + session.ping_interval,
+        }));
+    }
+
+    /// Queues a message frame, unless `limit` frames are already waiting. The hot
+    /// path: no allocation, no system call (the loop flushes once per turn).
+    pub fn queue_message(&mut self, frame: Frame, limit: usize, now: Instant) -> Queued {
+        if self.out.is_empty() {
+            self.last_write_progress = now;
+        }
+        if !self.out.push_message(frame, limit) {
+            return Queued::Dropped;
+        }
+        if self.flush_pending {
+            Queued::Again
+        } else {
+            self.flush_pending = true;
+            Queued::First
+        }
+    }
+
+    /// Queues `count` pong messages for `{"type":"ping"}` requests; returns how many
+    /// were dropped for a full queue.
+    pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
+        (0..count)
+            .filter(|_| self.queue_message(pong.clone(), limit, now) == Queued::Dropped)
+            .count()
+    }
+
+    /// Whether the timer entry at `at` is this connection's current one (an entry
+    /// superseded by an earlier one is stale). The entry is consumed: `settle` arms
+    /// the next.
+    pub fn timer_fired(&mut self, at: Instant) -> bool {
+        if self.timer_at == Some(at) {
+            self.timer_at = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The connection's earliest deadline passed: act on whichever ones are due.
+    pub fn on_deadline(&mut self, limits: &Limits, now: Instant) -> Step {
+        match &mut self.state {
+            State::Handshake { deadline, .. } if now >= *deadline => {
+                self.state = State::Done;
+                Step::HandshakeTimedOut
+            }
+            State::Respond { deadline, .. } if now >= *deadline => {
+                self.state = State::Done;
+                Step::Continue
+            }
+            State::Closing(closing) if now >= closing.deadline => {
+                self.state = State::Done;
+                Step::Continue
+            }
+            State::Open(session) => {
+                let stalled =
+                    !self.out.is_empty() && now >= self.last_write_progress + limits.write_wait;
+                if now >= session.expires_at {
+                    self.end(CloseReason::TokenExpired, limits, now)
+                } else if now >= session.last_seen + limits.pong_wait {
+                    self.end(CloseReason::PongTimeout, limits, now)
+                } else if stalled {
+                    self.end(CloseReason::SlowClient, limits, now)
+                } else {
+                    if now >= session.next_ping {
+                        session.next_ping = now + limits.ping_interval;
+                        // A full control budget means pings are already waiting unsent.
+                        self.queue_control(&PING_FRAME, now);
+                    }
+                    Step::Continue
+                }
+            }
+            _ => Step::Continue,
+        }
+    }
+
+    /// Shutdown began (`limits.shutdown_deadline` is set): a session is closed with
+    /// 1001, a closing one must end by the deadline, anything else ends now.
+    pub fn shut_down(&mut self, limits: &Limits, now: Instant) -> Step {
+        match &mut self.state {
+            State::Open(_) => self.end(CloseReason::Shutdown, limits, now),
+            State::Closing(closing) => {
+                if let Some(deadline) = limits.shutdown_deadline {
+                    closing.deadline = closing.deadline.min(deadline);
+                }
+                Step::Continue
+            }
+            _ => {
+                self.state = State::Done;
+                Step::Continue
+            }
+        }
+    }
+
+    /// The loop drops the connection whatever its state (a failed registration):
+    /// an open session ends as lost.
+    pub fn abort(&mut self, now: Instant) -> Option<Ended> {
+        let ended = match self.end(CloseReason::ConnectionLost, &Limits::NONE, now) {
+            Step::Ended(ended) => Some(ended),
+            _ => None,
+        };
+        self.state = State::Done;
+        ended
+    }
+
+    /// After any activity: write what is queued, finish a final answer, and tell
+    /// the loop the interest and deadline to keep, or to remove the connection.
+    pub fn settle(&mut self, limits: &Limits, now: Instant) -> Next {
+        self.flush_pending = false;
+        if !self.out.is_empty() && self.flush(now).is_err() {
+            let ended = match self.end(CloseReason::ConnectionLost, limits, now) {
+                Step::Ended(ended) => Some(ended),
+                _ => None,
+            };
+            return Next::Remove(ended);
+        }
+        if let State::Respond {
+            write_shut: write_shut @ false,
+            ..
+        } = &mut self.state
+            && self.out.is_empty()
+        {
+            // The final bytes are out: linger until the peer closes (or the deadline).
+            *write_shut = true;
+            // The peer may already be gone; nothing else is done with the socket's output.
+            let _ = self.socket.shutdown_write();
+            if self.drain_input() {
+                self.state = State::Done;
+            }
+        }
+        let Some(deadline) = self.deadline(limits) else {
+            return Next::Remove(None);
+        };
+        let want_writable = !self.out.is_empty();
+        let reregister = (want_writable != self.writable_interest).then(|| {
+            self.writable_interest = want_writable;
+            if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            }
+        });
+        let arm = self.timer_at.is_none_or(|armed| deadline < armed).then(|| {
+            self.timer_at = Some(deadline);
+            deadline
+        });
+        debug_assert!(self.timer_at.is_some_and(|armed| armed <= deadline));
+        Next::Keep { reregister, arm }
+    }
+
+    /// The next deadline of this state; None once `Done`.
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        match &self.state {
+            State::Handshake { deadline, .. } | State::Respond { deadline, .. } => Some(*deadline),
+            State::Closing(closing) => Some(closing.deadline),
+            State::Open(session) => {
+                let mut next = session
+                    .expires_at
+                    .min(session.last_seen + limits.pong_wait)
+                    .min(session.next_ping);
+                if !self.out.is_empty() {
+                    next = next.min(self.last_write_progress + limits.write_wait);
+                }
+                Some(next)
+            }
+            State::Done => None,
+        }
+    }
+
+    /// Ends the connection for `reason`. An open session queues its close frame (if
+    /// the reason has one) and then waits for the client's reply in `Closing`, or
+    /// lingers in `Respond` when it is failed (RFC 6455 7.1.7) or the client's close
+    /// was just answered; with nothing to send it is `Done`. A closing one that
+    /// gets the client's reply finishes like a final answer.
+    fn end(&mut self, reason: CloseReason, limits: &Limits, now: Instant) -> Step {
+        let close_by = limits.shutdown_deadline.unwrap_or(now + limits.write_wait);
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Open(session) => {
+                let Session { ws, user_id, .. } = *session;
+                if reason == CloseReason::SlowClient {
+                    // The client is not reading: what it has not started to receive is
+                    // dropped so the close frame is next in line.
+                    self.out.discard_unsent_messages();
+                }
+                let has_frame = match reason.close_frame() {
+                    Some((code, text)) => {
+                        self.queue_control(&close_frame(code, text), now);
+                        true
+                    }
+                    // tungstenite has queued the reply to the client's close.
+                    None => reason == CloseReason::ClientClosed,
+                };
+                if has_frame {
+                    self.state = if reason.awaits_reply() {
+                        State::Closing(Box::new(Closing {
+                            ws,
+                            deadline: close_by,
+                        }))
+                    } else {
+                        State::Respond {
+                            deadline: close_by,
+                            write_shut: false,
+                        }
+                    };
+                }
+                Step::Ended(Ended {
+                    user_id,
+                    connection_id: self.id,
+                    reason,
+                    lived: now.saturating_duration_since(self.accepted_at),
+                })
+            }
+            // The client answered our close, so it has read it; with nothing left to
+            // send, close now: a client stops sending after its close (RFC 6455
+            // 5.5.1), so there is no unread input to turn the close into a reset, and
+            // the server closes the TCP connection first (7.1.1). Lingering until the
+            // client's EOF would hold the slot, and a shutdown, for a client that
+            // waits for us to close.
+            State::Closing(closing)
+                if reason == CloseReason::ClientClosed && !self.out.is_empty() =>
+            {
+                self.state = State::Respond {
+                    deadline: closing.deadline,
+                    write_shut: false,
+                };
+                Step::Continue
+            }
+            // Any other end of a connection without a session: nothing to report.
+            _ => Step::Continue,
+        }
+    }
+
+    /// Queues bytes that only this connection sends (pings, HTTP answers).
+    fn queue_control(&mut self, bytes: &[u8], now: Instant) -> bool {
+        if self.out.is_empty() {
+            self.last_write_progress = now;
+        }
+        self.out.push_control(bytes)
+    }
+
+    /// Writes queued output. Err means the socket is dead.
+    fn flush(&mut self, now: Instant) -> io::Result<FlushResult> {
+        let (written, result) = self.out.flush(&mut self.socket)?;
+        if written > 0 {
+            self.last_write_progress = now;
+        }
+        Ok(result)
     }
 
     /// Reads request-head bytes until `WouldBlock`, EOF, or one byte past the head limit.
-    pub fn fill_head(&mut self) -> HeadRead {
+    fn fill_head(&mut self) -> HeadRead {
         let State::Handshake { head, .. } = &mut self.state else {
             return HeadRead::WouldBlock;
         };
@@ -271,154 +714,8 @@ impl Connection {
         }
     }
 
-    /// The bytes of the request head read so far.
-    pub fn head(&self) -> &[u8] {
-        match &self.state {
-            State::Handshake { head, .. } => head,
-            _ => &[],
-        }
-    }
-
-    /// Queues a plain HTTP answer; the connection closes once it is written.
-    pub fn respond(&mut self, answer: &[u8], now: Instant, deadline: Instant) {
-        self.queue_control(answer, now);
-        self.state = State::Respond {
-            deadline,
-            write_shut: false,
-        };
-    }
-
-    /// Completes the upgrade: queues the 101 answer and the `connected` message and
-    /// hands bytes that followed the head to the WebSocket reader.
-    pub fn open(
-        &mut self,
-        answer: &[u8],
-        connected: Frame,
-        head_len: usize,
-        session: SessionParams,
-    ) {
-        let State::Handshake { head, .. } = std::mem::replace(&mut self.state, State::Gone) else {
-            return;
-        };
-        // Bytes pipelined after the head (a first frame sent with the request) are not
-        // lost. Copied out rather than reusing `head`: tungstenite would keep the head
-        // buffer's whole allocation (kilobytes) as its read buffer for the session's life.
-        let rest = head.get(head_len..).unwrap_or_default().to_vec();
-        let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
-        self.queue_control(answer, session.now);
-        // The first message is always accepted: the queue is empty.
-        self.out.push_message(connected, usize::MAX);
-        self.state = State::Open(Box::new(Session {
-            ws,
-            user_id: session.user_id,
-            expires_at: session.expires_at,
-            last_seen: session.now,
-            next_ping: session.now + session.ping_interval,
-        }));
-    }
-
-    /// Queues a message frame; false when `WS_SEND_BUFFER` frames are already waiting.
-    pub fn queue_message(&mut self, frame: Frame, limit: usize, now: Instant) -> bool {
-        if self.out.is_empty() {
-            self.last_write_progress = now;
-        }
-        self.out.push_message(frame, limit)
-    }
-
-    /// Queues bytes that only this connection sends (pings, HTTP answers).
-    pub fn queue_control(&mut self, bytes: &[u8], now: Instant) -> bool {
-        if self.out.is_empty() {
-            self.last_write_progress = now;
-        }
-        self.out.push_control(bytes)
-    }
-
-    /// Writes queued output. Err means the socket is dead.
-    pub fn flush(&mut self, now: Instant) -> io::Result<FlushResult> {
-        let (written, result) = self.out.flush(&mut self.socket)?;
-        if written > 0 {
-            self.last_write_progress = now;
-        }
-        Ok(result)
-    }
-
-    /// Reads WebSocket frames until `WouldBlock`, the budget, or the end of the session.
-    /// Returns how many `{"type":"ping"}` messages asked for a pong.
-    pub fn read_messages(&mut self, budget: usize, now: Instant) -> (FramesRead, usize) {
-        let (ws, discard_writes) = match &mut self.state {
-            State::Open(session) => (&mut session.ws, false),
-            // Replies to the peer's close are not needed: ours is already queued.
-            State::Closing(closing) => (&mut closing.ws, true),
-            _ => return (FramesRead::WouldBlock, 0),
-        };
-        let read = read_frames(ws, &mut self.socket, &mut self.out, budget, discard_writes);
-        if read.bytes_read > 0
-            && let State::Open(session) = &mut self.state
-        {
-            session.last_seen = now;
-        }
-        (read.result, read.ping_requests)
-    }
-
-    /// Leaves `Open`: queues the close frame for `reason` (if it has one), then waits
-    /// for the client's reply in `Closing`, or lingers in `Respond` when the connection
-    /// is failed (RFC 6455 7.1.7) or the client's close was just answered. Returns
-    /// false when there is nothing left to send (remove now).
-    pub fn begin_close(&mut self, reason: CloseReason, now: Instant, deadline: Instant) -> bool {
-        let State::Open(session) = std::mem::replace(&mut self.state, State::Gone) else {
-            return false;
-        };
-        if reason == CloseReason::SlowClient {
-            // The client is not reading: what it has not started to receive is dropped
-            // so the close frame is next in line.
-            self.out.discard_unsent_messages();
-        }
-        match reason.close_frame() {
-            Some((code, text)) => {
-                self.queue_control(&close_frame(code, text), now);
-            }
-            // tungstenite has queued the reply to the client's close.
-            None if reason == CloseReason::ClientClosed => {}
-            None => return false,
-        }
-        self.state = if reason.awaits_reply() {
-            State::Closing(Box::new(Closing {
-                ws: session.ws,
-                deadline,
-            }))
-        } else {
-            State::Respond {
-                deadline,
-                write_shut: false,
-            }
-        };
-        true
-    }
-
-    /// The client answered the server's close: finish like any final answer.
-    pub fn close_replied(&mut self) {
-        if let State::Closing(closing) = &self.state {
-            self.state = State::Respond {
-                deadline: closing.deadline,
-                write_shut: false,
-            };
-        }
-    }
-
-    /// After the final bytes of a `Respond` went out: stop sending, keep reading until
-    /// EOF so the client sees them rather than a reset.
-    pub fn shut_write(&mut self) {
-        if let State::Respond { write_shut, .. } = &mut self.state
-            && !*write_shut
-        {
-            *write_shut = true;
-            // The peer may already be gone; nothing else is done with the socket's output.
-            let _ = self.socket.shutdown(Shutdown::Write);
-        }
-    }
-
     /// Reads and throws away input (a `Respond` after its answer). True on EOF or error.
-    pub fn drain_input(&mut self) -> bool {
+    fn drain_input(&mut self) -> bool {
         let mut sink = [0u8; 512];
         for _ in 0..64 {
             match self.socket.read(&mut sink) {
@@ -433,12 +730,44 @@ impl Connection {
     }
 }
 
+impl Limits {
+    /// For ending a connection that is dropped at once (no close deadline matters).
+    const NONE: Limits = Limits {
+        ping_interval: Duration::ZERO,
+        pong_wait: Duration::ZERO,
+        write_wait: Duration::ZERO,
+        read_budget: 0,
+        shutdown_deadline: None,
+    };
+}
+
+/// How reading a request head went.
+enum HeadRead {
+    /// New bytes arrived (or the buffer is at its limit); evaluate the head.
+    Progress,
+    /// Nothing new; wait for the next readable event.
+    WouldBlock,
+    /// The client went away.
+    Closed,
+}
+
+/// How reading WebSocket frames went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FramesRead {
+    /// The socket has no more bytes for now.
+    WouldBlock,
+    /// The per-turn budget was used up; read again next turn.
+    BudgetSpent,
+    /// The connection must end for this reason.
+    Closed(CloseReason),
+}
+
 /// What `Connection::open` needs besides the answer.
 pub struct SessionParams {
     pub user_id: Rc<str>,
     pub expires_at: Instant,
     pub now: Instant,
-    pub ping_interval: std::time::Duration,
+    pub ping_interval: Duration,
     pub ws_config: WebSocketConfig,
 }
 
