@@ -7,6 +7,13 @@
 //! flush each touched connection once, then fire the deadlines that are due.
 //! Deadlines live in a heap with at most a couple of entries per connection, so
 //! their cost grows with the deadlines that fire, not with the connections held.
+//!
+//! The loop does not look inside a connection: it hands it events and carries out
+//! what the connection answers (see `conn`): reregister, arm a timer, remove,
+//! evaluate a request head, account for an ended session. The loop's own work is
+//! the poll registry, the listener, the hub, the timers, the metrics, and never
+//! anything slow: `/health` reads counts the loop keeps, `/metrics` samples /proc
+//! at most once a second, and log lines go to the log writer's buffer.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -353,8 +360,9 @@ impl Server {
         self.begin_shutdown(now);
     }
 
-    /// DESIGN.md section 5: stop accepting, stop the Redis reader, send 1001 to every
-    /// client, and wait for their close replies up to `SHUTDOWN_TIMEOUT`.
+    /// Graceful shutdown (README, Operations): stop accepting, stop the Redis
+    /// reader, send 1001 to every client, and wait for their close replies up to
+    /// `SHUTDOWN_TIMEOUT`.
     fn begin_shutdown(&mut self, now: Instant) {
         let deadline = now + self.config.shutdown_timeout;
         self.limits.shutdown_deadline = Some(deadline);

@@ -1,5 +1,5 @@
 //! An open connection's life: client frames, close codes, token expiry, slow
-//! clients and keep-alive (DESIGN.md sections 2 and 3; issue 2 items 5, 8, 9, 10).
+//! clients and keep-alive (README: protocol and close codes; issue 2 items 5, 8, 9, 10).
 
 mod common;
 

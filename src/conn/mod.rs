@@ -1,20 +1,33 @@
-//! One client connection, owned by the event loop's slab.
+//! One client connection, owned by the event loop's slab. The connection decides,
+//! the loop carries out: the loop hands it an event (`on_ready`, `read`,
+//! `on_deadline`, `shut_down`, `queue_message`) and gets back a [`Step`] (evaluate
+//! the request head, answer pongs, read again next turn, a session [`Ended`]); then
+//! `settle` writes what is queued and answers [`Next`]: keep it (reregister with
+//! this interest, arm a timer at this deadline) or remove it. The loop keeps the
+//! poll registry, the timer heap, the hub and the metrics; the connection's fields
+//! are its own.
 //!
 //! Life cycle (each state owns its data; transitions replace the state by value):
 //!
 //! ```text
-//! Handshake --(head complete, refused or /health, /metrics)--> Respond --> gone
+//! Handshake --(head complete, refused or /health, /metrics)--> Respond --> Done
 //!     |                                                        (answer written, write side shut,
 //!     |                                                         input drained until EOF or deadline)
-//!     +--(valid upgrade)--> Open --(server closes: 1001, 4001, 4008, 1002, 1007, 1009)--> Closing --> gone
+//!     +--(valid upgrade)--> Open --(server closes: 1001, 4001, 4008, 1002, 1007, 1009)--> Closing --> Done
 //!                             |                                   (close frame queued, waiting for the
 //!                             +--(client close: reply queued)-->   peer's close, the flush, or the deadline)
-//!                             +--(EOF, I/O error, pong timeout)--> gone
+//!                             +--(EOF, I/O error, pong timeout)--> Done
 //! ```
 //!
-//! Reading and writing are separate paths: `fill_head`/`read_messages` read until
+//! `Done` is terminal: the next `settle` answers `Next::Remove`, so a connection is
+//! never kept without a deadline in the loop's timer heap. Every kept state has one
+//! (see `Connection::deadline`).
+//!
+//! Reading and writing are separate paths: `fill_head`/`read_frames` read until
 //! `WouldBlock` (mio is edge-triggered) or a budget; `flush` writes the
-//! `OutboundQueue` until it is empty or the socket is full.
+//! `OutboundQueue` until it is empty or the socket is full, and the connection asks
+//! for `WRITABLE` only while output is pending. Unit tests drive the transitions
+//! over an in-memory socket (`mock::MockStream`) with `WouldBlock` and short writes.
 
 pub mod handshake;
 pub mod outbound;
@@ -106,7 +119,7 @@ impl CloseReason {
         }
     }
 
-    /// The close frame the server sends for this reason, if any (DESIGN.md section 3).
+    /// The close frame the server sends for this reason, if any (README, close codes).
     pub fn close_frame(self) -> Option<(u16, &'static str)> {
         match self {
             CloseReason::ClientClosed | CloseReason::ConnectionLost | CloseReason::PongTimeout => {
@@ -920,44 +933,110 @@ pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
 /// An empty unmasked server ping frame.
 pub const PING_FRAME: [u8; 2] = [0x89, 0x00];
 
+/// An in-memory socket for the unit tests of the connection and its queue.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod mock {
+    use std::cell::Cell;
+    use std::io::{self, Read, Write};
+    use std::net::SocketAddr;
 
-    /// Client bytes in memory; `WouldBlock` once they run out, like a drained socket.
-    struct ClientBytes {
-        data: Vec<u8>,
-        pos: usize,
+    /// Reads come from `input` in short pieces, then `WouldBlock` (or EOF once
+    /// `eof` is set); writes take at most `write_chunk` bytes per call while
+    /// `writes_left` lasts, then `WouldBlock`; `broken` fails every write.
+    pub struct MockStream {
+        pub input: Vec<u8>,
+        pub read_pos: usize,
+        pub eof: bool,
+        pub written: Vec<u8>,
+        pub write_chunk: usize,
+        pub writes_left: usize,
+        pub broken: bool,
+        pub write_shut: Cell<bool>,
     }
 
-    impl Read for ClientBytes {
+    impl MockStream {
+        /// A socket with `input` to read that takes every write.
+        pub fn new(input: &[u8]) -> MockStream {
+            MockStream {
+                input: input.to_vec(),
+                read_pos: 0,
+                eof: false,
+                written: Vec::new(),
+                write_chunk: usize::MAX,
+                writes_left: usize::MAX,
+                broken: false,
+                write_shut: Cell::new(false),
+            }
+        }
+    }
+
+    impl Read for MockStream {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.pos == self.data.len() {
-                return Err(io::ErrorKind::WouldBlock.into());
+            let left = self.input.len() - self.read_pos;
+            if left == 0 {
+                return if self.eof {
+                    Ok(0)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
             }
             // Short reads: at most 7 bytes at a time.
-            let n = buf.len().min(self.data.len() - self.pos).min(7);
-            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
-            self.pos += n;
+            let n = buf.len().min(left).min(7);
+            buf[..n].copy_from_slice(&self.input[self.read_pos..self.read_pos + n]);
+            self.read_pos += n;
             Ok(n)
         }
     }
 
+    impl Write for MockStream {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.broken {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            if self.writes_left == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.writes_left -= 1;
+            let n = buf.len().min(self.write_chunk);
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl super::Stream for MockStream {
+        fn shutdown_write(&self) -> io::Result<()> {
+            self.write_shut.set(true);
+            Ok(())
+        }
+
+        fn peer_addr(&self) -> io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([127, 0, 0, 1], 40_000)))
+        }
+    }
+
     /// A masked client frame (RFC 6455 5.3), FIN set, payload under 126 bytes.
-    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [1u8, 2, 3, 4];
         let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
         frame.extend_from_slice(&mask);
         frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         frame
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mock::{MockStream, client_frame};
+    use super::*;
+    use std::sync::Arc;
 
     fn read_all(bytes: Vec<u8>, max_message_size: usize) -> (FramesReport, Vec<u8>) {
         let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(max_message_size)));
-        let mut socket = ClientBytes {
-            data: bytes,
-            pos: 0,
-        };
+        let mut socket = MockStream::new(&bytes);
         let mut out = OutboundQueue::default();
         let report = read_frames(&mut ws, &mut socket, &mut out, 64, false);
         let mut written = Vec::new();
@@ -1017,10 +1096,7 @@ mod tests {
     fn the_budget_bounds_one_turn() {
         let bytes: Vec<u8> = (0..10).flat_map(|_| client_frame(0x2, b"x")).collect();
         let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(512)));
-        let mut socket = ClientBytes {
-            data: bytes,
-            pos: 0,
-        };
+        let mut socket = MockStream::new(&bytes);
         let mut out = OutboundQueue::default();
         let first = read_frames(&mut ws, &mut socket, &mut out, 4, false);
         assert_eq!(first.result, FramesRead::BudgetSpent);
@@ -1044,5 +1120,395 @@ mod tests {
             b"\x88\x0d\x0f\xa8slow client"
         );
         assert_eq!(close_frame(1000, "").len(), 4);
+    }
+
+    // ----- State transitions -----------------------------------------------------
+
+    const LIMITS: Limits = Limits {
+        ping_interval: Duration::from_secs(30),
+        pong_wait: Duration::from_secs(60),
+        write_wait: Duration::from_secs(10),
+        read_budget: 64,
+        shutdown_deadline: None,
+    };
+    const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+    const SESSION_LIFE: Duration = Duration::from_secs(3600);
+
+    fn handshaking(input: &[u8], start: Instant) -> Connection<MockStream> {
+        Connection::new(MockStream::new(input), 7, start, start + HANDSHAKE_WAIT)
+    }
+
+    /// A connection whose session is open and whose 101 and `connected` are written.
+    fn open_session(start: Instant) -> Connection<MockStream> {
+        let mut conn = handshaking(b"", start);
+        conn.open(
+            b"HTTP/1.1 101\r\n\r\n",
+            Arc::from(&b"CONNECTED"[..]),
+            0,
+            SessionParams {
+                user_id: Rc::from("alice"),
+                expires_at: start + SESSION_LIFE,
+                now: start,
+                ping_interval: LIMITS.ping_interval,
+                ws_config: websocket_config(512),
+            },
+        );
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep {
+                reregister: None,
+                arm: Some(_)
+            }
+        ));
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCONNECTED");
+        conn.socket.written.clear();
+        conn
+    }
+
+    /// What the loop does when the connection's timer entry fires at `now`.
+    fn deadline_passes(conn: &mut Connection<MockStream>, now: Instant) -> Step {
+        let armed = conn.timer_at.expect("a kept connection is armed");
+        assert!(
+            armed <= now,
+            "woken at {now:?} before its entry at {armed:?}"
+        );
+        assert!(conn.timer_fired(armed));
+        conn.on_deadline(&LIMITS, now)
+    }
+
+    fn ended(step: Step) -> Ended {
+        match step {
+            Step::Ended(ended) => ended,
+            other => panic!("expected the session to end, got {other:?}"),
+        }
+    }
+
+    #[track_caller]
+    fn assert_removed(next: Next) -> Option<Ended> {
+        match next {
+            Next::Remove(ended) => ended,
+            other => panic!("expected removal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_head_is_answered_then_lingers_until_eof() {
+        let start = Instant::now();
+        let mut conn = handshaking(b"GET /health HTTP/1.1\r\n", start);
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep { reregister: None, arm: Some(at) } if at == start + HANDSHAKE_WAIT
+        ));
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, start),
+            Step::EvaluateHead
+        ));
+        assert_eq!(conn.head(), b"GET /health HTTP/1.1\r\n");
+
+        // The answer meets a full socket: ask for WRITABLE.
+        conn.socket.writes_left = 0;
+        conn.respond(b"HTTP/1.1 200 OK\r\n\r\n", start, start + RESPOND);
+        let next = conn.settle(&LIMITS, start);
+        assert!(
+            matches!(next, Next::Keep { reregister: Some(i), arm: Some(_) } if i.is_writable()),
+            "{next:?}"
+        );
+        // Written in short pieces once the socket drains; then the write side is shut.
+        conn.socket.writes_left = usize::MAX;
+        conn.socket.write_chunk = 5;
+        assert!(matches!(
+            conn.on_ready(false, true, &LIMITS, start),
+            Step::Continue
+        ));
+        let next = conn.settle(&LIMITS, start);
+        assert!(
+            matches!(next, Next::Keep { reregister: Some(i), arm: None } if !i.is_writable()),
+            "{next:?}"
+        );
+        assert_eq!(conn.socket.written, b"HTTP/1.1 200 OK\r\n\r\n");
+        assert!(conn.socket.write_shut.get());
+        // The client's EOF ends the linger.
+        conn.socket.eof = true;
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, start),
+            Step::Continue
+        ));
+        assert!(assert_removed(conn.settle(&LIMITS, start)).is_none());
+    }
+    const RESPOND: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_handshake_times_out_at_its_deadline_and_not_before() {
+        let start = Instant::now();
+        let mut conn = handshaking(b"GET", start);
+        let Next::Keep { arm: Some(at), .. } = conn.settle(&LIMITS, start) else {
+            panic!("not armed");
+        };
+        assert!(conn.timer_fired(at));
+        assert!(matches!(
+            conn.on_deadline(&LIMITS, at - Duration::from_millis(1)),
+            Step::Continue
+        ));
+        // Re-armed after a deadline that was not due yet.
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep { arm: Some(again), .. } if again == at
+        ));
+        assert!(matches!(
+            conn.on_deadline(&LIMITS, at),
+            Step::HandshakeTimedOut
+        ));
+        assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
+    }
+
+    #[test]
+    fn eof_during_the_handshake_removes_the_connection() {
+        let start = Instant::now();
+        let mut conn = handshaking(b"", start);
+        conn.socket.eof = true;
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, start),
+            Step::Continue
+        ));
+        assert!(assert_removed(conn.settle(&LIMITS, start)).is_none());
+    }
+
+    #[test]
+    fn a_stale_timer_entry_is_ignored_and_a_kept_connection_is_always_armed() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        // Armed at the first ping; nothing earlier since.
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep { arm: None, .. }
+        ));
+        assert!(!conn.timer_fired(start + Duration::from_secs(1)));
+        let ping_at = start + LIMITS.ping_interval;
+        assert!(conn.timer_fired(ping_at));
+        // Pending output brings the write-stall deadline forward: armed again, earlier.
+        conn.socket.writes_left = 0;
+        assert_eq!(
+            conn.queue_message(Arc::from(&b"m"[..]), 10, start),
+            Queued::First
+        );
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep { reregister: Some(_), arm: Some(at) } if at == start + LIMITS.write_wait
+        ));
+    }
+
+    #[test]
+    fn messages_are_queued_up_to_the_limit_and_marked_once_per_turn() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let frame: Frame = Arc::from(&b"msg;"[..]);
+        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::First);
+        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::Again);
+        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::Dropped);
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep {
+                reregister: None,
+                ..
+            }
+        ));
+        assert_eq!(conn.socket.written, b"msg;msg;");
+        // The next turn marks it again.
+        assert_eq!(conn.queue_message(frame, 2, start), Queued::First);
+    }
+
+    #[test]
+    fn a_ping_goes_out_when_due() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let at = start + LIMITS.ping_interval;
+        assert!(conn.timer_fired(at));
+        assert!(matches!(conn.on_deadline(&LIMITS, at), Step::Continue));
+        assert!(matches!(
+            conn.settle(&LIMITS, at),
+            Next::Keep { arm: Some(_), .. }
+        ));
+        assert_eq!(conn.socket.written, PING_FRAME);
+    }
+
+    #[test]
+    fn client_activity_defers_the_pong_timeout() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let later = start + Duration::from_secs(50);
+        conn.socket.input = client_frame(0xA, b"");
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, later),
+            Step::Read {
+                pongs: 0,
+                more: false
+            }
+        ));
+        let quiet_until = start + LIMITS.pong_wait;
+        assert!(matches!(
+            conn.on_deadline(&LIMITS, quiet_until),
+            Step::Continue
+        ));
+    }
+
+    #[test]
+    fn ping_requests_ask_the_loop_for_pongs() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let mut input = client_frame(0x1, br#"{"type":"ping"}"#);
+        input.extend(client_frame(0x1, br#"{"type":"ping"}"#));
+        conn.socket.input = input;
+        let Step::Read {
+            pongs: 2,
+            more: false,
+        } = conn.on_ready(true, false, &LIMITS, start)
+        else {
+            panic!("expected two pong requests");
+        };
+        let pong: Frame = Arc::from(&b"PONG;"[..]);
+        assert_eq!(
+            conn.queue_pongs(&pong, 2, 1, start),
+            1,
+            "one over the limit"
+        );
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, b"PONG;");
+    }
+
+    #[test]
+    fn a_silent_client_is_dropped_at_the_pong_timeout_without_a_close_frame() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let at = start + LIMITS.pong_wait;
+        let ended = ended(conn.on_deadline(&LIMITS, at));
+        assert_eq!(ended.reason, CloseReason::PongTimeout);
+        assert_eq!(&*ended.user_id, "alice");
+        assert_eq!(ended.connection_id, 7);
+        assert_eq!(ended.lived, LIMITS.pong_wait);
+        assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
+        assert!(conn.socket.written.is_empty());
+    }
+
+    #[test]
+    fn an_expired_token_closes_with_4001_and_waits_for_the_reply() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let at = start + SESSION_LIFE;
+        assert_eq!(
+            ended(deadline_passes(&mut conn, at)).reason,
+            CloseReason::TokenExpired
+        );
+        let next = conn.settle(&LIMITS, at);
+        assert!(
+            matches!(next, Next::Keep { arm: Some(by), .. } if by == at + LIMITS.write_wait),
+            "{next:?}"
+        );
+        assert_eq!(conn.socket.written, close_frame(4001, "token expired"));
+        // The client's close reply, with nothing left to send: removed at once.
+        conn.socket.input = client_frame(0x8, &4001u16.to_be_bytes());
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, at),
+            Step::Continue
+        ));
+        assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
+    }
+
+    #[test]
+    fn a_client_that_never_replies_to_the_close_is_dropped_at_the_deadline() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let at = start + SESSION_LIFE;
+        let _ = ended(deadline_passes(&mut conn, at));
+        let Next::Keep { arm: Some(by), .. } = conn.settle(&LIMITS, at) else {
+            panic!("closing is armed");
+        };
+        assert!(conn.timer_fired(by));
+        assert!(matches!(conn.on_deadline(&LIMITS, by), Step::Continue));
+        assert!(assert_removed(conn.settle(&LIMITS, by)).is_none());
+    }
+
+    #[test]
+    fn a_slow_client_loses_its_unsent_messages_and_gets_4008() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        conn.socket.writes_left = 0;
+        for _ in 0..3 {
+            let _ = conn.queue_message(Arc::from(&b"unread"[..]), 10, start);
+        }
+        let _ = conn.settle(&LIMITS, start);
+        let at = start + LIMITS.write_wait;
+        assert_eq!(
+            ended(conn.on_deadline(&LIMITS, at)).reason,
+            CloseReason::SlowClient
+        );
+        conn.socket.writes_left = usize::MAX;
+        let _ = conn.settle(&LIMITS, at);
+        assert_eq!(conn.socket.written, close_frame(4008, "slow client"));
+    }
+
+    #[test]
+    fn a_write_error_ends_the_session_as_lost() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        conn.socket.broken = true;
+        let _ = conn.queue_message(Arc::from(&b"m"[..]), 10, start);
+        let ended = assert_removed(conn.settle(&LIMITS, start)).expect("the session ended");
+        assert_eq!(ended.reason, CloseReason::ConnectionLost);
+    }
+
+    #[test]
+    fn a_protocol_violation_closes_with_1002_and_lingers() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        conn.socket.input = vec![0x81, 0x02, b'h', b'i']; // unmasked
+        assert_eq!(
+            ended(conn.on_ready(true, false, &LIMITS, start)).reason,
+            CloseReason::ProtocolError
+        );
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, close_frame(1002, "protocol error"));
+        assert!(
+            conn.socket.write_shut.get(),
+            "failed, not waiting for a reply"
+        );
+    }
+
+    #[test]
+    fn shutdown_closes_sessions_with_1001_by_the_deadline_and_ends_the_rest() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(30);
+        let limits = Limits {
+            shutdown_deadline: Some(deadline),
+            ..LIMITS
+        };
+        let mut conn = open_session(start);
+        assert_eq!(
+            ended(conn.shut_down(&limits, start)).reason,
+            CloseReason::Shutdown
+        );
+        assert!(matches!(conn.settle(&limits, start), Next::Keep { .. }));
+        assert_eq!(conn.deadline(&limits), Some(deadline));
+        assert_eq!(
+            conn.socket.written,
+            close_frame(1001, "server shutting down")
+        );
+
+        let mut handshake = handshaking(b"GET", start);
+        assert!(matches!(
+            handshake.shut_down(&limits, start),
+            Step::Continue
+        ));
+        assert!(assert_removed(handshake.settle(&limits, start)).is_none());
+    }
+
+    #[test]
+    fn abort_reports_an_open_session_once() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        assert_eq!(
+            conn.abort(start).map(|e| e.reason),
+            Some(CloseReason::ConnectionLost)
+        );
+        assert!(conn.abort(start).is_none());
     }
 }
