@@ -111,25 +111,20 @@ impl Metrics {
             "WebSocket upgrades completed.",
             &[("", self.connections_accepted)],
         );
-        let rejected: Vec<(String, u64)> = Rejection::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.label()),
-                    self.rejected[*r as usize],
-                )
-            })
-            .chain(std::iter::once((
-                "{reason=\"handshake_timeout\"}".to_string(),
-                self.handshake_timeouts,
-            )))
-            .collect();
-        let rejected: Vec<(&str, u64)> = rejected.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let rejected = by_reason(
+            Rejection::ALL
+                .iter()
+                .map(|r| (r.label(), self.rejected[*r as usize]))
+                .chain(std::iter::once((
+                    "handshake_timeout",
+                    self.handshake_timeouts,
+                ))),
+        );
         metric(
             "connections_rejected_total",
             "counter",
             "Connections refused before or during the upgrade, by reason.",
-            &rejected,
+            &borrowed(&rejected),
         );
         metric(
             "messages_received_total",
@@ -154,22 +149,16 @@ impl Metrics {
                 ("{reason=\"queue_full\"}", redis.dropped_queue_full()),
             ],
         );
-        let disconnects: Vec<(String, u64)> = CloseReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.label()),
-                    self.disconnects[*r as usize],
-                )
-            })
-            .collect();
-        let disconnects: Vec<(&str, u64)> =
-            disconnects.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let disconnects = by_reason(
+            CloseReason::ALL
+                .iter()
+                .map(|r| (r.label(), self.disconnects[*r as usize])),
+        );
         metric(
             "disconnects_total",
             "counter",
             "WebSocket connections ended, by reason.",
-            &disconnects,
+            &borrowed(&disconnects),
         );
         metric(
             "accept_fd_exhausted_total",
@@ -247,6 +236,18 @@ impl Metrics {
     }
 }
 
+/// Samples labelled `{reason="<label>"}`.
+fn by_reason(samples: impl Iterator<Item = (&'static str, u64)>) -> Vec<(String, u64)> {
+    samples
+        .map(|(label, value)| (format!("{{reason=\"{label}\"}}"), value))
+        .collect()
+}
+
+/// The samples as the renderer takes them.
+fn borrowed(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
+    samples.iter().map(|(l, v)| (l.as_str(), *v)).collect()
+}
+
 /// `/health`: (HTTP status, JSON body). 503 while not subscribed to Redis.
 pub fn render_health(gauges: &Gauges, redis: &RedisStatus, now: &Timestamp) -> (u16, String) {
     let subscribed = redis.is_subscribed();
@@ -285,4 +286,43 @@ fn resident_bytes() -> Option<u64> {
 fn open_fds() -> Option<u64> {
     let count = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
     Some(count.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_figures_are_sampled_at_most_once_a_period() {
+        let mut sampler = ProcessSampler::default();
+        let start = Instant::now();
+        let first = sampler.figures(start).open_fds.expect("/proc/self/fd");
+        let files: Vec<std::fs::File> = (0..50)
+            .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null"))
+            .collect();
+        let cached = sampler.figures(start + PROCESS_SAMPLE_PERIOD / 2);
+        assert_eq!(cached.open_fds, Some(first), "resampled within the period");
+        let fresh = sampler.figures(start + PROCESS_SAMPLE_PERIOD);
+        assert!(fresh.open_fds.expect("/proc/self/fd") >= first + 50);
+        drop(files);
+    }
+
+    #[test]
+    fn reasons_are_labelled() {
+        let text = Metrics::default().render_prometheus(
+            &Gauges {
+                connections: 0,
+                users: 0,
+                uptime_seconds: 0,
+                process: None,
+            },
+            &RedisStatus::default(),
+        );
+        assert!(text.contains("ws_notify_disconnects_total{reason=\"slow_client\"} 0\n"));
+        assert!(
+            text.contains("ws_notify_connections_rejected_total{reason=\"handshake_timeout\"} 0\n")
+        );
+        assert!(text.contains("ws_notify_log_lines_dropped_total "));
+        assert!(!text.contains("open_fds"), "no process figures, no line");
+    }
 }
