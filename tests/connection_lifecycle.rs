@@ -96,43 +96,49 @@ fn too_big_message_closes_with_1009() {
     assert_eq!(expect_close(&mut ws, PROMPT).0, 1009);
 }
 
+/// Client frames that break RFC 6455, each on its own connection to one gateway,
+/// and the close code each must get.
 #[test]
-fn unmasked_client_frame_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_frame(0x81, b"hi", None)
-        .expect("write unmasked frame");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1002);
+fn protocol_violations_close_with_their_codes() {
+    type Frames = &'static [(u8, &'static [u8], bool)];
+    // (case, frames as (first byte, payload, masked), close code)
+    let cases: [(&str, Frames, u16); 6] = [
+        ("unmasked client frame", &[(0x81, b"hi", false)], 1002),
+        ("reserved opcode 3", &[(0x83, b"??", true)], 1002),
+        // RSV1 set without a negotiated extension (RFC 6455 section 5.2).
+        ("RSV1 without an extension", &[(0xc1, b"hi", true)], 1002),
+        // Control frames carry at most 125 bytes (RFC 6455 section 5.5).
+        ("200-byte ping", &[(0x89, &[b'p'; 200], true)], 1002),
+        // Each fragment is small; the message is not.
+        (
+            "fragmented message over the limit",
+            &[
+                (0x01, &[b'a'; 300], true),
+                (0x00, &[b'a'; 300], true),
+                (0x80, &[b'a'; 300], true),
+            ],
+            1009,
+        ),
+        (
+            "text that is not UTF-8",
+            &[(0x81, &[b'o', b'k', 0xff, 0xfe], true)],
+            1007,
+        ),
+    ];
+    let (_redis, gw) = setup(&[("WS_MAX_MESSAGE_SIZE", "512")]);
+    for (case, frames, code) in cases {
+        let mut raw = RawWs::open(gw.port, &gw.token("alice"));
+        for &(first_byte, payload, masked) in frames {
+            let sent = if masked {
+                raw.send_masked(first_byte, payload)
+            } else {
+                raw.send_frame(first_byte, payload, None)
+            };
+            sent.unwrap_or_else(|e| panic!("{case}: write: {e}"));
+        }
+        assert_eq!(raw.expect_close(PROMPT).0, code, "{case}");
+    }
     gw.wait_active_connections(0);
-}
-
-#[test]
-fn reserved_opcode_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_masked(0x83, b"??")
-        .expect("write frame with opcode 3");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1002);
-}
-
-#[test]
-fn reserved_bits_close_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // RSV1 set without a negotiated extension (RFC 6455 section 5.2).
-    raw.send_masked(0xc1, b"hi").expect("write frame with RSV1");
-    assert_eq!(raw.expect_close(PROMPT).0, 1002);
-}
-
-#[test]
-fn oversized_control_frame_closes_with_1002() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // Control frames carry at most 125 bytes (RFC 6455 section 5.5).
-    raw.send_masked(0x89, &[b'p'; 200]).expect("write big ping");
-    assert_eq!(raw.expect_close(PROMPT).0, 1002);
 }
 
 #[test]
@@ -170,27 +176,6 @@ fn fragmented_message_is_reassembled() {
         got_pong_frame,
         "the ping between fragments was not answered before the message"
     );
-}
-
-#[test]
-fn fragmented_message_over_the_limit_closes_with_1009() {
-    let (_redis, gw) = setup(&[("WS_MAX_MESSAGE_SIZE", "512")]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    // Each fragment is small; the message is not.
-    raw.send_masked(0x01, &[b'a'; 300]).expect("fragment");
-    raw.send_masked(0x00, &[b'a'; 300]).expect("fragment");
-    raw.send_masked(0x80, &[b'a'; 300]).expect("fragment");
-    assert_eq!(raw.expect_close(PROMPT).0, 1009);
-}
-
-#[test]
-fn invalid_utf8_closes_with_1007() {
-    let (_redis, gw) = setup(&[]);
-    let mut raw = RawWs::open(gw.port, &gw.token("alice"));
-    raw.send_masked(0x81, &[b'o', b'k', 0xff, 0xfe])
-        .expect("write bad text frame");
-    let (code, _) = raw.expect_close(PROMPT);
-    assert_eq!(code, 1007);
 }
 
 #[test]
