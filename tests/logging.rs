@@ -61,9 +61,9 @@ impl Drop for StalledLogGateway {
 
 #[test]
 fn a_stalled_log_consumer_costs_lines_not_delivery() {
-    // Each refused request logs a debug line of about 150 bytes: 4,000 of them are
-    // far more than the pipe and the gateway's log buffer hold together.
-    const NOISY_REQUESTS: usize = 4_000;
+    // Each refused request logs a debug line of about 130 bytes: 6,000 of them are
+    // far more than the pipe (64 KiB) and the gateway's log buffer (256 KiB) hold.
+    const NOISY_REQUESTS: usize = 6_000;
     let redis = RedisServer::start();
     let gw = StalledLogGateway::start(redis.port);
     let (mut ws, _) = ws_open(gw.port, &token(&gw.secret, "steady", 3600));

@@ -55,8 +55,9 @@ fn health_and_metrics_cost_does_not_grow_with_open_sockets() {
     for ((path, few), many) in ["/health", "/metrics"].iter().zip(few).zip(many) {
         let ratio = many.as_secs_f64() / few.as_secs_f64();
         eprintln!("GET {path}: {few:?} -> {many:?} (x{ratio:.1})");
+        // Generous for a loaded CI machine; before the fix it was x20 to x90.
         assert!(
-            ratio < 4.0,
+            ratio < 10.0,
             "{REQUESTS} x GET {path}: {few:?} with few sockets, {many:?} with {IDLE_SOCKETS} idle \
              sockets (x{ratio:.1})"
         );
