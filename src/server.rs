@@ -414,15 +414,11 @@ impl Server {
                 }
             }
             Step::Ended(ended) => self.report_end(key, ended),
-            Step::HandshakeTimedOut => {
+            Step::HandshakeTimedOut { connection_id } => {
                 self.metrics.handshake_timeouts += 1;
-                debug!("handshake timeout (connection_id={})", self.conn_id(key));
+                debug!("handshake timeout (connection_id={connection_id})");
             }
         }
-    }
-
-    fn conn_id(&self, key: usize) -> u64 {
-        self.conns.get(key).map_or(0, Connection::id)
     }
 
     /// The request head grew: the handshake decision (a pure function of the head,

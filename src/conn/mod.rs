@@ -229,7 +229,7 @@ pub enum Step {
     /// The session ended: the loop updates the hub, the metrics and the log.
     Ended(Ended),
     /// The request head did not arrive in time (counted by the loop).
-    HandshakeTimedOut,
+    HandshakeTimedOut { connection_id: u64 },
 }
 
 /// What the loop must do once the connection has settled.
@@ -484,7 +484,9 @@ impl<S: Stream> Connection<S> {
         match &mut self.state {
             State::Handshake { deadline, .. } if now >= *deadline => {
                 self.state = State::Done;
-                Step::HandshakeTimedOut
+                Step::HandshakeTimedOut {
+                    connection_id: self.id,
+                }
             }
             State::Respond { deadline, .. } if now >= *deadline => {
                 self.state = State::Done;
@@ -920,7 +922,7 @@ fn is_ping_request(text: &[u8]) -> bool {
 }
 
 /// An unmasked server close frame (RFC 6455 5.5.1): code, then a UTF-8 reason (≤ 123 bytes).
-pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let reason = &reason.as_bytes()[..reason.len().min(123)];
     let mut frame = Vec::with_capacity(4 + reason.len());
     frame.push(0x88);
@@ -931,7 +933,7 @@ pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
 }
 
 /// An empty unmasked server ping frame.
-pub const PING_FRAME: [u8; 2] = [0x89, 0x00];
+const PING_FRAME: [u8; 2] = [0x89, 0x00];
 
 /// An in-memory socket for the unit tests of the connection and its queue.
 #[cfg(test)]
@@ -1256,7 +1258,7 @@ mod tests {
         ));
         assert!(matches!(
             conn.on_deadline(&LIMITS, at),
-            Step::HandshakeTimedOut
+            Step::HandshakeTimedOut { connection_id: 7 }
         ));
         assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
     }
