@@ -1185,6 +1185,17 @@ mod tests {
         }
     }
 
+    /// The socket turns readable (input or EOF) and the connection has nothing to
+    /// report: it is finished and the loop removes it.
+    #[track_caller]
+    fn assert_read_ends_it(conn: &mut Connection<MockStream>, now: Instant) {
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, now),
+            Step::Continue
+        ));
+        assert!(assert_removed(conn.settle(&LIMITS, now)).is_none());
+    }
+
     #[track_caller]
     fn assert_removed(next: Next) -> Option<Ended> {
         match next {
@@ -1231,11 +1242,7 @@ mod tests {
         assert!(conn.socket.write_shut.get());
         // The client's EOF ends the linger.
         conn.socket.eof = true;
-        assert!(matches!(
-            conn.on_ready(true, false, &LIMITS, start),
-            Step::Continue
-        ));
-        assert!(assert_removed(conn.settle(&LIMITS, start)).is_none());
+        assert_read_ends_it(&mut conn, start);
     }
     const RESPOND: Duration = Duration::from_secs(5);
 
@@ -1268,11 +1275,7 @@ mod tests {
         let start = Instant::now();
         let mut conn = handshaking(b"", start);
         conn.socket.eof = true;
-        assert!(matches!(
-            conn.on_ready(true, false, &LIMITS, start),
-            Step::Continue
-        ));
-        assert!(assert_removed(conn.settle(&LIMITS, start)).is_none());
+        assert_read_ends_it(&mut conn, start);
     }
 
     #[test]
@@ -1408,11 +1411,7 @@ mod tests {
         assert_eq!(conn.socket.written, close_frame(4001, "token expired"));
         // The client's close reply, with nothing left to send: removed at once.
         conn.socket.input = client_frame(0x8, &4001u16.to_be_bytes());
-        assert!(matches!(
-            conn.on_ready(true, false, &LIMITS, at),
-            Step::Continue
-        ));
-        assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
+        assert_read_ends_it(&mut conn, at);
     }
 
     #[test]
