@@ -11,10 +11,12 @@
 //!       hub: user_id -> connection keys --> each connection's OutboundQueue --> socket
 //! ```
 //!
-//! Two threads: the event loop owns every socket and all per-connection state;
-//! the Redis reader owns the Redis connection and only hands raw messages over.
+//! Three threads: the event loop owns every socket and all per-connection
+//! state; the Redis reader owns the Redis connection and only hands raw
+//! messages over; `log-writer` writes the log lines the other two buffer.
 //! Messages cross through `handover` (one queue, one wake per batch); health
-//! state crosses in atomics (`redis_status::RedisStatus`).
+//! state crosses in atomics (`redis_status::RedisStatus`). The whole picture is
+//! in docs/ARCHITECTURE.md.
 
 pub mod auth;
 pub mod cli;

@@ -1,45 +1,233 @@
-//! Logging: the `log` facade backed by `env_logger`, writing one line per
-//! record to stderr, either as a JSON object (`LOGGER_ENCODING=json`, the
-//! default, shaped like the Go service's Zap lines) or as plain text for a
-//! terminal. `LOGGER_LEVEL` sets the level; `RUST_LOG`, when set, refines it
-//! per module on top. Also [`RateLimited`], for warnings that could otherwise
-//! repeat once per message (bad payloads, full buffers).
+//! Logging: the `log` facade, filtered like `env_logger` (`LOGGER_LEVEL`, refined
+//! per module by `RUST_LOG`), one line per record, either a JSON object
+//! (`LOGGER_ENCODING=json`, the default, shaped like the Go service's Zap lines) or
+//! plain text for a terminal (`console`, with control characters escaped so that
+//! no value from outside can start a line of its own). Also [`RateLimited`], for
+//! warnings that could otherwise repeat once per message.
 //!
-//! Any thread may log; `init` runs once on the main thread at start-up.
+//! Writing never blocks the thread that logs: a record is formatted on that thread
+//! and appended to a bounded buffer, which the `log-writer` thread drains to
+//! stderr. A stalled log consumer (a full pipe, a stuck container log driver) then
+//! costs lines, not the event loop: lines that do not fit are dropped and counted
+//! ([`dropped_lines`], exported in `/metrics`). [`flush`] waits, briefly, for what
+//! is buffered to be written; the process calls it before it exits.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use log::{LevelFilter, Record};
+use log::{LevelFilter, Log, Metadata, Record};
 
 use crate::clock::Timestamp;
 use crate::config::LogEncoding;
 
+/// Bytes of formatted lines waiting for the writer thread at most; a line that
+/// does not fit is dropped (about 2,000 lines of a typical length).
+const LOG_BUFFER_BYTES: usize = 256 * 1024;
+/// How long [`flush`] waits for the writer before giving up (a stalled consumer
+/// must not hold the process's exit forever).
+const FLUSH_WAIT: Duration = Duration::from_secs(2);
+
+/// Lines dropped because the buffer was full.
+static DROPPED_LINES: AtomicU64 = AtomicU64::new(0);
+/// The buffer shared by every logging thread and the writer thread.
+static SINK: OnceLock<LogSink> = OnceLock::new();
+
 /// Installs the global logger: `level` for everything, refined by `RUST_LOG`
-/// when that is set, each record written to stderr in `encoding`.
+/// when that is set, each record written to stderr in `encoding` by the
+/// `log-writer` thread.
 pub fn init(level: LevelFilter, encoding: LogEncoding) {
     let mut builder = env_logger::Builder::new();
-    builder
-        .filter_level(level)
-        .target(env_logger::Target::Stderr)
-        .write_style(env_logger::WriteStyle::Never)
-        .format(move |out, record| write_record(out, encoding, Timestamp::now().as_str(), record));
+    builder.filter_level(level);
     if let Ok(filters) = std::env::var("RUST_LOG")
         && !filters.is_empty()
     {
         builder.parse_filters(&filters);
     }
-    // Fails only when a logger is already installed (a second call, or a test
-    // harness that set one up); keeping the first logger is what we want.
-    let _ = builder.try_init();
+    let filter = builder.build();
+    let max_level = filter.filter();
+    let sink = SINK.get_or_init(LogSink::default);
+    if log::set_boxed_logger(Box::new(Logger {
+        filter,
+        encoding,
+        sink,
+    }))
+    .is_err()
+    {
+        // A logger is already installed (a second call, or a test harness that set
+        // one up); keeping the first one is what we want.
+        return;
+    }
+    log::set_max_level(max_level);
+    if let Err(e) = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || sink.write_until_closed(&mut io::stderr()))
+    {
+        // Without the thread, lines would pile up unwritten: say so where it can be seen.
+        eprintln!("ws-notify: cannot start the log writer thread: {e}");
+    }
+}
+
+/// Lines dropped so far because the log buffer was full (a slow log consumer).
+pub fn dropped_lines() -> u64 {
+    DROPPED_LINES.load(Ordering::Relaxed)
+}
+
+/// Waits (at most a couple of seconds) until every line logged so far is written.
+/// Called before the process exits, so the last lines are not lost.
+pub fn flush() {
+    if let Some(sink) = SINK.get() {
+        sink.flush(FLUSH_WAIT);
+    }
+}
+
+/// The installed `log::Log`: filters, formats on the calling thread, hands the
+/// line to the sink.
+struct Logger {
+    filter: env_logger::Logger,
+    encoding: LogEncoding,
+    sink: &'static LogSink,
+}
+
+thread_local! {
+    /// Each thread formats its lines into its own reused buffer.
+    static LINE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Log for Logger {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        self.filter.enabled(metadata)
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.filter.matches(record) {
+            return;
+        }
+        let time = Timestamp::now();
+        let format = |line: &mut Vec<u8>| {
+            line.clear();
+            // Formatting into a Vec fails only if a Display impl fails; drop the line then.
+            if write_record(line, self.encoding, time.as_str(), record).is_ok() {
+                self.sink.push(line);
+            }
+        };
+        // A Display impl that logs would find the buffer borrowed: it gets a fresh one.
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => format(&mut line),
+            Err(_) => format(&mut Vec::new()),
+        });
+    }
+
+    fn flush(&self) {
+        self.sink.flush(FLUSH_WAIT);
+    }
+}
+
+/// Formatted lines waiting to be written, bounded by `LOG_BUFFER_BYTES`.
+#[derive(Default)]
+struct LogSink {
+    state: Mutex<SinkState>,
+    /// The writer waits here for lines.
+    work: Condvar,
+    /// `flush` waits here for the writer to finish.
+    written: Condvar,
+}
+
+#[derive(Default)]
+struct SinkState {
+    pending: Vec<u8>,
+    /// The writer is waiting on `work` (so a push must wake it).
+    writer_idle: bool,
+    /// The writer holds a batch it has not finished writing.
+    writing: bool,
+    /// Waiting callers of `flush` (so the writer must signal `written`).
+    flushers: usize,
+}
+
+impl LogSink {
+    fn lock(&self) -> MutexGuard<'_, SinkState> {
+        // A panic while holding the lock leaves plain bytes behind; keep logging.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends one line, or drops and counts it when the buffer is full. Never waits
+    /// for I/O: the lock is only ever held for a copy or a swap.
+    fn push(&self, line: &[u8]) {
+        let mut state = self.lock();
+        if state.pending.len() + line.len() > LOG_BUFFER_BYTES {
+            drop(state);
+            DROPPED_LINES.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        state.pending.extend_from_slice(line);
+        if state.writer_idle {
+            state.writer_idle = false;
+            drop(state);
+            self.work.notify_one();
+        }
+    }
+
+    /// The writer thread: takes the whole buffer at once and writes it outside the
+    /// lock. Runs for the life of the process.
+    fn write_until_closed(&self, out: &mut impl Write) {
+        let mut batch = Vec::new();
+        loop {
+            let mut state = self.lock();
+            state.writing = false;
+            if state.flushers > 0 {
+                self.written.notify_all();
+            }
+            while state.pending.is_empty() {
+                state.writer_idle = true;
+                state = self.work.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            state.writer_idle = false;
+            state.writing = true;
+            std::mem::swap(&mut state.pending, &mut batch);
+            drop(state);
+            // Nowhere to report a failed write to stderr; the next batch tries again.
+            let _ = out.write_all(&batch).and_then(|()| out.flush());
+            batch.clear();
+            if batch.capacity() > LOG_BUFFER_BYTES {
+                // A burst grew it past the bound (one long line); give the memory back.
+                batch = Vec::new();
+            }
+        }
+    }
+
+    /// Waits until the buffer is empty and the writer idle, or `limit` passes.
+    fn flush(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut state = self.lock();
+        state.flushers += 1;
+        while !state.pending.is_empty() || state.writing {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            if state.writer_idle {
+                state.writer_idle = false;
+                self.work.notify_one();
+            }
+            state = self
+                .written
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state.flushers -= 1;
+    }
 }
 
 /// Writes one log line (with its trailing newline) for `record` to `out`.
 /// The logger and the tests both go through here.
 ///
 /// JSON: `{"time":"…","level":"info","target":"ws_notify::server","message":"…"}`.
-/// Console: `2026-11-28T03:30:23.123Z INFO  ws_notify::server message`.
+/// Console: `2026-11-28T03:30:23.123Z INFO  ws_notify::server message`, with every
+/// control character escaped (`\n`, `\u{1b}`, ...), so a value from outside (a user
+/// id, a channel, an origin) cannot forge a line or drive a terminal.
 pub(crate) fn write_record(
     out: &mut impl Write,
     encoding: LogEncoding,
@@ -49,29 +237,30 @@ pub(crate) fn write_record(
     match encoding {
         LogEncoding::Json => {
             out.write_all(b"{\"time\":\"")?;
-            write_json_escaped(out, time)?;
+            write_escaped(out, Escape::Json, time)?;
             out.write_all(b"\",\"level\":\"")?;
             out.write_all(json_level(record.level()).as_bytes())?;
             out.write_all(b"\",\"target\":\"")?;
-            write_json_escaped(out, record.target())?;
+            write_escaped(out, Escape::Json, record.target())?;
             out.write_all(b"\",\"message\":\"")?;
             // The message is formatted straight into the escaper: no String per record.
-            let mut escaper = JsonEscaper { out, error: None };
-            if fmt::write(&mut escaper, *record.args()).is_err() {
-                return Err(escaper
-                    .error
-                    .unwrap_or_else(|| io::Error::other("formatting a log message failed")));
-            }
+            write_escaped(out, Escape::Json, *record.args())?;
             out.write_all(b"\"}\n")
         }
-        LogEncoding::Console => writeln!(
-            out,
-            "{} {:<5} {} {}",
-            time,
-            record.level().as_str(),
-            record.target(),
-            record.args()
-        ),
+        LogEncoding::Console => {
+            write_escaped(
+                out,
+                Escape::Console,
+                format_args!(
+                    "{} {:<5} {} {}",
+                    time,
+                    record.level().as_str(),
+                    record.target(),
+                    record.args()
+                ),
+            )?;
+            out.write_all(b"\n")
+        }
     }
 }
 
@@ -86,36 +275,83 @@ fn json_level(level: log::Level) -> &'static str {
     }
 }
 
-fn write_json_escaped(out: &mut impl Write, text: &str) -> io::Result<()> {
-    let mut escaper = JsonEscaper { out, error: None };
-    match fmt::Write::write_str(&mut escaper, text) {
+/// How text is escaped on its way into a line.
+#[derive(Clone, Copy)]
+enum Escape {
+    /// The inside of a JSON string (RFC 8259 section 7).
+    Json,
+    /// Plain text with control characters shown as escapes.
+    Console,
+}
+
+/// Formats `value` into `out` through the escaper: no String per record.
+fn write_escaped(out: &mut impl Write, escape: Escape, value: impl fmt::Display) -> io::Result<()> {
+    let mut escaper = Escaper {
+        out,
+        escape,
+        error: None,
+    };
+    match fmt::write(&mut escaper, format_args!("{value}")) {
         Ok(()) => Ok(()),
         Err(fmt::Error) => Err(escaper
             .error
-            .unwrap_or_else(|| io::Error::other("escaping a log field failed"))),
+            .unwrap_or_else(|| io::Error::other("formatting a log line failed"))),
     }
 }
 
-/// A `fmt::Write` that JSON-escapes (RFC 8259 section 7) everything written
-/// to it into an `io::Write`, keeping the I/O error that `fmt` cannot carry.
-struct JsonEscaper<'a, W: Write> {
+/// A `fmt::Write` that escapes everything written to it into an `io::Write`,
+/// keeping the I/O error that `fmt` cannot carry.
+struct Escaper<'a, W: Write> {
     out: &'a mut W,
+    escape: Escape,
     error: Option<io::Error>,
 }
 
-impl<W: Write> JsonEscaper<'_, W> {
-    fn put(&mut self, bytes: &[u8]) -> fmt::Result {
-        self.out.write_all(bytes).map_err(|error| {
-            self.error = Some(error);
-            fmt::Error
-        })
+impl<W: Write> fmt::Write for Escaper<'_, W> {
+    fn write_str(&mut self, text: &str) -> fmt::Result {
+        let mut put = |bytes: &[u8]| {
+            self.out.write_all(bytes).map_err(|error| {
+                self.error = Some(error);
+                fmt::Error
+            })
+        };
+        match self.escape {
+            Escape::Json => crate::message::for_each_json_escaped(text, put),
+            Escape::Console => for_each_console_escaped(text, &mut put),
+        }
     }
 }
 
-impl<W: Write> fmt::Write for JsonEscaper<'_, W> {
-    fn write_str(&mut self, text: &str) -> fmt::Result {
-        crate::message::for_each_json_escaped(text, |piece| self.put(piece))
+/// Hands `put` the pieces of `text` with every control character (C0, DEL, C1) and
+/// the Unicode line and paragraph separators written as an escape (`\n`, `\r`,
+/// `\t`, `\u{1b}`): a console line stays one line whatever a client sent.
+fn for_each_console_escaped<E>(
+    text: &str,
+    put: &mut impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut plain_from = 0;
+    for (i, c) in text.char_indices() {
+        if !(c.is_control() || c == '\u{2028}' || c == '\u{2029}') {
+            continue;
+        }
+        put(&text.as_bytes()[plain_from..i])?;
+        let mut escaped = [0u8; 10];
+        let escaped: &[u8] = match c {
+            '\n' => b"\\n",
+            '\r' => b"\\r",
+            '\t' => b"\\t",
+            _ => {
+                let mut cursor = &mut escaped[..];
+                // `\u{10ffff}` is the longest and fits in the array.
+                let written =
+                    write!(cursor, "\\u{{{:x}}}", u32::from(c)).map(|()| 10 - cursor.len());
+                &escaped[..written.unwrap_or(0)]
+            }
+        };
+        put(escaped)?;
+        plain_from = i + c.len_utf8();
     }
+    put(&text.as_bytes()[plain_from..])
 }
 
 /// Lets one event through per `period`; counts the ones it holds back.
@@ -275,6 +511,65 @@ mod tests {
             text,
             "2026-11-28T03:30:23.123Z ERROR ws_notify::redis_reader down\n"
         );
+    }
+
+    #[test]
+    fn console_escapes_control_characters() {
+        let text = line(
+            LogEncoding::Console,
+            Level::Info,
+            "ws_notify::server",
+            format_args!(
+                "client connected user_id={} origin={}",
+                "evil\nINFO fake line injected\r\t\0\u{1b}[31m\u{85}\u{2028}", "é ✓ \\ \"ok\""
+            ),
+        );
+        assert_eq!(
+            text,
+            "2026-11-28T03:30:23.123Z INFO  ws_notify::server client connected \
+             user_id=evil\\nINFO fake line injected\\r\\t\\u{0}\\u{1b}[31m\\u{85}\\u{2028} \
+             origin=é ✓ \\ \"ok\"\n"
+        );
+        assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+    }
+
+    #[test]
+    fn a_full_buffer_drops_and_counts_lines() {
+        let sink = LogSink::default();
+        let line = [b'x'; 1000];
+        let before = dropped_lines();
+        for _ in 0..(LOG_BUFFER_BYTES / line.len() + 10) {
+            sink.push(&line);
+        }
+        assert_eq!(sink.lock().pending.len(), LOG_BUFFER_BYTES / 1000 * 1000);
+        // Other tests may log at the same time: at least our ten were counted.
+        assert!(dropped_lines() - before >= 10);
+    }
+
+    #[test]
+    fn the_writer_drains_and_flush_waits_for_it() {
+        #[derive(Clone, Default)]
+        struct Shared(std::sync::Arc<Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink: &'static LogSink = Box::leak(Box::default());
+        let written = Shared::default();
+        let mut out = written.clone();
+        std::thread::spawn(move || sink.write_until_closed(&mut out));
+        for i in 0..100 {
+            sink.push(format!("line {i}\n").as_bytes());
+        }
+        sink.flush(Duration::from_secs(30));
+        let text = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 100);
+        assert!(text.ends_with("line 99\n"), "{text}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! path); the Redis side's numbers come from `RedisStatus` atomics.
 
 use std::fmt::Write as _;
+use std::time::{Duration, Instant};
 
 use crate::clock::Timestamp;
 use crate::conn::CloseReason;
@@ -39,19 +40,44 @@ pub struct Gauges {
     pub connections: usize,
     pub users: usize,
     pub uptime_seconds: u64,
+    /// Absent for `/health`, which does not report them.
+    pub process: Option<ProcessFigures>,
+}
+
+/// The process's resident memory and open descriptors, read from /proc.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessFigures {
     pub resident_bytes: Option<u64>,
     pub open_fds: Option<u64>,
 }
 
-impl Gauges {
-    /// Reads the process numbers from /proc (only when /metrics is asked for).
-    pub fn sample(connections: usize, users: usize, uptime_seconds: u64) -> Gauges {
-        Gauges {
-            connections,
-            users,
-            uptime_seconds,
-            resident_bytes: resident_bytes(),
-            open_fds: open_fds(),
+/// How long a sample of the process figures is reused.
+const PROCESS_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
+
+/// Reads the process figures at most once per `PROCESS_SAMPLE_PERIOD`: counting
+/// open descriptors lists /proc/self/fd (about a microsecond per descriptor, so
+/// milliseconds with thousands of sockets) on the event loop, and a burst of
+/// `/metrics` requests must not stall delivery for everyone.
+#[derive(Default)]
+pub struct ProcessSampler {
+    last: Option<(Instant, ProcessFigures)>,
+}
+
+impl ProcessSampler {
+    /// The figures, sampled now if the last sample is older than the period.
+    pub fn figures(&mut self, now: Instant) -> ProcessFigures {
+        match self.last {
+            Some((at, figures)) if now.saturating_duration_since(at) < PROCESS_SAMPLE_PERIOD => {
+                figures
+            }
+            _ => {
+                let figures = ProcessFigures {
+                    resident_bytes: resident_bytes(),
+                    open_fds: open_fds(),
+                };
+                self.last = Some((now, figures));
+                figures
+            }
         }
     }
 }
@@ -85,25 +111,20 @@ impl Metrics {
             "WebSocket upgrades completed.",
             &[("", self.connections_accepted)],
         );
-        let rejected: Vec<(String, u64)> = Rejection::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.label()),
-                    self.rejected[*r as usize],
-                )
-            })
-            .chain(std::iter::once((
-                "{reason=\"handshake_timeout\"}".to_string(),
-                self.handshake_timeouts,
-            )))
-            .collect();
-        let rejected: Vec<(&str, u64)> = rejected.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let rejected = by_reason(
+            Rejection::ALL
+                .iter()
+                .map(|r| (r.label(), self.rejected[*r as usize]))
+                .chain(std::iter::once((
+                    "handshake_timeout",
+                    self.handshake_timeouts,
+                ))),
+        );
         metric(
             "connections_rejected_total",
             "counter",
             "Connections refused before or during the upgrade, by reason.",
-            &rejected,
+            &borrowed(&rejected),
         );
         metric(
             "messages_received_total",
@@ -128,28 +149,28 @@ impl Metrics {
                 ("{reason=\"queue_full\"}", redis.dropped_queue_full()),
             ],
         );
-        let disconnects: Vec<(String, u64)> = CloseReason::ALL
-            .iter()
-            .map(|r| {
-                (
-                    format!("{{reason=\"{}\"}}", r.label()),
-                    self.disconnects[*r as usize],
-                )
-            })
-            .collect();
-        let disconnects: Vec<(&str, u64)> =
-            disconnects.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        let disconnects = by_reason(
+            CloseReason::ALL
+                .iter()
+                .map(|r| (r.label(), self.disconnects[*r as usize])),
+        );
         metric(
             "disconnects_total",
             "counter",
             "WebSocket connections ended, by reason.",
-            &disconnects,
+            &borrowed(&disconnects),
         );
         metric(
             "accept_fd_exhausted_total",
             "counter",
             "accept() failures for lack of file descriptors (EMFILE/ENFILE).",
             &[("", self.accept_fd_exhausted)],
+        );
+        metric(
+            "log_lines_dropped_total",
+            "counter",
+            "Log lines dropped because the log consumer could not keep up.",
+            &[("", crate::logging::dropped_lines())],
         );
         metric(
             "redis_connected",
@@ -181,7 +202,8 @@ impl Metrics {
             "Seconds since start.",
             &[("", gauges.uptime_seconds)],
         );
-        if let Some(rss) = gauges.resident_bytes {
+        let process = gauges.process.unwrap_or_default();
+        if let Some(rss) = process.resident_bytes {
             metric(
                 "resident_memory_bytes",
                 "gauge",
@@ -189,7 +211,7 @@ impl Metrics {
                 &[("", rss)],
             );
         }
-        if let Some(fds) = gauges.open_fds {
+        if let Some(fds) = process.open_fds {
             metric(
                 "open_fds",
                 "gauge",
@@ -218,6 +240,18 @@ impl Metrics {
         })
         .to_string()
     }
+}
+
+/// Samples labelled `{reason="<label>"}`.
+fn by_reason(samples: impl Iterator<Item = (&'static str, u64)>) -> Vec<(String, u64)> {
+    samples
+        .map(|(label, value)| (format!("{{reason=\"{label}\"}}"), value))
+        .collect()
+}
+
+/// The samples as the renderer takes them.
+fn borrowed(samples: &[(String, u64)]) -> Vec<(&str, u64)> {
+    samples.iter().map(|(l, v)| (l.as_str(), *v)).collect()
 }
 
 /// `/health`: (HTTP status, JSON body). 503 while not subscribed to Redis.
@@ -258,4 +292,43 @@ fn resident_bytes() -> Option<u64> {
 fn open_fds() -> Option<u64> {
     let count = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
     Some(count.saturating_sub(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_figures_are_sampled_at_most_once_a_period() {
+        let mut sampler = ProcessSampler::default();
+        let start = Instant::now();
+        let first = sampler.figures(start).open_fds.expect("/proc/self/fd");
+        let files: Vec<std::fs::File> = (0..50)
+            .map(|_| std::fs::File::open("/dev/null").expect("open /dev/null"))
+            .collect();
+        let cached = sampler.figures(start + PROCESS_SAMPLE_PERIOD / 2);
+        assert_eq!(cached.open_fds, Some(first), "resampled within the period");
+        let fresh = sampler.figures(start + PROCESS_SAMPLE_PERIOD);
+        assert!(fresh.open_fds.expect("/proc/self/fd") >= first + 50);
+        drop(files);
+    }
+
+    #[test]
+    fn reasons_are_labelled() {
+        let text = Metrics::default().render_prometheus(
+            &Gauges {
+                connections: 0,
+                users: 0,
+                uptime_seconds: 0,
+                process: None,
+            },
+            &RedisStatus::default(),
+        );
+        assert!(text.contains("ws_notify_disconnects_total{reason=\"slow_client\"} 0\n"));
+        assert!(
+            text.contains("ws_notify_connections_rejected_total{reason=\"handshake_timeout\"} 0\n")
+        );
+        assert!(text.contains("ws_notify_log_lines_dropped_total "));
+        assert!(!text.contains("open_fds"), "no process figures, no line");
+    }
 }

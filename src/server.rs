@@ -7,6 +7,13 @@
 //! flush each touched connection once, then fire the deadlines that are due.
 //! Deadlines live in a heap with at most a couple of entries per connection, so
 //! their cost grows with the deadlines that fire, not with the connections held.
+//!
+//! The loop does not look inside a connection: it hands it events and carries out
+//! what the connection answers (see `conn`): reregister, arm a timer, remove,
+//! evaluate a request head, account for an ended session. The loop's own work is
+//! the poll registry, the listener, the hub, the timers, the metrics, and never
+//! anything slow: `/health` reads counts the loop keeps, `/metrics` samples /proc
+//! at most once a second, and log lines go to the log writer's buffer.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -25,18 +32,15 @@ use tungstenite::protocol::WebSocketConfig;
 use crate::auth::Authenticator;
 use crate::clock::{self, Timestamp};
 use crate::config::Config;
+use crate::conn::CloseReason;
 use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
-use crate::conn::outbound::FlushResult;
-use crate::conn::{
-    CloseReason, Connection, FramesRead, HeadRead, PING_FRAME, SessionParams, State,
-    websocket_config,
-};
+use crate::conn::{Connection, Ended, Limits, Next, Queued, SessionParams, Step, websocket_config};
 use crate::handover::{Inbox, Published};
-use crate::http;
+use crate::http::{self, Rejection};
 use crate::hub::Hub;
 use crate::logging::RateLimited;
 use crate::message::{self, InvalidMessage, MessageEncoder};
-use crate::metrics::{self, Gauges, Metrics};
+use crate::metrics::{self, Gauges, Metrics, ProcessFigures, ProcessSampler};
 use crate::redis_reader::RedisReader;
 use crate::redis_status::RedisStatus;
 
@@ -75,6 +79,8 @@ pub struct Server {
     /// (deadline, slab key, connection id); stale entries are skipped when popped.
     timers: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     metrics: Metrics,
+    /// Resident memory and open descriptors for `/metrics`, sampled at most once a second.
+    process_sampler: ProcessSampler,
     inbox: Inbox,
     /// Reused buffer for one batch of Redis messages.
     inbound: Vec<Published>,
@@ -82,8 +88,13 @@ pub struct Server {
     redis: Arc<RedisStatus>,
     authenticator: Authenticator,
     config: Config,
+    /// `WS_MAX_CONNECTIONS`, lowered to what the open-file limit can hold.
+    max_connections: usize,
+    limit_warnings: RateLimited,
     encoder: MessageEncoder,
     ws_config: WebSocketConfig,
+    /// The settings connections decide by (the shutdown deadline included).
+    limits: Limits,
     /// Connections with output queued during this turn, flushed once at its end.
     to_flush: Vec<usize>,
     /// Connections that used their read budget and have more to read.
@@ -91,7 +102,6 @@ pub struct Server {
     started: Instant,
     next_connection_id: u64,
     accept_paused_until: Option<Instant>,
-    shutdown_deadline: Option<Instant>,
     invalid_warnings: RateLimited,
     accept_warnings: RateLimited,
 }
@@ -126,19 +136,25 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
 
-        let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
-        read_end.set_nonblocking(true)?;
-        write_end.set_nonblocking(true)?;
-        signal_hook::low_level::pipe::register(libc::SIGTERM, write_end.try_clone()?)?;
-        signal_hook::low_level::pipe::register(libc::SIGINT, write_end)?;
-        let mut signals = UnixStream::from_std(read_end);
+        let mut signals = install_signal_pipe()?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
 
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
 
+        let max_connections = connection_limit_for(
+            raise_open_file_limit(config.max_connections),
+            config.max_connections,
+        );
         let ws_config = websocket_config(config.max_message_size);
+        let limits = Limits {
+            ping_interval: config.ping_interval,
+            pong_wait: config.pong_wait,
+            write_wait: config.write_wait,
+            read_budget: READ_BUDGET,
+            shutdown_deadline: None,
+        };
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -147,25 +163,28 @@ impl Server {
             // Sized for the connection limit up front: pages are only touched as
             // connections arrive, and growing by doubling would leave the old copies'
             // memory in the heap (resident) after the copy.
-            conns: Slab::with_capacity(config.max_connections + HANDSHAKE_HEADROOM),
-            hub: Hub::with_capacity(config.max_connections),
+            conns: Slab::with_capacity(max_connections + HANDSHAKE_HEADROOM),
+            hub: Hub::with_capacity(max_connections),
             // About two live entries per connection (see `schedule`).
-            timers: BinaryHeap::with_capacity(2 * (config.max_connections + HANDSHAKE_HEADROOM)),
+            timers: BinaryHeap::with_capacity(2 * (max_connections + HANDSHAKE_HEADROOM)),
             metrics: Metrics::default(),
+            process_sampler: ProcessSampler::default(),
             inbox,
             inbound: Vec::with_capacity(INBOX_BATCH),
             reader,
             redis,
             authenticator,
             config,
+            max_connections,
+            limit_warnings: RateLimited::new(Duration::from_secs(10)),
             encoder: MessageEncoder::new(),
             ws_config,
+            limits,
             to_flush: Vec::new(),
             read_again: Vec::new(),
             started: Instant::now(),
             next_connection_id: 1,
             accept_paused_until: None,
-            shutdown_deadline: None,
             invalid_warnings: RateLimited::new(Duration::from_secs(10)),
             accept_warnings: RateLimited::new(Duration::from_secs(10)),
         })
@@ -216,7 +235,7 @@ impl Server {
                 self.accept_paused_until = None;
                 self.accept(now);
             }
-            if let Some(deadline) = self.shutdown_deadline
+            if let Some(deadline) = self.limits.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
             {
                 info!(
@@ -229,7 +248,7 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if (self.inbox.has_waiting() && self.shutdown_deadline.is_none())
+        if (self.inbox.has_waiting() && self.limits.shutdown_deadline.is_none())
             || !self.read_again.is_empty()
         {
             return Some(Duration::ZERO);
@@ -237,7 +256,7 @@ impl Server {
         let next = [
             self.timers.peek().map(|Reverse((at, _, _))| *at),
             self.accept_paused_until,
-            self.shutdown_deadline,
+            self.limits.shutdown_deadline,
         ]
         .into_iter()
         .flatten()
@@ -280,7 +299,7 @@ impl Server {
                         now,
                         now + self.config.handshake_timeout,
                     ));
-                    self.schedule(key);
+                    self.settle(key, now);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
@@ -306,32 +325,46 @@ impl Server {
         }
     }
 
+    /// Reads the signal numbers the handlers wrote: SIGINT and SIGTERM start a
+    /// graceful shutdown (a second one exits at once); the ignored ones are logged.
     fn on_signal(&mut self, now: Instant) {
         let mut buf = [0u8; 16];
-        let mut received = 0;
+        let mut stops = 0;
         loop {
             match self.signals.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => received += n,
+                Ok(n) => {
+                    for &signal in &buf[..n] {
+                        match i32::from(signal) {
+                            libc::SIGINT | libc::SIGTERM => stops += 1,
+                            signal => info!(
+                                "{} ignored (SIGINT or SIGTERM stops the gateway)",
+                                signal_hook::low_level::signal_name(signal).unwrap_or("signal")
+                            ),
+                        }
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
         }
-        if received == 0 {
+        if stops == 0 {
             return;
         }
-        if self.shutdown_deadline.is_some() || received > 1 {
+        if self.limits.shutdown_deadline.is_some() || stops > 1 {
             warn!("second signal: exiting without waiting for clients");
+            crate::logging::flush();
             std::process::exit(1);
         }
         self.begin_shutdown(now);
     }
 
-    /// DESIGN.md section 5: stop accepting, stop the Redis reader, send 1001 to every
-    /// client, and wait for their close replies up to `SHUTDOWN_TIMEOUT`.
+    /// Graceful shutdown (README, Operations): stop accepting, stop the Redis
+    /// reader, send 1001 to every client, and wait for their close replies up to
+    /// `SHUTDOWN_TIMEOUT`.
     fn begin_shutdown(&mut self, now: Instant) {
         let deadline = now + self.config.shutdown_timeout;
-        self.shutdown_deadline = Some(deadline);
+        self.limits.shutdown_deadline = Some(deadline);
         info!(
             "shutting down: closing {} connections (timeout {:?})",
             self.conns.len(),
@@ -344,13 +377,9 @@ impl Server {
         self.reader.stop();
         let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in keys {
-            let Some(conn) = self.conns.get_mut(key) else {
-                continue;
-            };
-            match &mut conn.state {
-                State::Open(_) => self.end_session(key, CloseReason::Shutdown, now),
-                State::Closing(closing) => closing.deadline = closing.deadline.min(deadline),
-                State::Handshake { .. } | State::Respond { .. } | State::Gone => self.remove(key),
+            if let Some(conn) = self.conns.get_mut(key) {
+                let step = conn.shut_down(&self.limits, now);
+                self.carry_out(key, step, now);
             }
             self.settle(key, now);
         }
@@ -360,43 +389,48 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if writable && !conn.out.is_empty() && conn.flush(now).is_err() {
-            self.end_session(key, CloseReason::ConnectionLost, now);
-            self.remove(key);
-            return;
-        }
-        if readable {
-            match conn.state {
-                State::Handshake { .. } => self.read_handshake(key, now),
-                State::Respond { write_shut, .. } => {
-                    if write_shut && conn.drain_input() {
-                        self.remove(key);
-                    }
-                }
-                State::Open(_) | State::Closing(_) => self.read_session(key, now),
-                State::Gone => {}
-            }
-        }
+        let step = conn.on_ready(readable, writable, &self.limits, now);
+        self.carry_out(key, step, now);
         self.settle(key, now);
     }
 
-    fn read_handshake(&mut self, key: usize, now: Instant) {
+    /// Does what a connection's event left for the loop: evaluate a request head,
+    /// answer ping requests, read again next turn, account for an ended session.
+    fn carry_out(&mut self, key: usize, step: Step, now: Instant) {
+        match step {
+            Step::Continue => {}
+            Step::EvaluateHead => self.evaluate_head(key, now),
+            Step::Read { pongs, more } => {
+                if pongs > 0
+                    && let Some(conn) = self.conns.get_mut(key)
+                {
+                    let pong = self.encoder.encode_pong(&Timestamp::now());
+                    let dropped = conn.queue_pongs(&pong, pongs, self.config.send_buffer, now);
+                    self.metrics.dropped_buffer_full += dropped as u64;
+                }
+                if more {
+                    self.read_again.push(key);
+                }
+            }
+            Step::Ended(ended) => self.report_end(key, ended),
+            Step::HandshakeTimedOut { connection_id } => {
+                self.metrics.handshake_timeouts += 1;
+                debug!("handshake timeout (connection_id={connection_id})");
+            }
+        }
+    }
+
+    /// The request head grew: the handshake decision (a pure function of the head,
+    /// the rules and the counts) and what the loop does with it.
+    fn evaluate_head(&mut self, key: usize, now: Instant) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        match conn.fill_head() {
-            HeadRead::WouldBlock => return,
-            HeadRead::Closed => {
-                self.remove(key);
-                return;
-            }
-            HeadRead::Progress => {}
-        }
         let rules = HandshakeRules {
             authenticator: &self.authenticator,
             allowed_origins: &self.config.allowed_origins,
             cookie_name: self.config.jwt.cookie_name.as_deref(),
-            max_connections: self.config.max_connections,
+            max_connections: self.max_connections,
             max_connections_per_user: self.config.max_connections_per_user,
         };
         let respond_deadline = now + RESPOND_WAIT;
@@ -404,17 +438,27 @@ impl Server {
             Decision::NeedMore => {}
             Decision::Reject(rejection) => {
                 self.metrics.rejected[rejection as usize] += 1;
+                if rejection == Rejection::ConnectionLimit
+                    && let Some(suppressed) = self.limit_warnings.check(now)
+                {
+                    warn!(
+                        "connection limit reached ({} connections): new clients get 503 \
+                         ({suppressed} similar suppressed)",
+                        self.max_connections
+                    );
+                }
                 debug!(
                     "request refused: {} {} (connection_id={})",
                     rejection.status(),
                     rejection.label(),
-                    conn.id
+                    conn.id()
                 );
                 conn.respond(&rejection.response(), now, respond_deadline);
             }
             Decision::Health => {
+                // O(1): counts the loop keeps, no /proc listing.
                 let (status, body) = metrics::render_health(
-                    &gauges(&self.hub, self.started),
+                    &gauges(&self.hub, self.started, None),
                     &self.redis,
                     &Timestamp::now(),
                 );
@@ -422,7 +466,8 @@ impl Server {
                 conn.respond(&answer, now, respond_deadline);
             }
             Decision::Metrics { json } => {
-                let gauges = gauges(&self.hub, self.started);
+                let process = self.process_sampler.figures(now);
+                let gauges = gauges(&self.hub, self.started, Some(process));
                 let answer = if json {
                     let body = self
                         .metrics
@@ -444,16 +489,13 @@ impl Server {
                 let user_id = self.hub.add(&upgrade.user_id, key);
                 let connected =
                     self.encoder
-                        .encode_connected(&upgrade.user_id, conn.id, &Timestamp::now());
+                        .encode_connected(&upgrade.user_id, conn.id(), &Timestamp::now());
                 let expires_at = instant_of_expiry(upgrade.expires_at, self.config.jwt.leeway, now);
-                let peer = conn
-                    .socket
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
+                let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 info!(
                     "client connected user_id={} connection_id={} remote={peer}",
-                    upgrade.user_id, conn.id
+                    upgrade.user_id,
+                    conn.id()
                 );
                 conn.open(
                     &http::switching_protocols(&upgrade.accept_key),
@@ -468,28 +510,9 @@ impl Server {
                     },
                 );
                 // Frames that came with the request head are already buffered: read them now.
-                self.read_session(key, now);
+                let step = conn.read(&self.limits, now);
+                self.carry_out(key, step, now);
             }
-        }
-    }
-
-    fn read_session(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let (result, ping_requests) = conn.read_messages(READ_BUDGET, now);
-        if ping_requests > 0 && matches!(conn.state, State::Open(_)) {
-            let pong = self.encoder.encode_pong(&Timestamp::now());
-            for _ in 0..ping_requests {
-                if !conn.queue_message(pong.clone(), self.config.send_buffer, now) {
-                    self.metrics.dropped_buffer_full += 1;
-                }
-            }
-        }
-        match result {
-            FramesRead::WouldBlock => {}
-            FramesRead::BudgetSpent => self.read_again.push(key),
-            FramesRead::Closed(reason) => self.end_session(key, reason, now),
         }
     }
 
@@ -500,7 +523,10 @@ impl Server {
         }
         let mut keys = std::mem::take(&mut self.read_again);
         for key in keys.drain(..) {
-            self.read_session(key, now);
+            if let Some(conn) = self.conns.get_mut(key) {
+                let step = conn.read(&self.limits, now);
+                self.carry_out(key, step, now);
+            }
             self.settle(key, now);
         }
         if self.read_again.is_empty() {
@@ -551,14 +577,13 @@ impl Server {
                 let Some(conn) = self.conns.get_mut(key) else {
                     continue;
                 };
-                if conn.queue_message(frame.clone(), self.config.send_buffer, now) {
-                    self.metrics.delivered += 1;
-                    if !conn.flush_pending {
-                        conn.flush_pending = true;
+                match conn.queue_message(frame.clone(), self.config.send_buffer, now) {
+                    Queued::First => {
+                        self.metrics.delivered += 1;
                         self.to_flush.push(key);
                     }
-                } else {
-                    self.metrics.dropped_buffer_full += 1;
+                    Queued::Again => self.metrics.delivered += 1,
+                    Queued::Dropped => self.metrics.dropped_buffer_full += 1,
                 }
             }
         }
@@ -583,9 +608,6 @@ impl Server {
     fn flush_touched(&mut self, now: Instant) {
         let mut keys = std::mem::take(&mut self.to_flush);
         for key in keys.drain(..) {
-            if let Some(conn) = self.conns.get_mut(key) {
-                conn.flush_pending = false;
-            }
             self.settle(key, now);
         }
         self.to_flush = keys;
@@ -600,202 +622,86 @@ impl Server {
             let Some(conn) = self.conns.get_mut(key) else {
                 continue;
             };
-            if conn.id != id || conn.timer_at != Some(at) {
+            if conn.id() != id || !conn.timer_fired(at) {
                 continue; // superseded by an earlier entry, or the slot was reused
             }
-            conn.timer_at = None;
-            self.on_deadline(key, now);
+            let step = conn.on_deadline(&self.limits, now);
+            self.carry_out(key, step, now);
             self.settle(key, now);
         }
     }
 
-    /// A connection's earliest deadline passed: act on whichever ones are due.
-    fn on_deadline(&mut self, key: usize, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
+    /// A session ended: the hub, the metrics and the log line.
+    fn report_end(&mut self, key: usize, ended: Ended) {
+        self.hub.remove(&ended.user_id, key);
+        self.metrics.disconnects[ended.reason as usize] += 1;
+        let level = if ended.reason == CloseReason::Shutdown {
+            log::Level::Debug
+        } else {
+            log::Level::Info
         };
-        let pong_wait = self.config.pong_wait;
-        let write_wait = self.config.write_wait;
-        match &mut conn.state {
-            State::Handshake { deadline, .. } if now >= *deadline => {
-                self.metrics.handshake_timeouts += 1;
-                debug!("handshake timeout (connection_id={})", conn.id);
-                self.remove(key);
-            }
-            State::Respond { deadline, .. } if now >= *deadline => self.remove(key),
-            State::Closing(closing) if now >= closing.deadline => self.remove(key),
-            State::Open(session) => {
-                let stalled = !conn.out.is_empty() && now >= conn.last_write_progress + write_wait;
-                if now >= session.expires_at {
-                    self.end_session(key, CloseReason::TokenExpired, now);
-                } else if now >= session.last_seen + pong_wait {
-                    self.end_session(key, CloseReason::PongTimeout, now);
-                } else if stalled {
-                    self.end_session(key, CloseReason::SlowClient, now);
-                } else if now >= session.next_ping {
-                    session.next_ping = now + self.config.ping_interval;
-                    // A full control budget means pings are already waiting unsent.
-                    conn.queue_control(&PING_FRAME, now);
-                }
-            }
-            _ => {}
-        }
+        log::log!(
+            level,
+            "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
+            ended.user_id,
+            ended.connection_id,
+            ended.reason.label(),
+            ended.lived.as_millis()
+        );
     }
 
-    /// Ends an open session for `reason` (hub, log, metrics, close frame), or moves a
-    /// closing one along.
-    fn end_session(&mut self, key: usize, reason: CloseReason, now: Instant) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        match &mut conn.state {
-            State::Open(session) => {
-                self.hub.remove(&session.user_id, key);
-                self.metrics.disconnects[reason as usize] += 1;
-                let lived = now.saturating_duration_since(conn.accepted_at);
-                if reason == CloseReason::Shutdown {
-                    debug!(
-                        "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
-                        session.user_id,
-                        conn.id,
-                        reason.label(),
-                        lived.as_millis()
-                    );
-                } else {
-                    info!(
-                        "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
-                        session.user_id,
-                        conn.id,
-                        reason.label(),
-                        lived.as_millis()
-                    );
-                }
-                let deadline = self
-                    .shutdown_deadline
-                    .unwrap_or(now + self.config.write_wait);
-                if !conn.begin_close(reason, now, deadline) {
-                    self.remove(key);
-                }
-            }
-            // The client answered our close, so it has read it; with nothing left to
-            // send, close now: a client stops sending after its close (RFC 6455
-            // 5.5.1), so there is no unread input to turn the close into a reset, and
-            // the server closes the TCP connection first (7.1.1). Lingering until the
-            // client's EOF would hold the slot, and a shutdown, for a client that
-            // waits for us to close.
-            State::Closing(_) if reason == CloseReason::ClientClosed && conn.out.is_empty() => {
-                self.remove(key);
-            }
-            State::Closing(_) if reason == CloseReason::ClientClosed => conn.close_replied(),
-            State::Closing(_) => self.remove(key),
-            _ => {}
-        }
-    }
-
-    /// After any activity: write what is queued, finish connections that are done,
-    /// keep `WRITABLE` interest only while output is pending, and re-arm the deadline.
+    /// After any activity: the connection writes what is queued and says what to
+    /// keep (interest, deadline) or that it is finished; the loop carries it out.
     fn settle(&mut self, key: usize, now: Instant) {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if !conn.out.is_empty() {
-            match conn.flush(now) {
-                Ok(FlushResult::Drained | FlushResult::WouldBlock) => {}
-                Err(_) => {
-                    self.end_session(key, CloseReason::ConnectionLost, now);
-                    self.remove(key);
+        match conn.settle(&self.limits, now) {
+            Next::Keep { reregister, arm } => {
+                if let Some(interest) = reregister
+                    && self
+                        .poll
+                        .registry()
+                        .reregister(conn.socket_mut(), Token(key), interest)
+                        .is_err()
+                {
+                    self.remove(key, now);
                     return;
                 }
-            }
-        }
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        if conn.out.is_empty()
-            && matches!(
-                conn.state,
-                State::Respond {
-                    write_shut: false,
-                    ..
+                if let Some(at) = arm {
+                    self.timers.push(Reverse((at, key, conn.id())));
                 }
-            )
-        {
-            // The final bytes are out: linger until the peer closes (or the deadline).
-            conn.shut_write();
-            if conn.drain_input() {
-                self.remove(key);
-                return;
             }
-        }
-        let want_writable = !conn.out.is_empty();
-        if want_writable != conn.writable_interest {
-            let interest = if want_writable {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            if self
-                .poll
-                .registry()
-                .reregister(&mut conn.socket, Token(key), interest)
-                .is_err()
-            {
-                self.end_session(key, CloseReason::ConnectionLost, now);
-                self.remove(key);
-                return;
-            }
-            conn.writable_interest = want_writable;
-        }
-        self.schedule(key);
-    }
-
-    /// Makes sure the heap holds an entry no later than the connection's next deadline.
-    fn schedule(&mut self, key: usize) {
-        let Some(conn) = self.conns.get_mut(key) else {
-            return;
-        };
-        let next = match &conn.state {
-            State::Handshake { deadline, .. } | State::Respond { deadline, .. } => *deadline,
-            State::Closing(closing) => closing.deadline,
-            State::Open(session) => {
-                let mut next = session
-                    .expires_at
-                    .min(session.last_seen + self.config.pong_wait)
-                    .min(session.next_ping);
-                if !conn.out.is_empty() {
-                    next = next.min(conn.last_write_progress + self.config.write_wait);
+            Next::Remove(ended) => {
+                if let Some(ended) = ended {
+                    self.report_end(key, ended);
                 }
-                next
+                self.remove(key, now);
             }
-            State::Gone => return,
-        };
-        if conn.timer_at.is_none_or(|armed| next < armed) {
-            conn.timer_at = Some(next);
-            self.timers.push(Reverse((next, key, conn.id)));
         }
     }
 
-    /// Drops a connection: deregisters and closes its socket.
-    fn remove(&mut self, key: usize) {
-        if !self.conns.contains(key) {
+    /// Drops a connection: deregisters and closes its socket (a session still open
+    /// is accounted as lost).
+    fn remove(&mut self, key: usize, now: Instant) {
+        let Some(mut conn) = self.conns.try_remove(key) else {
             return;
-        }
-        let mut conn = self.conns.remove(key);
-        if let State::Open(session) = &conn.state {
-            // Normally done by end_session; keeps the hub true whatever path got here.
-            self.hub.remove(&session.user_id, key);
+        };
+        if let Some(ended) = conn.abort(now) {
+            self.report_end(key, ended);
         }
         // The socket is closed right after; a failed deregister leaves nothing behind.
-        let _ = self.poll.registry().deregister(&mut conn.socket);
+        let _ = self.poll.registry().deregister(conn.socket_mut());
     }
 }
 
-fn gauges(hub: &Hub, started: Instant) -> Gauges {
-    Gauges::sample(
-        hub.connection_count(),
-        hub.user_count(),
-        started.elapsed().as_secs(),
-    )
+fn gauges(hub: &Hub, started: Instant, process: Option<ProcessFigures>) -> Gauges {
+    Gauges {
+        connections: hub.connection_count(),
+        users: hub.user_count(),
+        uptime_seconds: started.elapsed().as_secs(),
+        process,
+    }
 }
 
 /// When a token that expires at `exp` (unix seconds) stops being valid, with leeway.
@@ -805,6 +711,41 @@ fn instant_of_expiry(exp: u64, leeway: Duration, now: Instant) -> Instant {
         .saturating_add(leeway.as_millis() as u64);
     let now_millis = clock::unix_millis(SystemTime::now());
     now + Duration::from_millis(expiry_millis.saturating_sub(now_millis))
+}
+
+/// Signals that stop the gateway gracefully.
+const STOP_SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+/// Signals whose default action would kill the process without a close frame
+/// (`systemctl reload`, `docker kill -s HUP`): logged and otherwise ignored.
+const IGNORED_SIGNALS: [libc::c_int; 3] = [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2];
+
+/// Installs handlers that write the signal's number into a socket pair (the
+/// self-pipe pattern) and returns the read end for the loop's poll.
+fn install_signal_pipe() -> io::Result<UnixStream> {
+    let (read_end, write_end) = std::os::unix::net::UnixStream::pair()?;
+    read_end.set_nonblocking(true)?;
+    write_end.set_nonblocking(true)?;
+    let write_end = Arc::new(std::os::fd::OwnedFd::from(write_end));
+    for signal in STOP_SIGNALS.into_iter().chain(IGNORED_SIGNALS) {
+        let write_end = Arc::clone(&write_end);
+        let action = move || {
+            let byte = signal as u8;
+            // SAFETY: send(2) is async-signal-safe and the descriptor lives as long as
+            // the handler (the closure owns it). A full pipe (EAGAIN) loses only a
+            // repeat: the loop is already woken by what is unread.
+            unsafe {
+                libc::send(
+                    write_end.as_raw_fd(),
+                    (&byte as *const u8).cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                );
+            }
+        };
+        // SAFETY: the action only calls send(2), which is async-signal-safe.
+        unsafe { signal_hook::low_level::register(signal, action) }?;
+    }
+    Ok(UnixStream::from_std(read_end))
 }
 
 /// Asks for the largest accept queue the kernel allows (it caps the value at
@@ -849,8 +790,18 @@ fn lower_loop_priority(steps: i32) {
     }
 }
 
-/// Raises the soft open-file limit to the hard limit (DESIGN.md section 4) and warns
-/// when `max_connections` cannot fit in it. Returns the soft limit in effect.
+/// Descriptors the process needs besides client sockets: stdin/stdout/stderr,
+/// epoll, the waker, the listener, the signal socket pair, the Redis connection
+/// (two while it reconnects), /proc reads for `/metrics`, with a margin.
+const RESERVED_FDS: u64 = 16;
+/// Most descriptors kept for sockets still in their handshake (or being refused)
+/// once the authenticated connections reach the limit: enough for a burst of
+/// refusals to be answered, small enough that 19,500 connections fit in 20,000.
+const MAX_HANDSHAKE_FDS: u64 = 256;
+
+/// Raises the soft open-file limit to the hard limit and warns when
+/// `max_connections` cannot fit in it (see [`connection_limit_for`]). Returns the
+/// soft limit in effect.
 pub fn raise_open_file_limit(max_connections: usize) -> u64 {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -872,12 +823,44 @@ pub fn raise_open_file_limit(max_connections: usize) -> u64 {
         }
     }
     let soft: u64 = limit.rlim_cur;
-    // The listener, waker, signal pipe, Redis and std streams need a few descriptors too.
-    let needed = max_connections as u64 + 32;
-    if soft < needed {
+    let effective = connection_limit_for(soft, max_connections);
+    if effective < max_connections {
         warn!(
-            "open-file limit {soft} is below WS_MAX_CONNECTIONS + 32 = {needed}: connections past the limit will be refused at accept"
+            "open-file limit {soft} cannot hold WS_MAX_CONNECTIONS={max_connections}: \
+             at most {effective} connections will be accepted (the rest get 503); \
+             raise the limit (ulimit -n, LimitNOFILE) to use the configured value"
         );
     }
     soft
+}
+
+/// The connection limit that fits in `soft_limit` descriptors: what the process
+/// needs for itself and a share for sockets in their handshake are set aside, so
+/// a client past the limit can still be accepted and answered 503 instead of
+/// waiting in the kernel's backlog for a descriptor that never frees.
+pub fn connection_limit_for(soft_limit: u64, max_connections: usize) -> usize {
+    if soft_limit == libc::RLIM_INFINITY {
+        return max_connections;
+    }
+    let available = soft_limit.saturating_sub(RESERVED_FDS);
+    let handshakes = (available / 16).clamp(4, MAX_HANDSHAKE_FDS);
+    let fits = usize::try_from(available.saturating_sub(handshakes)).unwrap_or(usize::MAX);
+    max_connections.min(fits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_limit_fits_the_open_file_limit() {
+        // Plenty of descriptors: the configured limit stands.
+        assert_eq!(connection_limit_for(65_536, 10_000), 10_000);
+        assert_eq!(connection_limit_for(libc::RLIM_INFINITY, 10_000), 10_000);
+        // 20,000 descriptors hold 19,500 connections (the documented budget).
+        assert!(connection_limit_for(20_000, 100_000) >= 19_500);
+        // A tiny limit keeps room for the process and a few handshakes.
+        assert_eq!(connection_limit_for(40, 10_000), 40 - 16 - 4);
+        assert_eq!(connection_limit_for(10, 10_000), 0);
+    }
 }

@@ -95,6 +95,8 @@ fn too_big_message_closes_with_1009() {
     assert_eq!(expect_close(&mut ws, PROMPT).0, 1009);
 }
 
+/// Client frames that break RFC 6455, each on its own connection to one gateway,
+/// and the close code each must get.
 #[test]
 fn protocol_violations_close_with_the_rfc_code() {
     // What the client sends, and the close code RFC 6455 asks for.

@@ -306,7 +306,8 @@ fn the_event_loop_runs_below_the_redis_reader() {
             expected_loop,
             "WS_LOOP_NICE={value:?}: {threads:?}"
         );
-        assert_eq!(threads.len(), 2, "{threads:?}");
+        // The event loop, the Redis reader and the log writer.
+        assert_eq!(threads.len(), 3, "{threads:?}");
     }
 }
 

@@ -8,7 +8,7 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::logging;
 use crate::redis_reader;
-use crate::server::{self, Server};
+use crate::server::Server;
 
 pub const USAGE: &str = "\
 Usage: ws-notify [serve]
@@ -43,6 +43,7 @@ pub fn run() -> ExitCode {
         Ok(authenticator) => authenticator,
         Err(e) => {
             log::error!("invalid configuration: {e}");
+            logging::flush();
             eprintln!("ws-notify: invalid configuration: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
@@ -51,23 +52,27 @@ pub fn run() -> ExitCode {
     // as the configuration error it is rather than as a failure to listen.
     if let Err(e) = redis_reader::build_client(&config.redis) {
         log::error!("invalid configuration: {e}");
+        logging::flush();
         eprintln!("ws-notify: invalid configuration: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    server::raise_open_file_limit(config.max_connections);
     let listen = config.listen_addr_text();
     let server = match Server::bind(config, authenticator) {
         Ok(server) => server,
         Err(e) => {
             log::error!("cannot listen on {listen} (WS_HOST/WS_PORT): {e}");
+            logging::flush();
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match server.run() {
+    let code = match server.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("event loop failed: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
-    }
+    };
+    // The log writer thread dies with the process: let it write the last lines.
+    logging::flush();
+    code
 }

@@ -1,29 +1,43 @@
-//! One client connection, owned by the event loop's slab.
+//! One client connection, owned by the event loop's slab. The connection decides,
+//! the loop carries out: the loop hands it an event (`on_ready`, `read`,
+//! `on_deadline`, `shut_down`, `queue_message`) and gets back a [`Step`] (evaluate
+//! the request head, answer pongs, read again next turn, a session [`Ended`]); then
+//! `settle` writes what is queued and answers [`Next`]: keep it (reregister with
+//! this interest, arm a timer at this deadline) or remove it. The loop keeps the
+//! poll registry, the timer heap, the hub and the metrics; the connection's fields
+//! are its own.
 //!
 //! Life cycle (each state owns its data; transitions replace the state by value):
 //!
 //! ```text
-//! Handshake --(head complete, refused or /health, /metrics)--> Respond --> gone
+//! Handshake --(head complete, refused or /health, /metrics)--> Respond --> Done
 //!     |                                                        (answer written, write side shut,
 //!     |                                                         input drained until EOF or deadline)
-//!     +--(valid upgrade)--> Open --(server closes: 1001, 4001, 4008, 1002, 1007, 1009)--> Closing --> gone
+//!     +--(valid upgrade)--> Open --(server closes: 1001, 4001, 4008, 1002, 1007, 1009)--> Closing --> Done
 //!                             |                                   (close frame queued, waiting for the
 //!                             +--(client close: reply queued)-->   peer's close, the flush, or the deadline)
-//!                             +--(EOF, I/O error, pong timeout)--> gone
+//!                             +--(EOF, I/O error, pong timeout)--> Done
 //! ```
 //!
-//! Reading and writing are separate paths: `fill_head`/`read_messages` read until
+//! `Done` is terminal: the next `settle` answers `Next::Remove`, so a connection is
+//! never kept without a deadline in the loop's timer heap. Every kept state has one
+//! (see `Connection::deadline`).
+//!
+//! Reading and writing are separate paths: `fill_head`/`read_frames` read until
 //! `WouldBlock` (mio is edge-triggered) or a budget; `flush` writes the
-//! `OutboundQueue` until it is empty or the socket is full.
+//! `OutboundQueue` until it is empty or the socket is full, and the connection asks
+//! for `WRITABLE` only while output is pending. Unit tests drive the transitions
+//! over an in-memory socket (`mock::MockStream`) with `WouldBlock` and short writes.
 
 pub mod handshake;
 pub mod outbound;
 
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use mio::Interest;
 use mio::net::TcpStream;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
@@ -105,7 +119,7 @@ impl CloseReason {
         }
     }
 
-    /// The close frame the server sends for this reason, if any (DESIGN.md section 3).
+    /// The close frame the server sends for this reason, if any (README, close codes).
     pub fn close_frame(self) -> Option<(u16, &'static str)> {
         match self {
             CloseReason::ClientClosed | CloseReason::ConnectionLost | CloseReason::PongTimeout => {
@@ -131,8 +145,9 @@ impl CloseReason {
     }
 }
 
-/// The state of a connection; each variant owns what that state needs.
-pub enum State {
+/// The state of a connection; each variant owns what that state needs, and a
+/// transition replaces the state by value.
+enum State {
     /// Reading the HTTP request head.
     Handshake { head: Vec<u8>, deadline: Instant },
     /// Final bytes are queued: an HTTP answer, or the last close frame of a session.
@@ -144,71 +159,139 @@ pub enum State {
     Open(Box<Session>),
     /// The server's close frame is queued; waiting for the client's close reply.
     Closing(Box<Closing>),
-    /// Transitional placeholder while a state is being replaced; never observed.
-    Gone,
+    /// Finished: the next `settle` tells the loop to remove the connection. Also
+    /// the placeholder while a state is moved out, so a transition that forgot to
+    /// put a state back ends the connection rather than leaving it without a timer.
+    Done,
 }
 
 /// An open WebSocket session.
-pub struct Session {
-    pub ws: WebSocketContext,
+struct Session {
+    ws: WebSocketContext,
     /// Shared with the hub's key.
-    pub user_id: Rc<str>,
+    user_id: Rc<str>,
     /// When the token's `exp` passes.
-    pub expires_at: Instant,
+    expires_at: Instant,
     /// Last time any byte arrived.
-    pub last_seen: Instant,
+    last_seen: Instant,
     /// When the next ping frame is due.
-    pub next_ping: Instant,
+    next_ping: Instant,
 }
 
 /// A session waiting for the client to answer the server's close frame.
-pub struct Closing {
-    pub ws: WebSocketContext,
-    pub deadline: Instant,
+struct Closing {
+    ws: WebSocketContext,
+    deadline: Instant,
+}
+
+/// What a connection's socket must offer besides reading and writing.
+pub trait Stream: Read + Write {
+    /// Shuts the write side (a lingering close).
+    fn shutdown_write(&self) -> io::Result<()>;
+    /// The client's address, for the log.
+    fn peer_addr(&self) -> io::Result<SocketAddr>;
+}
+
+impl Stream for TcpStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        TcpStream::peer_addr(self)
+    }
+}
+
+/// The loop's settings that the connection's decisions depend on.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub ping_interval: Duration,
+    pub pong_wait: Duration,
+    /// How long output may make no progress, and how long a close may take.
+    pub write_wait: Duration,
+    /// WebSocket messages read from one connection per turn.
+    pub read_budget: usize,
+    /// Set once shutdown has begun: closing handshakes must end by then.
+    pub shutdown_deadline: Option<Instant>,
+}
+
+/// What the loop must do after the connection handled an event (before `settle`).
+#[must_use]
+#[derive(Debug)]
+pub enum Step {
+    /// Nothing besides `settle`.
+    Continue,
+    /// The request head grew: the loop evaluates it and calls `respond` or `open`.
+    EvaluateHead,
+    /// Frames were read: answer `pongs` `{"type":"ping"}` requests; `more` when the
+    /// read budget ran out and the connection must be read again next turn.
+    Read { pongs: usize, more: bool },
+    /// The session ended: the loop updates the hub, the metrics and the log.
+    Ended(Ended),
+    /// The request head did not arrive in time (counted by the loop).
+    HandshakeTimedOut { connection_id: u64 },
+}
+
+/// What the loop must do once the connection has settled.
+#[must_use]
+#[derive(Debug)]
+pub enum Next {
+    /// Keep it: reregister the socket with this interest if given, and push a timer
+    /// entry at `arm` if given (the connection's deadline moved earlier).
+    Keep {
+        reregister: Option<Interest>,
+        arm: Option<Instant>,
+    },
+    /// Deregister and drop it; report the session's end first if there is one.
+    Remove(Option<Ended>),
+}
+
+/// A session that ended, for the hub, the metrics and the log line.
+#[derive(Debug)]
+pub struct Ended {
+    pub user_id: Rc<str>,
+    pub connection_id: u64,
+    pub reason: CloseReason,
+    /// Since the connection was accepted.
+    pub lived: Duration,
+}
+
+/// How queueing a message went.
+#[must_use]
+#[derive(Debug, PartialEq, Eq)]
+pub enum Queued {
+    /// Queued, and the connection was not yet marked for this turn's flush: the
+    /// loop adds it to its list (once per connection per turn).
+    First,
+    /// Queued; the connection is already marked.
+    Again,
+    /// `WS_SEND_BUFFER` frames are already waiting: dropped.
+    Dropped,
 }
 
 /// One client connection.
-pub struct Connection {
-    pub socket: TcpStream,
+pub struct Connection<S = TcpStream> {
+    socket: S,
     /// Unique for the life of the process (the `connection_id` clients see).
-    pub id: u64,
-    pub state: State,
-    pub out: OutboundQueue,
-    /// Last time output made progress (or became pending).
-    pub last_write_progress: Instant,
-    /// Earliest deadline this connection has in the timer heap.
-    pub timer_at: Option<Instant>,
-    /// Whether the socket is registered for `WRITABLE` too.
-    pub writable_interest: bool,
-    /// Whether the connection is in the loop's list of connections to flush.
-    pub flush_pending: bool,
+    id: u64,
+    state: State,
+    out: OutboundQueue,
     /// When the connection was accepted.
-    pub accepted_at: Instant,
+    accepted_at: Instant,
+    /// Last time output made progress (or became pending).
+    last_write_progress: Instant,
+    /// Earliest deadline this connection has in the loop's timer heap.
+    timer_at: Option<Instant>,
+    /// Whether the socket is registered for `WRITABLE` too.
+    writable_interest: bool,
+    /// Whether the connection is in the loop's list of connections to flush.
+    flush_pending: bool,
 }
 
-/// How reading a request head went.
-pub enum HeadRead {
-    /// New bytes arrived (or the buffer is at its limit); evaluate the head.
-    Progress,
-    /// Nothing new; wait for the next readable event.
-    WouldBlock,
-    /// The client went away.
-    Closed,
-}
-
-/// How reading WebSocket frames went.
-#[derive(Debug, PartialEq, Eq)]
-pub enum FramesRead {
-    /// The socket has no more bytes for now.
-    WouldBlock,
-    /// The per-turn budget was used up; read again next turn.
-    BudgetSpent,
-    /// The connection must end for this reason.
-    Closed(CloseReason),
-}
-
-impl Connection {
-    pub fn new(socket: TcpStream, id: u64, now: Instant, handshake_deadline: Instant) -> Self {
+impl<S: Stream> Connection<S> {
+    /// A connection in its handshake; the loop registers it for `READABLE` and
+    /// calls `settle` to arm its deadline.
+    pub fn new(socket: S, id: u64, now: Instant, handshake_deadline: Instant) -> Self {
         Connection {
             socket,
             id,
@@ -217,24 +300,399 @@ impl Connection {
                 deadline: handshake_deadline,
             },
             out: OutboundQueue::default(),
+            accepted_at: now,
             last_write_progress: now,
             timer_at: None,
             writable_interest: false,
             flush_pending: false,
-            accepted_at: now,
         }
     }
 
-    /// The session's user, while open.
-    pub fn user_id(&self) -> Option<&Rc<str>> {
+    /// The `connection_id` clients see.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The socket, for the poll registry only.
+    pub fn socket_mut(&mut self) -> &mut S {
+        &mut self.socket
+    }
+
+    /// The client's address, for the log.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.socket.peer_addr().ok()
+    }
+
+    /// The bytes of the request head read so far.
+    pub fn head(&self) -> &[u8] {
         match &self.state {
-            State::Open(session) => Some(&session.user_id),
-            _ => None,
+            State::Handshake { head, .. } => head,
+            _ => &[],
         }
+    }
+
+    /// The socket is ready: write what waits, then read (the request head, frames,
+    /// or the input a lingering close drops).
+    pub fn on_ready(
+        &mut self,
+        readable: bool,
+        writable: bool,
+        limits: &Limits,
+        now: Instant,
+    ) -> Step {
+        if writable && !self.out.is_empty() && self.flush(now).is_err() {
+            return self.end(CloseReason::ConnectionLost, limits, now);
+        }
+        if !readable {
+            return Step::Continue;
+        }
+        match &self.state {
+            State::Handshake { .. } => match self.fill_head() {
+                HeadRead::Progress => Step::EvaluateHead,
+                HeadRead::WouldBlock => Step::Continue,
+                HeadRead::Closed => {
+                    self.state = State::Done;
+                    Step::Continue
+                }
+            },
+            State::Respond {
+                write_shut: true, ..
+            } => {
+                if self.drain_input() {
+                    self.state = State::Done;
+                }
+                Step::Continue
+            }
+            State::Open(_) | State::Closing(_) => self.read(limits, now),
+            State::Respond { .. } | State::Done => Step::Continue,
+        }
+    }
+
+    /// Reads WebSocket frames until `WouldBlock`, the budget, or the session's end.
+    pub fn read(&mut self, limits: &Limits, now: Instant) -> Step {
+        let (ws, discard_writes) = match &mut self.state {
+            State::Open(session) => (&mut session.ws, false),
+            // Replies to the peer's close are not needed: ours is already queued.
+            State::Closing(closing) => (&mut closing.ws, true),
+            _ => return Step::Continue,
+        };
+        let read = read_frames(
+            ws,
+            &mut self.socket,
+            &mut self.out,
+            limits.read_budget,
+            discard_writes,
+        );
+        // Pong messages answer only an open session.
+        let mut pongs = 0;
+        if let State::Open(session) = &mut self.state {
+            pongs = read.ping_requests;
+            if read.bytes_read > 0 {
+                session.last_seen = now;
+            }
+        }
+        match read.result {
+            FramesRead::WouldBlock => Step::Read { pongs, more: false },
+            FramesRead::BudgetSpent => Step::Read { pongs, more: true },
+            FramesRead::Closed(reason) => self.end(reason, limits, now),
+        }
+    }
+
+    /// Answers a plain HTTP request; the connection closes once the answer is written.
+    pub fn respond(&mut self, answer: &[u8], now: Instant, deadline: Instant) {
+        debug_assert!(
+            matches!(self.state, State::Handshake { .. }),
+            "respond outside the handshake"
+        );
+        self.queue_control(answer, now);
+        self.state = State::Respond {
+            deadline,
+            write_shut: false,
+        };
+    }
+
+    /// Completes the upgrade: queues the 101 answer and the `connected` message and
+    /// hands bytes that followed the head to the WebSocket reader (the loop then
+    /// calls `read`, for frames that came with the request).
+    pub fn open(
+        &mut self,
+        answer: &[u8],
+        connected: Frame,
+        head_len: usize,
+        session: SessionParams,
+    ) {
+        let State::Handshake { head, .. } = std::mem::replace(&mut self.state, State::Done) else {
+            debug_assert!(false, "open outside the handshake");
+            return;
+        };
+        // Bytes pipelined after the head (a first frame sent with the request) are not
+        // lost. Copied out rather than reusing `head`: tungstenite would keep the head
+        // buffer's whole allocation (kilobytes) as its read buffer for the session's life.
+        let rest = head.get(head_len..).unwrap_or_default().to_vec();
+        let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
+        self.queue_control(answer, session.now);
+        // The first message is always accepted: the queue is empty.
+        self.out.push_message(connected, usize::MAX);
+        self.state = State::Open(Box::new(Session {
+            ws,
+            user_id: session.user_id,
+            expires_at: session.expires_at,
+            last_seen: session.now,
+            next_ping: session.now + session.ping_interval,
+        }));
+    }
+
+    /// Queues a message frame, unless `limit` frames are already waiting. The hot
+    /// path: no allocation, no system call (the loop flushes once per turn).
+    pub fn queue_message(&mut self, frame: Frame, limit: usize, now: Instant) -> Queued {
+        if self.out.is_empty() {
+            self.last_write_progress = now;
+        }
+        if !self.out.push_message(frame, limit) {
+            return Queued::Dropped;
+        }
+        if self.flush_pending {
+            Queued::Again
+        } else {
+            self.flush_pending = true;
+            Queued::First
+        }
+    }
+
+    /// Queues `count` pong messages for `{"type":"ping"}` requests; returns how many
+    /// were dropped for a full queue.
+    pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
+        (0..count)
+            .filter(|_| self.queue_message(pong.clone(), limit, now) == Queued::Dropped)
+            .count()
+    }
+
+    /// Whether the timer entry at `at` is this connection's current one (an entry
+    /// superseded by an earlier one is stale). The entry is consumed: `settle` arms
+    /// the next.
+    pub fn timer_fired(&mut self, at: Instant) -> bool {
+        if self.timer_at == Some(at) {
+            self.timer_at = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The connection's earliest deadline passed: act on whichever ones are due.
+    pub fn on_deadline(&mut self, limits: &Limits, now: Instant) -> Step {
+        match &mut self.state {
+            State::Handshake { deadline, .. } if now >= *deadline => {
+                self.state = State::Done;
+                Step::HandshakeTimedOut {
+                    connection_id: self.id,
+                }
+            }
+            State::Respond { deadline, .. } if now >= *deadline => {
+                self.state = State::Done;
+                Step::Continue
+            }
+            State::Closing(closing) if now >= closing.deadline => {
+                self.state = State::Done;
+                Step::Continue
+            }
+            State::Open(session) => {
+                let stalled =
+                    !self.out.is_empty() && now >= self.last_write_progress + limits.write_wait;
+                if now >= session.expires_at {
+                    self.end(CloseReason::TokenExpired, limits, now)
+                } else if now >= session.last_seen + limits.pong_wait {
+                    self.end(CloseReason::PongTimeout, limits, now)
+                } else if stalled {
+                    self.end(CloseReason::SlowClient, limits, now)
+                } else {
+                    if now >= session.next_ping {
+                        session.next_ping = now + limits.ping_interval;
+                        // A full control budget means pings are already waiting unsent.
+                        self.queue_control(&PING_FRAME, now);
+                    }
+                    Step::Continue
+                }
+            }
+            _ => Step::Continue,
+        }
+    }
+
+    /// Shutdown began (`limits.shutdown_deadline` is set): a session is closed with
+    /// 1001, a closing one must end by the deadline, anything else ends now.
+    pub fn shut_down(&mut self, limits: &Limits, now: Instant) -> Step {
+        match &mut self.state {
+            State::Open(_) => self.end(CloseReason::Shutdown, limits, now),
+            State::Closing(closing) => {
+                if let Some(deadline) = limits.shutdown_deadline {
+                    closing.deadline = closing.deadline.min(deadline);
+                }
+                Step::Continue
+            }
+            _ => {
+                self.state = State::Done;
+                Step::Continue
+            }
+        }
+    }
+
+    /// The loop drops the connection whatever its state (a failed registration):
+    /// an open session ends as lost.
+    pub fn abort(&mut self, now: Instant) -> Option<Ended> {
+        let ended = match self.end(CloseReason::ConnectionLost, &Limits::NONE, now) {
+            Step::Ended(ended) => Some(ended),
+            _ => None,
+        };
+        self.state = State::Done;
+        ended
+    }
+
+    /// After any activity: write what is queued, finish a final answer, and tell
+    /// the loop the interest and deadline to keep, or to remove the connection.
+    pub fn settle(&mut self, limits: &Limits, now: Instant) -> Next {
+        self.flush_pending = false;
+        if !self.out.is_empty() && self.flush(now).is_err() {
+            let ended = match self.end(CloseReason::ConnectionLost, limits, now) {
+                Step::Ended(ended) => Some(ended),
+                _ => None,
+            };
+            return Next::Remove(ended);
+        }
+        if let State::Respond {
+            write_shut: write_shut @ false,
+            ..
+        } = &mut self.state
+            && self.out.is_empty()
+        {
+            // The final bytes are out: linger until the peer closes (or the deadline).
+            *write_shut = true;
+            // The peer may already be gone; nothing else is done with the socket's output.
+            let _ = self.socket.shutdown_write();
+            if self.drain_input() {
+                self.state = State::Done;
+            }
+        }
+        let Some(deadline) = self.deadline(limits) else {
+            return Next::Remove(None);
+        };
+        let want_writable = !self.out.is_empty();
+        let reregister = (want_writable != self.writable_interest).then(|| {
+            self.writable_interest = want_writable;
+            if want_writable {
+                Interest::READABLE | Interest::WRITABLE
+            } else {
+                Interest::READABLE
+            }
+        });
+        let arm = self.timer_at.is_none_or(|armed| deadline < armed).then(|| {
+            self.timer_at = Some(deadline);
+            deadline
+        });
+        debug_assert!(self.timer_at.is_some_and(|armed| armed <= deadline));
+        Next::Keep { reregister, arm }
+    }
+
+    /// The next deadline of this state; None once `Done`.
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
+        match &self.state {
+            State::Handshake { deadline, .. } | State::Respond { deadline, .. } => Some(*deadline),
+            State::Closing(closing) => Some(closing.deadline),
+            State::Open(session) => {
+                let mut next = session
+                    .expires_at
+                    .min(session.last_seen + limits.pong_wait)
+                    .min(session.next_ping);
+                if !self.out.is_empty() {
+                    next = next.min(self.last_write_progress + limits.write_wait);
+                }
+                Some(next)
+            }
+            State::Done => None,
+        }
+    }
+
+    /// Ends the connection for `reason`. An open session queues its close frame (if
+    /// the reason has one) and then waits for the client's reply in `Closing`, or
+    /// lingers in `Respond` when it is failed (RFC 6455 7.1.7) or the client's close
+    /// was just answered; with nothing to send it is `Done`. A closing one that
+    /// gets the client's reply finishes like a final answer.
+    fn end(&mut self, reason: CloseReason, limits: &Limits, now: Instant) -> Step {
+        let close_by = limits.shutdown_deadline.unwrap_or(now + limits.write_wait);
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Open(session) => {
+                let Session { ws, user_id, .. } = *session;
+                if reason == CloseReason::SlowClient {
+                    // The client is not reading: what it has not started to receive is
+                    // dropped so the close frame is next in line.
+                    self.out.discard_unsent_messages();
+                }
+                let has_frame = match reason.close_frame() {
+                    Some((code, text)) => {
+                        self.queue_control(&close_frame(code, text), now);
+                        true
+                    }
+                    // tungstenite has queued the reply to the client's close.
+                    None => reason == CloseReason::ClientClosed,
+                };
+                if has_frame {
+                    self.state = if reason.awaits_reply() {
+                        State::Closing(Box::new(Closing {
+                            ws,
+                            deadline: close_by,
+                        }))
+                    } else {
+                        State::Respond {
+                            deadline: close_by,
+                            write_shut: false,
+                        }
+                    };
+                }
+                Step::Ended(Ended {
+                    user_id,
+                    connection_id: self.id,
+                    reason,
+                    lived: now.saturating_duration_since(self.accepted_at),
+                })
+            }
+            // The client answered our close, so it has read it; with nothing left to
+            // send, close now: a client stops sending after its close (RFC 6455
+            // 5.5.1), so there is no unread input to turn the close into a reset, and
+            // the server closes the TCP connection first (7.1.1). Lingering until the
+            // client's EOF would hold the slot, and a shutdown, for a client that
+            // waits for us to close.
+            State::Closing(closing)
+                if reason == CloseReason::ClientClosed && !self.out.is_empty() =>
+            {
+                self.state = State::Respond {
+                    deadline: closing.deadline,
+                    write_shut: false,
+                };
+                Step::Continue
+            }
+            // Any other end of a connection without a session: nothing to report.
+            _ => Step::Continue,
+        }
+    }
+
+    /// Queues bytes that only this connection sends (pings, HTTP answers).
+    fn queue_control(&mut self, bytes: &[u8], now: Instant) -> bool {
+        if self.out.is_empty() {
+            self.last_write_progress = now;
+        }
+        self.out.push_control(bytes)
+    }
+
+    /// Writes queued output. Err means the socket is dead.
+    fn flush(&mut self, now: Instant) -> io::Result<FlushResult> {
+        let (written, result) = self.out.flush(&mut self.socket)?;
+        if written > 0 {
+            self.last_write_progress = now;
+        }
+        Ok(result)
     }
 
     /// Reads request-head bytes until `WouldBlock`, EOF, or one byte past the head limit.
-    pub fn fill_head(&mut self) -> HeadRead {
+    fn fill_head(&mut self) -> HeadRead {
         let State::Handshake { head, .. } = &mut self.state else {
             return HeadRead::WouldBlock;
         };
@@ -271,154 +729,8 @@ impl Connection {
         }
     }
 
-    /// The bytes of the request head read so far.
-    pub fn head(&self) -> &[u8] {
-        match &self.state {
-            State::Handshake { head, .. } => head,
-            _ => &[],
-        }
-    }
-
-    /// Queues a plain HTTP answer; the connection closes once it is written.
-    pub fn respond(&mut self, answer: &[u8], now: Instant, deadline: Instant) {
-        self.queue_control(answer, now);
-        self.state = State::Respond {
-            deadline,
-            write_shut: false,
-        };
-    }
-
-    /// Completes the upgrade: queues the 101 answer and the `connected` message and
-    /// hands bytes that followed the head to the WebSocket reader.
-    pub fn open(
-        &mut self,
-        answer: &[u8],
-        connected: Frame,
-        head_len: usize,
-        session: SessionParams,
-    ) {
-        let State::Handshake { head, .. } = std::mem::replace(&mut self.state, State::Gone) else {
-            return;
-        };
-        // Bytes pipelined after the head (a first frame sent with the request) are not
-        // lost. Copied out rather than reusing `head`: tungstenite would keep the head
-        // buffer's whole allocation (kilobytes) as its read buffer for the session's life.
-        let rest = head.get(head_len..).unwrap_or_default().to_vec();
-        let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
-        self.queue_control(answer, session.now);
-        // The first message is always accepted: the queue is empty.
-        self.out.push_message(connected, usize::MAX);
-        self.state = State::Open(Box::new(Session {
-            ws,
-            user_id: session.user_id,
-            expires_at: session.expires_at,
-            last_seen: session.now,
-            next_ping: session.now + session.ping_interval,
-        }));
-    }
-
-    /// Queues a message frame; false when `WS_SEND_BUFFER` frames are already waiting.
-    pub fn queue_message(&mut self, frame: Frame, limit: usize, now: Instant) -> bool {
-        if self.out.is_empty() {
-            self.last_write_progress = now;
-        }
-        self.out.push_message(frame, limit)
-    }
-
-    /// Queues bytes that only this connection sends (pings, HTTP answers).
-    pub fn queue_control(&mut self, bytes: &[u8], now: Instant) -> bool {
-        if self.out.is_empty() {
-            self.last_write_progress = now;
-        }
-        self.out.push_control(bytes)
-    }
-
-    /// Writes queued output. Err means the socket is dead.
-    pub fn flush(&mut self, now: Instant) -> io::Result<FlushResult> {
-        let (written, result) = self.out.flush(&mut self.socket)?;
-        if written > 0 {
-            self.last_write_progress = now;
-        }
-        Ok(result)
-    }
-
-    /// Reads WebSocket frames until `WouldBlock`, the budget, or the end of the session.
-    /// Returns how many `{"type":"ping"}` messages asked for a pong.
-    pub fn read_messages(&mut self, budget: usize, now: Instant) -> (FramesRead, usize) {
-        let (ws, discard_writes) = match &mut self.state {
-            State::Open(session) => (&mut session.ws, false),
-            // Replies to the peer's close are not needed: ours is already queued.
-            State::Closing(closing) => (&mut closing.ws, true),
-            _ => return (FramesRead::WouldBlock, 0),
-        };
-        let read = read_frames(ws, &mut self.socket, &mut self.out, budget, discard_writes);
-        if read.bytes_read > 0
-            && let State::Open(session) = &mut self.state
-        {
-            session.last_seen = now;
-        }
-        (read.result, read.ping_requests)
-    }
-
-    /// Leaves `Open`: queues the close frame for `reason` (if it has one), then waits
-    /// for the client's reply in `Closing`, or lingers in `Respond` when the connection
-    /// is failed (RFC 6455 7.1.7) or the client's close was just answered. Returns
-    /// false when there is nothing left to send (remove now).
-    pub fn begin_close(&mut self, reason: CloseReason, now: Instant, deadline: Instant) -> bool {
-        let State::Open(session) = std::mem::replace(&mut self.state, State::Gone) else {
-            return false;
-        };
-        if reason == CloseReason::SlowClient {
-            // The client is not reading: what it has not started to receive is dropped
-            // so the close frame is next in line.
-            self.out.discard_unsent_messages();
-        }
-        match reason.close_frame() {
-            Some((code, text)) => {
-                self.queue_control(&close_frame(code, text), now);
-            }
-            // tungstenite has queued the reply to the client's close.
-            None if reason == CloseReason::ClientClosed => {}
-            None => return false,
-        }
-        self.state = if reason.awaits_reply() {
-            State::Closing(Box::new(Closing {
-                ws: session.ws,
-                deadline,
-            }))
-        } else {
-            State::Respond {
-                deadline,
-                write_shut: false,
-            }
-        };
-        true
-    }
-
-    /// The client answered the server's close: finish like any final answer.
-    pub fn close_replied(&mut self) {
-        if let State::Closing(closing) = &self.state {
-            self.state = State::Respond {
-                deadline: closing.deadline,
-                write_shut: false,
-            };
-        }
-    }
-
-    /// After the final bytes of a `Respond` went out: stop sending, keep reading until
-    /// EOF so the client sees them rather than a reset.
-    pub fn shut_write(&mut self) {
-        if let State::Respond { write_shut, .. } = &mut self.state
-            && !*write_shut
-        {
-            *write_shut = true;
-            // The peer may already be gone; nothing else is done with the socket's output.
-            let _ = self.socket.shutdown(Shutdown::Write);
-        }
-    }
-
     /// Reads and throws away input (a `Respond` after its answer). True on EOF or error.
-    pub fn drain_input(&mut self) -> bool {
+    fn drain_input(&mut self) -> bool {
         let mut sink = [0u8; 512];
         for _ in 0..64 {
             match self.socket.read(&mut sink) {
@@ -433,12 +745,44 @@ impl Connection {
     }
 }
 
+impl Limits {
+    /// For ending a connection that is dropped at once (no close deadline matters).
+    const NONE: Limits = Limits {
+        ping_interval: Duration::ZERO,
+        pong_wait: Duration::ZERO,
+        write_wait: Duration::ZERO,
+        read_budget: 0,
+        shutdown_deadline: None,
+    };
+}
+
+/// How reading a request head went.
+enum HeadRead {
+    /// New bytes arrived (or the buffer is at its limit); evaluate the head.
+    Progress,
+    /// Nothing new; wait for the next readable event.
+    WouldBlock,
+    /// The client went away.
+    Closed,
+}
+
+/// How reading WebSocket frames went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FramesRead {
+    /// The socket has no more bytes for now.
+    WouldBlock,
+    /// The per-turn budget was used up; read again next turn.
+    BudgetSpent,
+    /// The connection must end for this reason.
+    Closed(CloseReason),
+}
+
 /// What `Connection::open` needs besides the answer.
 pub struct SessionParams {
     pub user_id: Rc<str>,
     pub expires_at: Instant,
     pub now: Instant,
-    pub ping_interval: std::time::Duration,
+    pub ping_interval: Duration,
     pub ws_config: WebSocketConfig,
 }
 
@@ -578,7 +922,7 @@ fn is_ping_request(text: &[u8]) -> bool {
 }
 
 /// An unmasked server close frame (RFC 6455 5.5.1): code, then a UTF-8 reason (≤ 123 bytes).
-pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
+fn close_frame(code: u16, reason: &str) -> Vec<u8> {
     let reason = &reason.as_bytes()[..reason.len().min(123)];
     let mut frame = Vec::with_capacity(4 + reason.len());
     frame.push(0x88);
@@ -589,46 +933,112 @@ pub fn close_frame(code: u16, reason: &str) -> Vec<u8> {
 }
 
 /// An empty unmasked server ping frame.
-pub const PING_FRAME: [u8; 2] = [0x89, 0x00];
+const PING_FRAME: [u8; 2] = [0x89, 0x00];
 
+/// An in-memory socket for the unit tests of the connection and its queue.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod mock {
+    use std::cell::Cell;
+    use std::io::{self, Read, Write};
+    use std::net::SocketAddr;
 
-    /// Client bytes in memory; `WouldBlock` once they run out, like a drained socket.
-    struct ClientBytes {
-        data: Vec<u8>,
-        pos: usize,
+    /// Reads come from `input` in short pieces, then `WouldBlock` (or EOF once
+    /// `eof` is set); writes take at most `write_chunk` bytes per call while
+    /// `writes_left` lasts, then `WouldBlock`; `broken` fails every write.
+    pub struct MockStream {
+        pub input: Vec<u8>,
+        pub read_pos: usize,
+        pub eof: bool,
+        pub written: Vec<u8>,
+        pub write_chunk: usize,
+        pub writes_left: usize,
+        pub broken: bool,
+        pub write_shut: Cell<bool>,
     }
 
-    impl Read for ClientBytes {
+    impl MockStream {
+        /// A socket with `input` to read that takes every write.
+        pub fn new(input: &[u8]) -> MockStream {
+            MockStream {
+                input: input.to_vec(),
+                read_pos: 0,
+                eof: false,
+                written: Vec::new(),
+                write_chunk: usize::MAX,
+                writes_left: usize::MAX,
+                broken: false,
+                write_shut: Cell::new(false),
+            }
+        }
+    }
+
+    impl Read for MockStream {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-            if self.pos == self.data.len() {
-                return Err(io::ErrorKind::WouldBlock.into());
+            let left = self.input.len() - self.read_pos;
+            if left == 0 {
+                return if self.eof {
+                    Ok(0)
+                } else {
+                    Err(io::ErrorKind::WouldBlock.into())
+                };
             }
             // Short reads: at most 7 bytes at a time.
-            let n = buf.len().min(self.data.len() - self.pos).min(7);
-            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
-            self.pos += n;
+            let n = buf.len().min(left).min(7);
+            buf[..n].copy_from_slice(&self.input[self.read_pos..self.read_pos + n]);
+            self.read_pos += n;
             Ok(n)
         }
     }
 
+    impl Write for MockStream {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.broken {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            if self.writes_left == 0 {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.writes_left -= 1;
+            let n = buf.len().min(self.write_chunk);
+            self.written.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl super::Stream for MockStream {
+        fn shutdown_write(&self) -> io::Result<()> {
+            self.write_shut.set(true);
+            Ok(())
+        }
+
+        fn peer_addr(&self) -> io::Result<SocketAddr> {
+            Ok(SocketAddr::from(([127, 0, 0, 1], 40_000)))
+        }
+    }
+
     /// A masked client frame (RFC 6455 5.3), FIN set, payload under 126 bytes.
-    fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [1u8, 2, 3, 4];
         let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
         frame.extend_from_slice(&mask);
         frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         frame
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mock::{MockStream, client_frame};
+    use super::*;
+    use std::sync::Arc;
 
     fn read_all(bytes: Vec<u8>, max_message_size: usize) -> (FramesReport, Vec<u8>) {
         let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(max_message_size)));
-        let mut socket = ClientBytes {
-            data: bytes,
-            pos: 0,
-        };
+        let mut socket = MockStream::new(&bytes);
         let mut out = OutboundQueue::default();
         let report = read_frames(&mut ws, &mut socket, &mut out, 64, false);
         let mut written = Vec::new();
@@ -688,10 +1098,7 @@ mod tests {
     fn the_budget_bounds_one_turn() {
         let bytes: Vec<u8> = (0..10).flat_map(|_| client_frame(0x2, b"x")).collect();
         let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(512)));
-        let mut socket = ClientBytes {
-            data: bytes,
-            pos: 0,
-        };
+        let mut socket = MockStream::new(&bytes);
         let mut out = OutboundQueue::default();
         let first = read_frames(&mut ws, &mut socket, &mut out, 4, false);
         assert_eq!(first.result, FramesRead::BudgetSpent);
@@ -715,5 +1122,394 @@ mod tests {
             b"\x88\x0d\x0f\xa8slow client"
         );
         assert_eq!(close_frame(1000, "").len(), 4);
+    }
+
+    // ----- State transitions -----------------------------------------------------
+
+    const LIMITS: Limits = Limits {
+        ping_interval: Duration::from_secs(30),
+        pong_wait: Duration::from_secs(60),
+        write_wait: Duration::from_secs(10),
+        read_budget: 64,
+        shutdown_deadline: None,
+    };
+    const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+    const SESSION_LIFE: Duration = Duration::from_secs(3600);
+
+    fn handshaking(input: &[u8], start: Instant) -> Connection<MockStream> {
+        Connection::new(MockStream::new(input), 7, start, start + HANDSHAKE_WAIT)
+    }
+
+    /// A connection whose session is open and whose 101 and `connected` are written.
+    fn open_session(start: Instant) -> Connection<MockStream> {
+        let mut conn = handshaking(b"", start);
+        conn.open(
+            b"HTTP/1.1 101\r\n\r\n",
+            Arc::from(&b"CONNECTED"[..]),
+            0,
+            SessionParams {
+                user_id: Rc::from("alice"),
+                expires_at: start + SESSION_LIFE,
+                now: start,
+                ping_interval: LIMITS.ping_interval,
+                ws_config: websocket_config(512),
+            },
+        );
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep {
+                reregister: None,
+                arm: Some(_)
+            }
+        ));
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCONNECTED");
+        conn.socket.written.clear();
+        conn
+    }
+
+    /// What the loop does when the connection's timer entry fires at `now`.
+    fn deadline_passes(conn: &mut Connection<MockStream>, now: Instant) -> Step {
+        let armed = conn.timer_at.expect("a kept connection is armed");
+        assert!(
+            armed <= now,
+            "woken at {now:?} before its entry at {armed:?}"
+        );
+        assert!(conn.timer_fired(armed));
+        conn.on_deadline(&LIMITS, now)
+    }
+
+    fn ended(step: Step) -> Ended {
+        match step {
+            Step::Ended(ended) => ended,
+            other => panic!("expected the session to end, got {other:?}"),
+        }
+    }
+
+    /// The socket turns readable (input or EOF) and the connection has nothing to
+    /// report: it is finished and the loop removes it.
+    #[track_caller]
+    fn assert_read_ends_it(conn: &mut Connection<MockStream>, now: Instant) {
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, now),
+            Step::Continue
+        ));
+        assert!(assert_removed(conn.settle(&LIMITS, now)).is_none());
+    }
+
+    #[track_caller]
+    fn assert_removed(next: Next) -> Option<Ended> {
+        match next {
+            Next::Remove(ended) => ended,
+            other => panic!("expected removal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_head_is_answered_then_lingers_until_eof() {
+        let start = Instant::now();
+        let mut conn = handshaking(b"GET /health HTTP/1.1\r\n", start);
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep { reregister: None, arm: Some(at) } if at == start + HANDSHAKE_WAIT
+        ));
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, start),
+            Step::EvaluateHead
+        ));
+        assert_eq!(conn.head(), b"GET /health HTTP/1.1\r\n");
+
+        // The answer meets a full socket: ask for WRITABLE.
+        conn.socket.writes_left = 0;
+        conn.respond(b"HTTP/1.1 200 OK\r\n\r\n", start, start + RESPOND);
+        let next = conn.settle(&LIMITS, start);
+        assert!(
+            matches!(next, Next::Keep { reregister: Some(i), arm: Some(_) } if i.is_writable()),
+            "{next:?}"
+        );
+        // Written in short pieces once the socket drains; then the write side is shut.
+        conn.socket.writes_left = usize::MAX;
+        conn.socket.write_chunk = 5;
+        assert!(matches!(
+            conn.on_ready(false, true, &LIMITS, start),
+            Step::Continue
+        ));
+        let next = conn.settle(&LIMITS, start);
+        assert!(
+            matches!(next, Next::Keep { reregister: Some(i), arm: None } if !i.is_writable()),
+            "{next:?}"
+        );
+        assert_eq!(conn.socket.written, b"HTTP/1.1 200 OK\r\n\r\n");
+        assert!(conn.socket.write_shut.get());
+        // The client's EOF ends the linger.
+        conn.socket.eof = true;
+        assert_read_ends_it(&mut conn, start);
+    }
+    const RESPOND: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_handshake_times_out_at_its_deadline_and_not_before() {
+        let start = Instant::now();
+        let mut conn = handshaking(b"GET", start);
+        let Next::Keep { arm: Some(at), .. } = conn.settle(&LIMITS, start) else {
+            panic!("not armed");
+        };
+        assert!(conn.timer_fired(at));
+        assert!(matches!(
+            conn.on_deadline(&LIMITS, at - Duration::from_millis(1)),
+            Step::Continue
+        ));
+        // Re-armed after a deadline that was not due yet.
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep { arm: Some(again), .. } if again == at
+        ));
+        assert!(matches!(
+            conn.on_deadline(&LIMITS, at),
+            Step::HandshakeTimedOut { connection_id: 7 }
+        ));
+        assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
+    }
+
+    #[test]
+    fn eof_during_the_handshake_removes_the_connection() {
+        let start = Instant::now();
+        let mut conn = handshaking(b"", start);
+        conn.socket.eof = true;
+        assert_read_ends_it(&mut conn, start);
+    }
+
+    #[test]
+    fn a_stale_timer_entry_is_ignored_and_a_kept_connection_is_always_armed() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        // Armed at the first ping; nothing earlier since.
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep { arm: None, .. }
+        ));
+        assert!(!conn.timer_fired(start + Duration::from_secs(1)));
+        let ping_at = start + LIMITS.ping_interval;
+        assert!(conn.timer_fired(ping_at));
+        // Pending output brings the write-stall deadline forward: armed again, earlier.
+        conn.socket.writes_left = 0;
+        assert_eq!(
+            conn.queue_message(Arc::from(&b"m"[..]), 10, start),
+            Queued::First
+        );
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep { reregister: Some(_), arm: Some(at) } if at == start + LIMITS.write_wait
+        ));
+    }
+
+    #[test]
+    fn messages_are_queued_up_to_the_limit_and_marked_once_per_turn() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let frame: Frame = Arc::from(&b"msg;"[..]);
+        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::First);
+        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::Again);
+        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::Dropped);
+        assert!(matches!(
+            conn.settle(&LIMITS, start),
+            Next::Keep {
+                reregister: None,
+                ..
+            }
+        ));
+        assert_eq!(conn.socket.written, b"msg;msg;");
+        // The next turn marks it again.
+        assert_eq!(conn.queue_message(frame, 2, start), Queued::First);
+    }
+
+    #[test]
+    fn a_ping_goes_out_when_due() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let at = start + LIMITS.ping_interval;
+        assert!(conn.timer_fired(at));
+        assert!(matches!(conn.on_deadline(&LIMITS, at), Step::Continue));
+        assert!(matches!(
+            conn.settle(&LIMITS, at),
+            Next::Keep { arm: Some(_), .. }
+        ));
+        assert_eq!(conn.socket.written, PING_FRAME);
+    }
+
+    #[test]
+    fn client_activity_defers_the_pong_timeout() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let later = start + Duration::from_secs(50);
+        conn.socket.input = client_frame(0xA, b"");
+        assert!(matches!(
+            conn.on_ready(true, false, &LIMITS, later),
+            Step::Read {
+                pongs: 0,
+                more: false
+            }
+        ));
+        let quiet_until = start + LIMITS.pong_wait;
+        assert!(matches!(
+            conn.on_deadline(&LIMITS, quiet_until),
+            Step::Continue
+        ));
+    }
+
+    #[test]
+    fn ping_requests_ask_the_loop_for_pongs() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let mut input = client_frame(0x1, br#"{"type":"ping"}"#);
+        input.extend(client_frame(0x1, br#"{"type":"ping"}"#));
+        conn.socket.input = input;
+        let Step::Read {
+            pongs: 2,
+            more: false,
+        } = conn.on_ready(true, false, &LIMITS, start)
+        else {
+            panic!("expected two pong requests");
+        };
+        let pong: Frame = Arc::from(&b"PONG;"[..]);
+        assert_eq!(
+            conn.queue_pongs(&pong, 2, 1, start),
+            1,
+            "one over the limit"
+        );
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, b"PONG;");
+    }
+
+    #[test]
+    fn a_silent_client_is_dropped_at_the_pong_timeout_without_a_close_frame() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let at = start + LIMITS.pong_wait;
+        let ended = ended(conn.on_deadline(&LIMITS, at));
+        assert_eq!(ended.reason, CloseReason::PongTimeout);
+        assert_eq!(&*ended.user_id, "alice");
+        assert_eq!(ended.connection_id, 7);
+        assert_eq!(ended.lived, LIMITS.pong_wait);
+        assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
+        assert!(conn.socket.written.is_empty());
+    }
+
+    #[test]
+    fn an_expired_token_closes_with_4001_and_waits_for_the_reply() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let at = start + SESSION_LIFE;
+        assert_eq!(
+            ended(deadline_passes(&mut conn, at)).reason,
+            CloseReason::TokenExpired
+        );
+        let next = conn.settle(&LIMITS, at);
+        assert!(
+            matches!(next, Next::Keep { arm: Some(by), .. } if by == at + LIMITS.write_wait),
+            "{next:?}"
+        );
+        assert_eq!(conn.socket.written, close_frame(4001, "token expired"));
+        // The client's close reply, with nothing left to send: removed at once.
+        conn.socket.input = client_frame(0x8, &4001u16.to_be_bytes());
+        assert_read_ends_it(&mut conn, at);
+    }
+
+    #[test]
+    fn a_client_that_never_replies_to_the_close_is_dropped_at_the_deadline() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let at = start + SESSION_LIFE;
+        let _ = ended(deadline_passes(&mut conn, at));
+        let Next::Keep { arm: Some(by), .. } = conn.settle(&LIMITS, at) else {
+            panic!("closing is armed");
+        };
+        assert!(conn.timer_fired(by));
+        assert!(matches!(conn.on_deadline(&LIMITS, by), Step::Continue));
+        assert!(assert_removed(conn.settle(&LIMITS, by)).is_none());
+    }
+
+    #[test]
+    fn a_slow_client_loses_its_unsent_messages_and_gets_4008() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        conn.socket.writes_left = 0;
+        for _ in 0..3 {
+            let _ = conn.queue_message(Arc::from(&b"unread"[..]), 10, start);
+        }
+        let _ = conn.settle(&LIMITS, start);
+        let at = start + LIMITS.write_wait;
+        assert_eq!(
+            ended(conn.on_deadline(&LIMITS, at)).reason,
+            CloseReason::SlowClient
+        );
+        conn.socket.writes_left = usize::MAX;
+        let _ = conn.settle(&LIMITS, at);
+        assert_eq!(conn.socket.written, close_frame(4008, "slow client"));
+    }
+
+    #[test]
+    fn a_write_error_ends_the_session_as_lost() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        conn.socket.broken = true;
+        let _ = conn.queue_message(Arc::from(&b"m"[..]), 10, start);
+        let ended = assert_removed(conn.settle(&LIMITS, start)).expect("the session ended");
+        assert_eq!(ended.reason, CloseReason::ConnectionLost);
+    }
+
+    #[test]
+    fn a_protocol_violation_closes_with_1002_and_lingers() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        conn.socket.input = vec![0x81, 0x02, b'h', b'i']; // unmasked
+        assert_eq!(
+            ended(conn.on_ready(true, false, &LIMITS, start)).reason,
+            CloseReason::ProtocolError
+        );
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, close_frame(1002, "protocol error"));
+        assert!(
+            conn.socket.write_shut.get(),
+            "failed, not waiting for a reply"
+        );
+    }
+
+    #[test]
+    fn shutdown_closes_sessions_with_1001_by_the_deadline_and_ends_the_rest() {
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(30);
+        let limits = Limits {
+            shutdown_deadline: Some(deadline),
+            ..LIMITS
+        };
+        let mut conn = open_session(start);
+        assert_eq!(
+            ended(conn.shut_down(&limits, start)).reason,
+            CloseReason::Shutdown
+        );
+        assert!(matches!(conn.settle(&limits, start), Next::Keep { .. }));
+        assert_eq!(conn.deadline(&limits), Some(deadline));
+        assert_eq!(
+            conn.socket.written,
+            close_frame(1001, "server shutting down")
+        );
+
+        let mut handshake = handshaking(b"GET", start);
+        assert!(matches!(
+            handshake.shut_down(&limits, start),
+            Step::Continue
+        ));
+        assert!(assert_removed(handshake.settle(&limits, start)).is_none());
+    }
+
+    #[test]
+    fn abort_reports_an_open_session_once() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        assert_eq!(
+            conn.abort(start).map(|e| e.reason),
+            Some(CloseReason::ConnectionLost)
+        );
+        assert!(conn.abort(start).is_none());
     }
 }

@@ -169,28 +169,15 @@ impl OutboundQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::mock::MockStream;
     use std::sync::Arc;
 
-    /// A sink that takes at most `budget` bytes per call and then blocks.
-    struct ShortWriter {
-        taken: Vec<u8>,
-        per_call: usize,
-        calls_left: usize,
-    }
-
-    impl Write for ShortWriter {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            if self.calls_left == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            self.calls_left -= 1;
-            let n = buf.len().min(self.per_call);
-            self.taken.extend_from_slice(&buf[..n]);
-            Ok(n)
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
+    /// A socket that takes `per_call` bytes per write for `calls` writes, then blocks.
+    fn short_writer(per_call: usize, calls: usize) -> MockStream {
+        let mut sink = MockStream::new(b"");
+        sink.write_chunk = per_call;
+        sink.writes_left = calls;
+        sink
     }
 
     fn frame(bytes: &[u8]) -> Frame {
@@ -213,18 +200,14 @@ mod tests {
         q.push_message(frame(b"one"), 10);
         q.push_message(frame(b"two"), 10);
         q.push_control(b"!");
-        let mut sink = ShortWriter {
-            taken: Vec::new(),
-            per_call: 3,
-            calls_left: 2,
-        };
+        let mut sink = short_writer(3, 2);
         let (written, result) = q.flush(&mut sink).unwrap();
         // The default `write_vectored` writes only the first non-empty slice: "HEA", then "D".
         assert_eq!((written, result), (4, FlushResult::WouldBlock));
-        sink.calls_left = 100;
+        sink.writes_left = 100;
         let (_, result) = q.flush(&mut sink).unwrap();
         assert_eq!(result, FlushResult::Drained);
-        assert_eq!(sink.taken, b"HEADonetwo!");
+        assert_eq!(sink.written, b"HEADonetwo!");
         assert!(q.is_empty());
         assert_eq!(q.messages(), 0);
     }
@@ -236,17 +219,13 @@ mod tests {
         q.push_message(frame(b"second"), 10);
         q.push_control(b"X");
         q.push_message(frame(b"third"), 10);
-        let mut sink = ShortWriter {
-            taken: Vec::new(),
-            per_call: 2,
-            calls_left: 1,
-        };
+        let mut sink = short_writer(2, 1);
         q.flush(&mut sink).unwrap();
         assert_eq!(q.discard_unsent_messages(), 2);
-        sink.calls_left = 100;
-        sink.per_call = 100;
+        sink.writes_left = 100;
+        sink.write_chunk = 100;
         q.flush(&mut sink).unwrap();
-        assert_eq!(sink.taken, b"firstX");
+        assert_eq!(sink.written, b"firstX");
     }
 
     #[test]
