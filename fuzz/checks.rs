@@ -636,7 +636,11 @@ pub fn redis_message(data: &[u8]) {
         Some(newline) => (&data[..newline], &data[newline + 1..]),
         None => (&b"user_noti:fuzz-user"[..], data),
     };
-    match user_id_from_channel(channel, CHANNEL_PREFIX) {
+    // The reader checks the channel is UTF-8 once, then takes the id from the `str`.
+    let user_id = std::str::from_utf8(channel)
+        .ok()
+        .and_then(|channel| user_id_from_channel(channel, CHANNEL_PREFIX));
+    match user_id {
         Some(user_id) => {
             assert!(!user_id.is_empty(), "empty user id accepted");
             assert_eq!(

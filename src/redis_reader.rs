@@ -35,6 +35,7 @@ use crate::clock;
 use crate::config::RedisConfig;
 use crate::handover::{self, Handoff, Inbox, Published, PushOutcome, QUEUE_CAPACITY};
 use crate::logging::RateLimited;
+use crate::message::user_id_from_channel;
 use crate::redis_status::RedisStatus;
 
 /// First reconnect delay cap; doubles per consecutive failure up to
@@ -610,7 +611,7 @@ impl ReaderThread {
         let user_id = if name == "?" {
             None
         } else {
-            name.strip_prefix(prefix).filter(|id| !id.is_empty())
+            user_id_from_channel(name, prefix)
         };
         let Some(user_id) = user_id else {
             self.status.count_dropped_invalid_channel();
