@@ -1,6 +1,6 @@
-//! The package itself (issue 2 item 1): the files a new machine needs, and a
-//! `template.env` that lists every configuration variable of the README's
-//! "Configuration" table.
+//! The package itself: the files a new machine needs, a `template.env` that
+//! lists every configuration variable of the README's "Configuration" table, and
+//! documentation that cites only files the repository holds.
 
 use std::path::Path;
 
@@ -17,6 +17,8 @@ fn project_files_exist() {
         ".ci/run",
         "Dockerfile",
         "fuzz",
+        "bench/Cargo.toml",
+        "docs/ARCHITECTURE.md",
     ] {
         assert!(Path::new(ROOT).join(path).exists(), "{path} is missing");
     }
@@ -38,4 +40,63 @@ fn template_env_lists_every_variable() {
         })
         .collect();
     assert!(missing.is_empty(), "template.env does not list {missing:?}");
+}
+
+/// Every file git tracks, as text (binary files are skipped).
+fn tracked_text_files() -> Vec<(String, String)> {
+    let listing = std::process::Command::new("git")
+        .args(["ls-files", "-z"])
+        .current_dir(ROOT)
+        .output()
+        .expect("git ls-files");
+    assert!(listing.status.success(), "git ls-files failed");
+    listing
+        .stdout
+        .split(|&b| b == 0)
+        .filter(|name| !name.is_empty())
+        .filter_map(|name| {
+            let name = String::from_utf8_lossy(name).into_owned();
+            let text = std::fs::read_to_string(Path::new(ROOT).join(&name)).ok()?;
+            Some((name, text))
+        })
+        .collect()
+}
+
+#[test]
+fn nothing_cites_a_file_the_repository_does_not_hold() {
+    // The design notes this project started from live outside the repository;
+    // the code points to README.md and docs/ARCHITECTURE.md instead.
+    let outside = ["DESIGN", ".md"].concat();
+    let citing: Vec<String> = tracked_text_files()
+        .into_iter()
+        .filter(|(_, text)| text.contains(&outside))
+        .map(|(name, _)| name)
+        .collect();
+    assert!(citing.is_empty(), "{citing:?} cite {outside}");
+
+    // Relative Markdown links in the docs point at files that exist.
+    for doc in [
+        "README.md",
+        "docs/ARCHITECTURE.md",
+        "PERFORMANCE.md",
+        "fuzz/README.md",
+    ] {
+        let path = Path::new(ROOT).join(doc);
+        let text = std::fs::read_to_string(&path).expect("read doc");
+        for target in text
+            .split("](")
+            .skip(1)
+            .filter_map(|rest| rest.split(')').next())
+        {
+            let target = target.split('#').next().unwrap_or_default();
+            if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                continue;
+            }
+            let linked = path.parent().expect("doc has a folder").join(target);
+            assert!(
+                linked.exists(),
+                "{doc} links to {target}, which does not exist"
+            );
+        }
+    }
 }
