@@ -28,6 +28,11 @@
 //! `OutboundQueue` until it is empty or the socket is full, and the connection asks
 //! for `WRITABLE` only while output is pending. Unit tests drive the transitions
 //! over an in-memory socket (`mock::MockStream`) with `WouldBlock` and short writes.
+//!
+//! An open session's token can be replaced in place (`refresh`): the read path
+//! collects `{"type":"refresh"}` requests, the loop checks them with the upgrade's
+//! rules (`Connection::answer_refreshes`), and the `token_expiring` notice is one
+//! more deadline of the session.
 
 pub mod handshake;
 pub mod outbound;

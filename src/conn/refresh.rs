@@ -251,8 +251,12 @@ impl TokenState {
             };
             answer(frame, outcome);
         }
-        for _ in 0..requests.refused {
-            answer(failure_message(TOO_MANY), Outcome::TooMany);
+        if requests.refused > 0 {
+            // One frame shared by every refused request: a flood costs no more.
+            let too_many = failure_message(TOO_MANY);
+            for _ in 0..requests.refused {
+                answer(too_many.clone(), Outcome::TooMany);
+            }
         }
     }
 }
