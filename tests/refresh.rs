@@ -276,3 +276,15 @@ fn a_refresh_flood_gets_at_most_ten_checks_a_minute() {
     // The connection is unharmed.
     assert_open(&mut ws);
 }
+
+#[test]
+fn a_bad_notice_value_stops_the_start_naming_it() {
+    for value in ["soon", "60", "-1s"] {
+        let (code, output) = Gateway::run_expect_exit(&[("WS_TOKEN_EXPIRY_NOTICE", value)]);
+        assert_eq!(code, Some(2), "{value}: {output}");
+        assert!(
+            output.contains("WS_TOKEN_EXPIRY_NOTICE"),
+            "{value}: {output}"
+        );
+    }
+}
