@@ -54,7 +54,7 @@ fn assert_open(ws: &mut Ws) {
 #[test]
 fn a_refresh_moves_the_expiry_past_the_first_tokens_exp() {
     let (_redis, gw) = setup(&[("WS_TOKEN_EXPIRY_NOTICE", "0")]);
-    let short = token(&gw.secret, "alice", 3);
+    let short = token(&gw.secret, "alice", 4);
     let (mut refreshed, _) = ws_open(gw.port, &short);
     let (mut twin, _) = ws_open(gw.port, &short);
 
