@@ -46,6 +46,7 @@ use ws_notify::conn::handshake::{
     ConnectionCounts, Decision, HandshakeRules, MAX_HEAD_BYTES, evaluate,
 };
 use ws_notify::conn::outbound::{MAX_CONTROL_BYTES, OutboundQueue};
+use ws_notify::conn::refresh::{MAX_REFRESH_BYTES, MAX_REFRESHES_PER_WINDOW, Requests};
 use ws_notify::conn::{FramesRead, read_frames, websocket_config};
 use ws_notify::message::{MessageEncoder, user_id_from_channel};
 
@@ -76,10 +77,14 @@ pub const CHANNEL_PREFIX: &str = "user_noti:";
 pub const MAX_MESSAGE_SIZE: usize = 512;
 /// `read_frames` budget per turn, as the server's `READ_BUDGET`.
 const READ_BUDGET: usize = 64;
+/// Refresh requests one read may keep for checking: a fresh rate window's room.
+const REFRESH_ROOM: usize = MAX_REFRESHES_PER_WINDOW as usize;
 /// Most memory the frames read path may hold at once beyond its input: tungstenite's
-/// read buffer and one message (bounded by `MAX_MESSAGE_SIZE`), the control bytes
-/// (`MAX_CONTROL_BYTES`), and slack for the allocator's bookkeeping of small buffers.
-const FRAMES_MEMORY_BOUND: usize = 64 * 1024 + MAX_CONTROL_BYTES;
+/// read buffer and one message (bounded by `MAX_REFRESH_BYTES`, the largest a refresh
+/// request may be), the control bytes (`MAX_CONTROL_BYTES`), the refresh tokens kept
+/// (`REFRESH_ROOM`, each under `MAX_REFRESH_BYTES`), and slack for the allocator's
+/// bookkeeping of small buffers.
+const FRAMES_MEMORY_BOUND: usize = 64 * 1024 + MAX_CONTROL_BYTES + REFRESH_ROOM * MAX_REFRESH_BYTES;
 
 // --- shared helpers ------------------------------------------------------------
 
@@ -467,8 +472,25 @@ pub fn frames(data: &[u8]) {
         loop {
             turns += 1;
             assert!(turns <= max_turns, "read_frames made no progress");
-            let report = read_frames(&mut ws, &mut socket, &mut out, budget, discard_writes);
+            let mut refreshes = Requests::with_room(REFRESH_ROOM);
+            let report = read_frames(
+                &mut ws,
+                &mut socket,
+                &mut out,
+                budget,
+                discard_writes,
+                MAX_MESSAGE_SIZE,
+                &mut refreshes,
+            );
             assert_eq!(out.messages(), 0, "the read path queued a message frame");
+            assert!(
+                refreshes.len() + report.ping_requests <= budget,
+                "more requests than messages read"
+            );
+            assert!(
+                refreshes.to_check() <= REFRESH_ROOM,
+                "refresh tokens kept past the room"
+            );
             assert!(
                 report.ping_requests <= budget,
                 "more pings than messages read"

@@ -250,6 +250,19 @@ def frames_seeds():
     w("many_pings", 0x08, 0x13, masked(0x9, b"0123456789" * 12) * 200)
     w("many_pings_slow_reader", 0x00, 0x14, masked(0x9, b"0123456789" * 12) * 200)
     w("pipelined_close", 0x10, 0x15, close(4000, b"app closing"))
+    # Refresh requests: up to 8 KiB whatever the 512-byte message limit says, one
+    # byte more closes with 1009; a flood past the rate window's room.
+    def refresh(length):
+        empty = len(b'{"type":"refresh","token":""}')
+        return b'{"type":"refresh","token":"' + b"t" * (length - empty) + b'"}'
+    w("refresh_8k", 0x08, 0x16, masked(0x1, refresh(8192)) + ping_msg)
+    w("refresh_over_8k", 0x08, 0x17, masked(0x1, refresh(8193)))
+    w("refresh_fragmented", 0x08, 0x18,
+      masked(0x1, refresh(3000)[:1500], fin=False) + masked(0x0, refresh(3000)[1500:]))
+    w("refresh_flood", 0x08, 0x19,
+      masked(0x1, b'{"type":"refresh","token":"' + GOOD.encode() + b'"}') * 15)
+    w("ordinary_600_bytes", 0x08, 0x1a,
+      masked(0x1, b'{"type":"ping","pad":"' + b"x" * 575 + b'"}'))
 
 
 # --- redis_message: <channel>\n<payload> -------------------------------------------

@@ -43,6 +43,9 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// `WS_SEND_BUFFER`, default 256: messages queued per connection.
     pub send_buffer: usize,
+    /// `WS_TOKEN_EXPIRY_NOTICE`, default 60s: how long before the token's `exp` a
+    /// connection gets `token_expiring`; zero = no notice.
+    pub token_expiry_notice: Duration,
     /// `WS_ALLOWED_ORIGINS`: exact origins; empty = any origin. A request without
     /// `Origin` (not a browser) is always let through; a cookie token needs a
     /// listed one, so `JWT_COOKIE_NAME` requires this list.
@@ -190,6 +193,7 @@ pub const VARIABLES: &[&str] = &[
     "WS_MAX_CONNECTIONS",
     "WS_MAX_CONNECTIONS_PER_USER",
     "WS_SEND_BUFFER",
+    "WS_TOKEN_EXPIRY_NOTICE",
     "WS_ALLOWED_ORIGINS",
     "WS_LOOP_NICE",
     "SHUTDOWN_TIMEOUT",
@@ -297,6 +301,7 @@ impl Config {
                 parse_count_or_zero,
             )?,
             send_buffer: env.parse("WS_SEND_BUFFER", 256, parse_count)?,
+            token_expiry_notice: env.parse("WS_TOKEN_EXPIRY_NOTICE", secs(60), parse_duration)?,
             allowed_origins,
             loop_nice: env.parse("WS_LOOP_NICE", 10, parse_nice)?,
             shutdown_timeout: env.parse("SHUTDOWN_TIMEOUT", secs(30), parse_interval)?,
@@ -767,6 +772,7 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("send_buffer", &self.send_buffer)
+            .field("token_expiry_notice", &self.token_expiry_notice)
             .field("allowed_origins", &self.allowed_origins)
             .field("loop_nice", &self.loop_nice)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -881,6 +887,7 @@ mod tests {
         assert_eq!(config.max_connections, 10_000);
         assert_eq!(config.max_connections_per_user, 100);
         assert_eq!(config.send_buffer, 256);
+        assert_eq!(config.token_expiry_notice, secs(60));
         assert_eq!(config.loop_nice, 10);
         assert!(config.allowed_origins.is_empty());
         assert_eq!(config.shutdown_timeout, secs(30));
@@ -919,6 +926,7 @@ mod tests {
             ("WS_MAX_CONNECTIONS", "50"),
             ("WS_MAX_CONNECTIONS_PER_USER", "5"),
             ("WS_SEND_BUFFER", "8"),
+            ("WS_TOKEN_EXPIRY_NOTICE", "0"),
             (
                 "WS_ALLOWED_ORIGINS",
                 " https://a.example.com ,, https://b.example.com,",
@@ -964,6 +972,7 @@ mod tests {
         assert_eq!(config.max_connections, 50);
         assert_eq!(config.max_connections_per_user, 5);
         assert_eq!(config.send_buffer, 8);
+        assert_eq!(config.token_expiry_notice, Duration::ZERO);
         assert_eq!(config.loop_nice, 0);
         assert_eq!(
             config.allowed_origins,
@@ -1064,6 +1073,8 @@ mod tests {
             ("WS_MAX_CONNECTIONS_PER_USER", "unlimited"),
             ("WS_SEND_BUFFER", "0"),
             ("WS_SEND_BUFFER", "1.5"),
+            ("WS_TOKEN_EXPIRY_NOTICE", "60"),
+            ("WS_TOKEN_EXPIRY_NOTICE", "-1s"),
             ("WS_LOOP_NICE", "-1"),
             ("WS_LOOP_NICE", "20"),
             ("WS_LOOP_NICE", "low"),

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::Timestamp;
 use crate::conn::CloseReason;
+use crate::conn::refresh::Outcome;
 use crate::http::Rejection;
 use crate::redis_status::RedisStatus;
 
@@ -33,6 +34,8 @@ pub struct Metrics {
     pub disconnects: [u64; CloseReason::ALL.len()],
     /// `accept` failures for lack of file descriptors (EMFILE/ENFILE).
     pub accept_fd_exhausted: u64,
+    /// Token refresh requests, by `refresh::Outcome::index`.
+    pub refreshes: [u64; Outcome::LABELS.len()],
 }
 
 /// Point-in-time numbers that are not counters.
@@ -159,6 +162,17 @@ impl Metrics {
             "counter",
             "WebSocket connections ended, by reason.",
             &borrowed(&disconnects),
+        );
+        let refreshes: Vec<(String, u64)> = Outcome::LABELS
+            .iter()
+            .zip(self.refreshes)
+            .map(|(label, value)| (format!("{{result=\"{label}\"}}"), value))
+            .collect();
+        metric(
+            "token_refreshes_total",
+            "counter",
+            "Token refresh requests from clients, by result.",
+            &borrowed(&refreshes),
         );
         metric(
             "accept_fd_exhausted_total",
@@ -329,6 +343,7 @@ mod tests {
             text.contains("ws_notify_connections_rejected_total{reason=\"handshake_timeout\"} 0\n")
         );
         assert!(text.contains("ws_notify_log_lines_dropped_total "));
+        assert!(text.contains("ws_notify_token_refreshes_total{result=\"rate_limited\"} 0\n"));
         assert!(!text.contains("open_fds"), "no process figures, no line");
     }
 }

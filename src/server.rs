@@ -21,7 +21,7 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use mio::net::{TcpListener, UnixStream};
@@ -30,10 +30,11 @@ use slab::Slab;
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Authenticator;
-use crate::clock::{self, Timestamp};
+use crate::clock::Timestamp;
 use crate::config::Config;
 use crate::conn::CloseReason;
 use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
+use crate::conn::refresh::{self, Outcome};
 use crate::conn::{Connection, Ended, Limits, Next, Queued, SessionParams, Step, websocket_config};
 use crate::handover::{Inbox, Published};
 use crate::http::{self, Rejection};
@@ -153,6 +154,7 @@ impl Server {
             pong_wait: config.pong_wait,
             write_wait: config.write_wait,
             read_budget: READ_BUDGET,
+            max_message_size: config.max_message_size,
             shutdown_deadline: None,
         };
         Ok(Server {
@@ -400,13 +402,20 @@ impl Server {
         match step {
             Step::Continue => {}
             Step::EvaluateHead => self.evaluate_head(key, now),
-            Step::Read { pongs, more } => {
+            Step::Read {
+                pongs,
+                more,
+                refreshes,
+            } => {
                 if pongs > 0
                     && let Some(conn) = self.conns.get_mut(key)
                 {
                     let pong = self.encoder.encode_pong(&Timestamp::now());
                     let dropped = conn.queue_pongs(&pong, pongs, self.config.send_buffer, now);
                     self.metrics.dropped_buffer_full += dropped as u64;
+                }
+                if !refreshes.is_empty() {
+                    self.answer_refreshes(key, refreshes, now);
                 }
                 if more {
                     self.read_again.push(key);
@@ -418,6 +427,42 @@ impl Server {
                 debug!("handshake timeout (connection_id={connection_id})");
             }
         }
+    }
+
+    /// Checks a session's refresh requests with the upgrade's rules and queues the
+    /// answers (README, "Refreshing the token"). Never logs a token.
+    fn answer_refreshes(&mut self, key: usize, requests: refresh::Requests, now: Instant) {
+        let Some(conn) = self.conns.get_mut(key) else {
+            return;
+        };
+        let rules = refresh::Rules {
+            authenticator: &self.authenticator,
+            leeway: self.config.jwt.leeway,
+            notice: self.config.token_expiry_notice,
+        };
+        let connection_id = conn.id();
+        let metrics = &mut self.metrics;
+        conn.answer_refreshes(
+            requests,
+            &rules,
+            self.config.send_buffer,
+            now,
+            |outcome, dropped| {
+                metrics.refreshes[outcome.index()] += 1;
+                if dropped {
+                    metrics.dropped_buffer_full += 1;
+                }
+                match outcome {
+                    Outcome::Invalid(error) => {
+                        debug!("refresh refused (connection_id={connection_id}): {error}")
+                    }
+                    outcome => debug!(
+                        "refresh {} (connection_id={connection_id})",
+                        Outcome::LABELS[outcome.index()]
+                    ),
+                }
+            },
+        );
     }
 
     /// The request head grew: the handshake decision (a pure function of the head,
@@ -490,7 +535,8 @@ impl Server {
                 let connected =
                     self.encoder
                         .encode_connected(&upgrade.user_id, conn.id(), &Timestamp::now());
-                let expires_at = instant_of_expiry(upgrade.expires_at, self.config.jwt.leeway, now);
+                let expires_at =
+                    refresh::expiry_instant(upgrade.expires_at, self.config.jwt.leeway, now);
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 info!(
                     "client connected user_id={} connection_id={} remote={peer}",
@@ -504,6 +550,8 @@ impl Server {
                     SessionParams {
                         user_id,
                         expires_at,
+                        token_exp: upgrade.expires_at,
+                        expiry_notice: self.config.token_expiry_notice,
                         now,
                         ping_interval: self.config.ping_interval,
                         ws_config: self.ws_config,
@@ -702,15 +750,6 @@ fn gauges(hub: &Hub, started: Instant, process: Option<ProcessFigures>) -> Gauge
         uptime_seconds: started.elapsed().as_secs(),
         process,
     }
-}
-
-/// When a token that expires at `exp` (unix seconds) stops being valid, with leeway.
-fn instant_of_expiry(exp: u64, leeway: Duration, now: Instant) -> Instant {
-    let expiry_millis = exp
-        .saturating_mul(1000)
-        .saturating_add(leeway.as_millis() as u64);
-    let now_millis = clock::unix_millis(SystemTime::now());
-    now + Duration::from_millis(expiry_millis.saturating_sub(now_millis))
 }
 
 /// Signals that stop the gateway gracefully.

@@ -249,6 +249,8 @@ fn python_websockets_sees_close_4001_on_token_expiry() {
     let mut client = python_client(&python, &gw, &short);
     assert_eq!(json_line(&client.expect_line(PROMPT))["event"], "open");
     expect_connected_line(&mut client, &gw, "quinn");
+    // The token expires within WS_TOKEN_EXPIRY_NOTICE (60 s): warned at once.
+    expect_message_line(&mut client, "token_expiring");
     let close = json_line(&client.expect_line(secs(30)));
     assert_eq!(
         close,

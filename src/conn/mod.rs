@@ -28,9 +28,15 @@
 //! `OutboundQueue` until it is empty or the socket is full, and the connection asks
 //! for `WRITABLE` only while output is pending. Unit tests drive the transitions
 //! over an in-memory socket (`mock::MockStream`) with `WouldBlock` and short writes.
+//!
+//! An open session's token can be replaced in place (`refresh`): the read path
+//! collects `{"type":"refresh"}` requests, the loop checks them with the upgrade's
+//! rules (`Connection::answer_refreshes`), and the `token_expiring` notice is one
+//! more deadline of the session.
 
 pub mod handshake;
 pub mod outbound;
+pub mod refresh;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr};
@@ -53,15 +59,17 @@ const HEAD_READ_CHUNK: usize = 1024;
 const WS_READ_BUFFER: usize = 128;
 
 /// tungstenite's settings for a server connection: small read buffer, no write
-/// buffering (writes go straight into the outbound queue), and the message limit.
+/// buffering (writes go straight into the outbound queue), and the message limit,
+/// raised to what a refresh request may take (`read_frames` holds every other
+/// message to `max_message_size`).
 pub fn websocket_config(max_message_size: usize) -> WebSocketConfig {
+    let largest = max_message_size.max(refresh::MAX_REFRESH_BYTES);
     WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(0)
         .max_write_buffer_size(outbound::MAX_CONTROL_BYTES)
-        .max_message_size(Some(max_message_size))
-        // Control frames may carry 125 bytes whatever the data limit is.
-        .max_frame_size(Some(max_message_size.max(125)))
+        .max_message_size(Some(largest))
+        .max_frame_size(Some(largest))
 }
 
 /// Why a connection ended; feeds the log line and the metrics label alike.
@@ -170,8 +178,10 @@ struct Session {
     ws: WebSocketContext,
     /// Shared with the hub's key.
     user_id: Rc<str>,
-    /// When the token's `exp` passes.
+    /// When the token's `exp` (plus `JWT_LEEWAY`) passes: close 4001.
     expires_at: Instant,
+    /// The token's `exp`, its expiry notice and the refresh rate.
+    token: refresh::TokenState,
     /// Last time any byte arrived.
     last_seen: Instant,
     /// When the next ping frame is due.
@@ -211,6 +221,8 @@ pub struct Limits {
     pub write_wait: Duration,
     /// WebSocket messages read from one connection per turn.
     pub read_budget: usize,
+    /// `WS_MAX_MESSAGE_SIZE`: largest client data message, a refresh request aside.
+    pub max_message_size: usize,
     /// Set once shutdown has begun: closing handshakes must end by then.
     pub shutdown_deadline: Option<Instant>,
 }
@@ -223,9 +235,14 @@ pub enum Step {
     Continue,
     /// The request head grew: the loop evaluates it and calls `respond` or `open`.
     EvaluateHead,
-    /// Frames were read: answer `pongs` `{"type":"ping"}` requests; `more` when the
-    /// read budget ran out and the connection must be read again next turn.
-    Read { pongs: usize, more: bool },
+    /// Frames were read: answer `pongs` `{"type":"ping"}` requests and the refresh
+    /// requests (`Connection::answer_refreshes`); `more` when the read budget ran
+    /// out and the connection must be read again next turn.
+    Read {
+        pongs: usize,
+        more: bool,
+        refreshes: refresh::Requests,
+    },
     /// The session ended: the loop updates the hub, the metrics and the log.
     Ended(Ended),
     /// The request head did not arrive in time (counted by the loop).
@@ -370,30 +387,44 @@ impl<S: Stream> Connection<S> {
 
     /// Reads WebSocket frames until `WouldBlock`, the budget, or the session's end.
     pub fn read(&mut self, limits: &Limits, now: Instant) -> Step {
-        let (ws, discard_writes) = match &mut self.state {
-            State::Open(session) => (&mut session.ws, false),
+        let (ws, discard_writes, refresh_room) = match &mut self.state {
+            State::Open(session) => (&mut session.ws, false, session.token.room(now)),
             // Replies to the peer's close are not needed: ours is already queued.
-            State::Closing(closing) => (&mut closing.ws, true),
+            State::Closing(closing) => (&mut closing.ws, true, 0),
             _ => return Step::Continue,
         };
+        let mut refreshes = refresh::Requests::with_room(refresh_room);
         let read = read_frames(
             ws,
             &mut self.socket,
             &mut self.out,
             limits.read_budget,
             discard_writes,
+            limits.max_message_size,
+            &mut refreshes,
         );
-        // Pong messages answer only an open session.
+        // Pong messages and refreshes answer only an open session.
         let mut pongs = 0;
         if let State::Open(session) = &mut self.state {
             pongs = read.ping_requests;
+            session.token.take_room(&refreshes);
             if read.bytes_read > 0 {
                 session.last_seen = now;
             }
+        } else {
+            refreshes = refresh::Requests::default();
         }
         match read.result {
-            FramesRead::WouldBlock => Step::Read { pongs, more: false },
-            FramesRead::BudgetSpent => Step::Read { pongs, more: true },
+            FramesRead::WouldBlock => Step::Read {
+                pongs,
+                more: false,
+                refreshes,
+            },
+            FramesRead::BudgetSpent => Step::Read {
+                pongs,
+                more: true,
+                refreshes,
+            },
             FramesRead::Closed(reason) => self.end(reason, limits, now),
         }
     }
@@ -437,6 +468,7 @@ impl<S: Stream> Connection<S> {
             ws,
             user_id: session.user_id,
             expires_at: session.expires_at,
+            token: refresh::TokenState::new(session.token_exp, session.expiry_notice, session.now),
             last_seen: session.now,
             next_ping: session.now + session.ping_interval,
         }));
@@ -465,6 +497,44 @@ impl<S: Stream> Connection<S> {
         (0..count)
             .filter(|_| self.queue_message(pong.clone(), limit, now) == Queued::Dropped)
             .count()
+    }
+
+    /// Checks and answers the refresh requests `read` reported (README, "Refreshing
+    /// the token"): each answer is queued like a message (bounded by `limit`);
+    /// `outcome` hears how each request ended and whether its answer was dropped
+    /// for a full queue. A session that is no longer open ignores them.
+    pub fn answer_refreshes(
+        &mut self,
+        requests: refresh::Requests,
+        rules: &refresh::Rules<'_>,
+        limit: usize,
+        now: Instant,
+        mut outcome: impl FnMut(refresh::Outcome, bool),
+    ) {
+        let State::Open(session) = &mut self.state else {
+            return;
+        };
+        let Session {
+            token,
+            user_id,
+            expires_at,
+            ..
+        } = &mut **session;
+        let mut answers = Vec::with_capacity(requests.len());
+        token.answer(
+            requests,
+            user_id,
+            expires_at,
+            rules,
+            now,
+            |frame, result| {
+                answers.push((frame, result));
+            },
+        );
+        for (frame, result) in answers {
+            let dropped = self.queue_message(frame, limit, now) == Queued::Dropped;
+            outcome(result, dropped);
+        }
     }
 
     /// Whether the timer entry at `at` is this connection's current one (an entry
@@ -506,10 +576,18 @@ impl<S: Stream> Connection<S> {
                 } else if stalled {
                     self.end(CloseReason::SlowClient, limits, now)
                 } else {
+                    let notice = session.token.take_notice(now);
                     if now >= session.next_ping {
                         session.next_ping = now + limits.ping_interval;
                         // A full control budget means pings are already waiting unsent.
                         self.queue_control(&PING_FRAME, now);
+                    }
+                    if let Some(notice) = notice {
+                        // Once per token, like `connected`: always queued.
+                        if self.out.is_empty() {
+                            self.last_write_progress = now;
+                        }
+                        self.out.push_message(notice, usize::MAX);
                     }
                     Step::Continue
                 }
@@ -602,6 +680,9 @@ impl<S: Stream> Connection<S> {
                     .expires_at
                     .min(session.last_seen + limits.pong_wait)
                     .min(session.next_ping);
+                if let Some(notice_at) = session.token.notice_at() {
+                    next = next.min(notice_at);
+                }
                 if !self.out.is_empty() {
                     next = next.min(self.last_write_progress + limits.write_wait);
                 }
@@ -752,6 +833,7 @@ impl Limits {
         pong_wait: Duration::ZERO,
         write_wait: Duration::ZERO,
         read_budget: 0,
+        max_message_size: 0,
         shutdown_deadline: None,
     };
 }
@@ -780,7 +862,12 @@ pub enum FramesRead {
 /// What `Connection::open` needs besides the answer.
 pub struct SessionParams {
     pub user_id: Rc<str>,
+    /// When the session closes with 4001: the token's `exp` plus `JWT_LEEWAY`.
     pub expires_at: Instant,
+    /// The token's `exp`, unix seconds.
+    pub token_exp: u64,
+    /// `WS_TOKEN_EXPIRY_NOTICE`: `token_expiring` this long before `exp` (zero = none).
+    pub expiry_notice: Duration,
     pub now: Instant,
     pub ping_interval: Duration,
     pub ws_config: WebSocketConfig,
@@ -830,13 +917,18 @@ pub struct FramesReport {
 
 /// The WebSocket read path: reads up to `budget` messages from `socket` through
 /// tungstenite; control replies (pongs, close replies) go into `out` unless
-/// `discard_writes`. The server runs it on a socket, the fuzz target on bytes in memory.
+/// `discard_writes`. A data message over `max_message_size` closes with 1009,
+/// unless it is a refresh request (tungstenite's own limit bounds those, see
+/// [`websocket_config`]); refresh requests are collected into `refreshes`. The
+/// server runs it on a socket, the fuzz target on bytes in memory.
 pub fn read_frames<S: Read>(
     ws: &mut WebSocketContext,
     socket: &mut S,
     out: &mut OutboundQueue,
     budget: usize,
     discard_writes: bool,
+    max_message_size: usize,
+    refreshes: &mut refresh::Requests,
 ) -> FramesReport {
     let mut io = WsIo {
         socket,
@@ -849,9 +941,19 @@ pub fn read_frames<S: Read>(
     for _ in 0..budget {
         match ws.read(&mut io) {
             Ok(Message::Text(text)) => {
-                if is_ping_request(text.as_bytes()) {
+                let text = text.as_bytes();
+                if let Some(token) = refresh::parse_request(text) {
+                    refreshes.push(token);
+                } else if text.len() > max_message_size {
+                    result = FramesRead::Closed(CloseReason::MessageTooBig);
+                    break;
+                } else if is_ping_request(text) {
                     ping_requests += 1;
                 }
+            }
+            Ok(Message::Binary(data)) if data.len() > max_message_size => {
+                result = FramesRead::Closed(CloseReason::MessageTooBig);
+                break;
             }
             Ok(Message::Close(_)) => {
                 // tungstenite queued the close reply; move it into the outbound queue.
@@ -1020,10 +1122,18 @@ pub(crate) mod mock {
         }
     }
 
-    /// A masked client frame (RFC 6455 5.3), FIN set, payload under 126 bytes.
+    /// A masked client frame (RFC 6455 5.3), FIN set, payload under 64 KiB.
     pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [1u8, 2, 3, 4];
-        let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+        let mut frame = vec![0x80 | opcode];
+        match u16::try_from(payload.len()) {
+            Ok(len @ 0..=125) => frame.push(0x80 | len as u8),
+            Ok(len) => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&len.to_be_bytes());
+            }
+            Err(_) => panic!("test frames stay under 64 KiB"),
+        }
         frame.extend_from_slice(&mask);
         frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         frame
@@ -1040,7 +1150,17 @@ mod tests {
         let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(max_message_size)));
         let mut socket = MockStream::new(&bytes);
         let mut out = OutboundQueue::default();
-        let report = read_frames(&mut ws, &mut socket, &mut out, 64, false);
+        let mut refreshes = refresh::Requests::with_room(2);
+        let report = read_frames(
+            &mut ws,
+            &mut socket,
+            &mut out,
+            64,
+            false,
+            max_message_size,
+            &mut refreshes,
+        );
+        assert!(refreshes.is_empty(), "{refreshes:?}");
         let mut written = Vec::new();
         out.flush(&mut written).expect("flush into a Vec");
         (report, written)
@@ -1100,10 +1220,97 @@ mod tests {
         let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(512)));
         let mut socket = MockStream::new(&bytes);
         let mut out = OutboundQueue::default();
-        let first = read_frames(&mut ws, &mut socket, &mut out, 4, false);
+        let mut refreshes = refresh::Requests::default();
+        let first = read_frames(
+            &mut ws,
+            &mut socket,
+            &mut out,
+            4,
+            false,
+            512,
+            &mut refreshes,
+        );
         assert_eq!(first.result, FramesRead::BudgetSpent);
-        let rest = read_frames(&mut ws, &mut socket, &mut out, 64, false);
+        let rest = read_frames(
+            &mut ws,
+            &mut socket,
+            &mut out,
+            64,
+            false,
+            512,
+            &mut refreshes,
+        );
         assert_eq!(rest.result, FramesRead::WouldBlock);
+    }
+
+    /// A refresh request whose token pads the message to exactly `len` bytes.
+    fn refresh_message(len: usize) -> Vec<u8> {
+        let empty = br#"{"type":"refresh","token":""}"#.len();
+        format!(
+            r#"{{"type":"refresh","token":"{}"}}"#,
+            "a".repeat(len - empty)
+        )
+        .into_bytes()
+    }
+
+    /// Reads `bytes` at the server's read path with `WS_MAX_MESSAGE_SIZE` 512 and
+    /// room for `room` refreshes.
+    fn read_with_refreshes(bytes: &[u8], room: usize) -> (FramesRead, refresh::Requests) {
+        let mut ws = WebSocketContext::new(Role::Server, Some(websocket_config(512)));
+        let mut socket = MockStream::new(bytes);
+        let mut out = OutboundQueue::default();
+        let mut refreshes = refresh::Requests::with_room(room);
+        let report = read_frames(
+            &mut ws,
+            &mut socket,
+            &mut out,
+            64,
+            false,
+            512,
+            &mut refreshes,
+        );
+        (report.result, refreshes)
+    }
+
+    #[test]
+    fn a_refresh_up_to_8_kib_passes_a_smaller_message_limit() {
+        let message = refresh_message(refresh::MAX_REFRESH_BYTES);
+        let (result, refreshes) = read_with_refreshes(&client_frame(0x1, &message), 4);
+        assert_eq!(result, FramesRead::WouldBlock);
+        assert_eq!(refreshes.len(), 1);
+        // One byte more is over tungstenite's limit.
+        let message = refresh_message(refresh::MAX_REFRESH_BYTES + 1);
+        let (result, refreshes) = read_with_refreshes(&client_frame(0x1, &message), 4);
+        assert_eq!(result, FramesRead::Closed(CloseReason::MessageTooBig));
+        assert!(refreshes.is_empty());
+    }
+
+    #[test]
+    fn other_messages_over_the_limit_still_close_with_1009() {
+        let mut text = br#"{"type":"ping","pad":""#.to_vec();
+        text.resize(600, b'x');
+        text.extend_from_slice(br#""}"#);
+        for frame in [client_frame(0x1, &text), client_frame(0x2, &[0; 513])] {
+            let (result, _) = read_with_refreshes(&frame, 4);
+            assert_eq!(result, FramesRead::Closed(CloseReason::MessageTooBig));
+        }
+        // At the limit: read.
+        let (result, _) = read_with_refreshes(&client_frame(0x2, &[0; 512]), 4);
+        assert_eq!(result, FramesRead::WouldBlock);
+    }
+
+    #[test]
+    fn refreshes_past_the_room_are_counted_without_their_tokens() {
+        let bytes: Vec<u8> = (0..5)
+            .flat_map(|_| client_frame(0x1, br#"{"type":"refresh","token":"t"}"#))
+            .collect();
+        let (result, refreshes) = read_with_refreshes(&bytes, 2);
+        assert_eq!(result, FramesRead::WouldBlock);
+        assert_eq!(refreshes.len(), 5);
+        assert_eq!(
+            format!("{refreshes:?}"),
+            "Requests { tokens: 2, refused: 3 }"
+        );
     }
 
     #[test]
@@ -1131,6 +1338,7 @@ mod tests {
         pong_wait: Duration::from_secs(60),
         write_wait: Duration::from_secs(10),
         read_budget: 64,
+        max_message_size: 512,
         shutdown_deadline: None,
     };
     const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
@@ -1142,6 +1350,16 @@ mod tests {
 
     /// A connection whose session is open and whose 101 and `connected` are written.
     fn open_session(start: Instant) -> Connection<MockStream> {
+        let token_exp = crate::clock::unix_secs_now() + SESSION_LIFE.as_secs();
+        open_session_with(start, token_exp, Duration::ZERO)
+    }
+
+    /// `open_session` for a token expiring at `token_exp` with this expiry notice.
+    fn open_session_with(
+        start: Instant,
+        token_exp: u64,
+        expiry_notice: Duration,
+    ) -> Connection<MockStream> {
         let mut conn = handshaking(b"", start);
         conn.open(
             b"HTTP/1.1 101\r\n\r\n",
@@ -1149,7 +1367,9 @@ mod tests {
             0,
             SessionParams {
                 user_id: Rc::from("alice"),
-                expires_at: start + SESSION_LIFE,
+                expires_at: refresh::expiry_instant(token_exp, Duration::ZERO, start),
+                token_exp,
+                expiry_notice,
                 now: start,
                 ping_interval: LIMITS.ping_interval,
                 ws_config: websocket_config(512),
@@ -1346,7 +1566,8 @@ mod tests {
             conn.on_ready(true, false, &LIMITS, later),
             Step::Read {
                 pongs: 0,
-                more: false
+                more: false,
+                ..
             }
         ));
         let quiet_until = start + LIMITS.pong_wait;
@@ -1366,6 +1587,7 @@ mod tests {
         let Step::Read {
             pongs: 2,
             more: false,
+            ..
         } = conn.on_ready(true, false, &LIMITS, start)
         else {
             panic!("expected two pong requests");
@@ -1500,6 +1722,151 @@ mod tests {
             Step::Continue
         ));
         assert!(assert_removed(handshake.settle(&limits, start)).is_none());
+    }
+
+    // ----- Token refresh -----------------------------------------------------------
+
+    const SECRET: &str = "conn-test-secret-0123456789abcdef";
+
+    fn authenticator() -> crate::auth::Authenticator {
+        crate::auth::Authenticator::new(&crate::config::JwtConfig {
+            secret: Some(SECRET.to_owned()),
+            public_key_file: None,
+            algorithm: None,
+            user_claim: "sub".to_owned(),
+            issuer: None,
+            audience: None,
+            leeway: Duration::ZERO,
+            cookie_name: None,
+        })
+        .expect("HMAC rules")
+    }
+
+    fn token(user: &str, exp: u64) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &serde_json::json!({"sub": user, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign")
+    }
+
+    fn expires_at(conn: &Connection<MockStream>) -> Instant {
+        match &conn.state {
+            State::Open(session) => session.expires_at,
+            _ => panic!("not open"),
+        }
+    }
+
+    /// The client sends `{"type":"refresh","token":..}`; the loop checks it and the
+    /// answer is written. Returns the outcome and the answer's text.
+    fn refresh_with(
+        conn: &mut Connection<MockStream>,
+        token: &str,
+        now: Instant,
+    ) -> (refresh::Outcome, String) {
+        let message = format!(r#"{{"type":"refresh","token":"{token}"}}"#);
+        conn.socket
+            .input
+            .extend(client_frame(0x1, message.as_bytes()));
+        let Step::Read { refreshes, .. } = conn.on_ready(true, false, &LIMITS, now) else {
+            panic!("expected a read");
+        };
+        let authenticator = authenticator();
+        let rules = refresh::Rules {
+            authenticator: &authenticator,
+            leeway: Duration::ZERO,
+            notice: Duration::from_secs(60),
+        };
+        let mut outcomes = Vec::new();
+        conn.answer_refreshes(refreshes, &rules, 10, now, |outcome, dropped| {
+            assert!(!dropped);
+            outcomes.push(outcome);
+        });
+        let _ = conn.settle(&LIMITS, now);
+        let answer = String::from_utf8_lossy(&conn.socket.written[2..]).into_owned();
+        conn.socket.written.clear();
+        assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+        (outcomes[0], answer)
+    }
+
+    #[test]
+    fn a_refresh_for_the_same_user_moves_the_expiry_and_rearms_the_notice() {
+        let start = Instant::now();
+        let now_secs = crate::clock::unix_secs_now();
+        let mut conn = open_session_with(start, now_secs + 100, Duration::ZERO);
+        let old = expires_at(&conn);
+        let (outcome, answer) = refresh_with(&mut conn, &token("alice", now_secs + 3600), start);
+        assert_eq!(outcome, refresh::Outcome::Refreshed);
+        assert!(
+            answer.starts_with(r#"{"type":"refreshed","payload":{"expires_at":""#),
+            "{answer}"
+        );
+        assert!(expires_at(&conn) >= old + Duration::from_secs(3400));
+        let State::Open(session) = &conn.state else {
+            panic!("open");
+        };
+        assert!(session.token.notice_at().is_some(), "notice re-armed");
+    }
+
+    #[test]
+    fn a_refused_refresh_keeps_the_old_expiry() {
+        let start = Instant::now();
+        let now_secs = crate::clock::unix_secs_now();
+        let mut conn = open_session_with(start, now_secs + 100, Duration::ZERO);
+        let old = expires_at(&conn);
+        let cases = [
+            (
+                token("mallory", now_secs + 3600),
+                refresh::Outcome::OtherUser,
+            ),
+            (
+                token("alice", now_secs - 10),
+                refresh::Outcome::Invalid(crate::auth::AuthError::Expired),
+            ),
+            (
+                format!("{}x", token("alice", now_secs + 3600)),
+                refresh::Outcome::Invalid(crate::auth::AuthError::BadSignature),
+            ),
+        ];
+        for (token, expected) in cases {
+            let (outcome, answer) = refresh_with(&mut conn, &token, start);
+            assert_eq!(outcome, expected);
+            assert!(
+                answer.starts_with(
+                    r#"{"type":"refresh_failed","payload":{"error":"invalid or expired token"}"#
+                ),
+                "{answer}"
+            );
+            assert_eq!(expires_at(&conn), old);
+        }
+    }
+
+    #[test]
+    fn token_expiring_goes_out_once_in_the_connections_deadline() {
+        let start = Instant::now();
+        let now_secs = crate::clock::unix_secs_now();
+        // `exp` about 70 s away, notice 60 s: due within about 10 s, before the first ping.
+        let mut conn = open_session_with(start, now_secs + 70, Duration::from_secs(60));
+        let at = conn.timer_at.expect("armed");
+        assert!(at <= start + Duration::from_secs(10), "{at:?}");
+        assert!(matches!(deadline_passes(&mut conn, at), Step::Continue));
+        let _ = conn.settle(&LIMITS, at);
+        let text = String::from_utf8_lossy(&conn.socket.written[2..]).into_owned();
+        assert!(
+            text.starts_with(r#"{"type":"token_expiring","payload":{"expires_at":""#),
+            "{text}"
+        );
+        conn.socket.written.clear();
+        // Next: the ping; the notice does not come again.
+        let ping_at = start + LIMITS.ping_interval;
+        assert_eq!(conn.timer_at, Some(ping_at));
+        assert!(matches!(
+            deadline_passes(&mut conn, ping_at),
+            Step::Continue
+        ));
+        let _ = conn.settle(&LIMITS, ping_at);
+        assert_eq!(conn.socket.written, PING_FRAME);
     }
 
     #[test]
