@@ -1,12 +1,15 @@
 //! The recipes in deploy/ against the real server: every metric the Grafana
-//! dashboard and the Prometheus alert rules query is one the binary exports;
-//! the Kubernetes manifest names the image's port and user and a probe path the
-//! server answers, and its settings start the real binary; the systemd unit
-//! passes `systemd-analyze verify` and stops later than the server's shutdown
-//! limit.
+//! dashboard and the Prometheus alert rules query is one the binary exports,
+//! and a real Prometheus scraping the real binary finds data for every panel's
+//! query and evaluates every alert rule without error; the Kubernetes manifest
+//! names the image's port and user and a probe path the server answers, and its
+//! settings start the real binary; the systemd unit passes `systemd-analyze
+//! verify` and stops later than the server's shutdown limit.
 //!
-//! YAML is read with PyYAML (Debian's python3-yaml) and the unit checked with
-//! systemd's own tool; see tests/common/python.rs for when a test skips.
+//! YAML is read with PyYAML (Debian's python3-yaml), the unit checked with
+//! systemd's own tool, the rules with Prometheus's (Debian's prometheus
+//! package); `.ci/run` installs them. Without one a test prints `SKIPPED`,
+//! except under `WS_NOTIFY_REQUIRE_CLIENTS=1` (CI), where it fails.
 
 mod common;
 
@@ -461,4 +464,204 @@ fn systemd_unit_verifies_and_outlasts_the_shutdown_limit() {
         out.stdout,
         out.stderr
     );
+}
+
+// ---- A real Prometheus --------------------------------------------------------------
+
+/// Whether `prometheus` and `promtool` (Debian: prometheus) run; if not, a
+/// printed skip (a failure when CI requires every tool).
+fn prometheus_tools(test: &str) -> bool {
+    let works = |program: &str| {
+        Command::new(program)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("prometheus") && works("promtool") {
+        return true;
+    }
+    required_tool_absent(
+        test,
+        "prometheus and promtool not found (Debian: apt-get install prometheus)",
+    );
+    false
+}
+
+/// Percent-encodes a query parameter.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server on a free port that scrapes one gateway every second
+/// and evaluates deploy/'s alert rules every second; killed on drop.
+struct Prometheus {
+    port: u16,
+    _proc: procs::Proc,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(gateway_port: u16) -> Prometheus {
+        let dir = TempDir::new("prometheus");
+        let config = dir.file("prometheus.yml");
+        let rules = repo_file("deploy/prometheus/ws-notify-alerts.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 rule_files: [\"{}\"]\n\
+                 scrape_configs:\n  - job_name: ws-notify\n    static_configs:\n      \
+                 - targets: [\"127.0.0.1:{gateway_port}\"]\n",
+                rules.display()
+            ),
+        )
+        .expect("write prometheus.yml");
+        let port = free_port();
+        let mut cmd = Command::new("prometheus");
+        cmd.arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.file("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+        let mut proc = procs::Proc::spawn("prometheus", cmd);
+        // Its first start creates the database: allow a loaded machine time.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = try_http(
+                port,
+                b"GET /-/ready HTTP/1.0\r\nHost: t\r\n\r\n",
+                Duration::from_secs(2),
+            );
+            if ready.is_ok_and(|r| r.status == 200) {
+                break;
+            }
+            if proc.wait(Duration::ZERO).is_some() || std::time::Instant::now() > deadline {
+                panic!("prometheus did not get ready; stderr:\n{}", proc.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Prometheus {
+            port,
+            _proc: proc,
+            _dir: dir,
+        }
+    }
+
+    /// `GET /api/v1/<path>` (HTTP/1.0: the body ends at EOF, never chunked).
+    #[track_caller]
+    fn api(&self, path_and_query: &str) -> Value {
+        let resp = raw_request(
+            self.port,
+            format!("GET /api/v1/{path_and_query} HTTP/1.0\r\nHost: t\r\n\r\n"),
+        );
+        let body: Value = serde_json::from_str(&resp.body)
+            .unwrap_or_else(|e| panic!("{path_and_query}: {e}: {}", resp.body));
+        assert_eq!(body["status"], "success", "{path_and_query}: {body}");
+        body["data"].clone()
+    }
+
+    /// The series an instant query returns.
+    #[track_caller]
+    fn query(&self, promql: &str) -> Vec<Value> {
+        let data = self.api(&format!("query?query={}", url_encode(promql)));
+        data["result"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+/// A dashboard query as Prometheus would receive it from Grafana: the
+/// variables replaced by what "All" and a short range stand for.
+fn as_grafana_sends_it(expr: &str) -> String {
+    expr.replace("$__rate_interval", "1m")
+        .replace("$instance", ".*")
+}
+
+#[test]
+fn dashboard_queries_and_alert_rules_run_on_a_real_prometheus() {
+    let test = "dashboard_queries_and_alert_rules_run_on_a_real_prometheus";
+    if !prometheus_tools(test) {
+        return;
+    }
+    let mut check = Command::new("promtool");
+    check
+        .args(["check", "rules"])
+        .arg(repo_file("deploy/prometheus/ws-notify-alerts.yml"));
+    let out = procs::run("promtool check rules", check, Duration::from_secs(60));
+    assert_eq!(out.code, Some(0), "{}\n{}", out.stdout, out.stderr);
+
+    let (mut redis, gw) = setup(&[]);
+    let prometheus = Prometheus::start(gw.port);
+    // rate() and increase() need two samples in their range: wait for three scrapes.
+    wait_until(secs(60), "three scrapes of the gateway", || {
+        prometheus
+            .query(r#"count_over_time(ws_notify_build_info{job="ws-notify"}[1m])"#)
+            .first()
+            .and_then(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .is_some_and(|n| n >= 3.0)
+    });
+
+    // Every panel's query parses and finds data.
+    let dashboard: Value = serde_json::from_str(&read("deploy/grafana/ws-notify-dashboard.json"))
+        .expect("the dashboard is JSON");
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = as_grafana_sends_it(target["expr"].as_str().expect("expr"));
+            assert!(
+                !prometheus.query(&expr).is_empty(),
+                "panel {}: {expr} finds no series",
+                panel["title"]
+            );
+        }
+    }
+    // The Instance drop-down's label_values(metric, label).
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        let Some(definition) = variable["definition"].as_str() else {
+            continue;
+        };
+        let inner = definition
+            .strip_prefix("label_values(")
+            .and_then(|d| d.strip_suffix(')'))
+            .expect("label_values(metric, label)");
+        let (metric, label) = inner.split_once(',').expect("metric, label");
+        let series = prometheus.query(metric.trim());
+        assert!(
+            series.iter().any(|s| s["metric"][label.trim()].is_string()),
+            "{definition}: no value"
+        );
+    }
+
+    // Every alert rule evaluates without error.
+    wait_until(PROMPT, "every alert rule evaluated", || {
+        let data = prometheus.api("rules");
+        let rules: Vec<&Value> = data["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        assert!(!rules.is_empty(), "no rules loaded: {data}");
+        for rule in &rules {
+            assert_ne!(rule["health"], "err", "{rule}");
+        }
+        rules.iter().all(|r| r["health"] == "ok")
+    });
+    // And the Redis alert sees an outage (pending: it fires after its 1m).
+    redis.kill();
+    wait_until(secs(30), "WsNotifyRedisDisconnected pending", || {
+        prometheus.api("alerts")["alerts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|a| a["labels"]["alertname"] == "WsNotifyRedisDisconnected")
+    });
 }
