@@ -523,36 +523,46 @@ impl Prometheus {
             ),
         )
         .expect("write prometheus.yml");
-        let port = free_port();
-        let mut cmd = Command::new("prometheus");
-        cmd.arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.file("data").display()
-            ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"));
-        let mut proc = procs::Proc::spawn("prometheus", cmd);
-        // Its first start creates the database: allow a loaded machine time.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let ready = try_http(
-                port,
-                b"GET /-/ready HTTP/1.0\r\nHost: t\r\n\r\n",
-                Duration::from_secs(2),
-            );
-            if ready.is_ok_and(|r| r.status == 200) {
-                break;
+        // A port taken between free_port and the bind ends the process: retry.
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let mut cmd = Command::new("prometheus");
+            cmd.arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.file("data").display()
+                ))
+                .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+            let mut proc = procs::Proc::spawn("prometheus", cmd);
+            // Its first start creates the database: allow a loaded machine time.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let ready = try_http(
+                    port,
+                    b"GET /-/ready HTTP/1.0\r\nHost: t\r\n\r\n",
+                    Duration::from_secs(2),
+                );
+                if ready.is_ok_and(|r| r.status == 200) {
+                    return Prometheus {
+                        port,
+                        _proc: proc,
+                        _dir: dir,
+                    };
+                }
+                if proc.wait(Duration::ZERO).is_some() {
+                    last_error = proc.stderr();
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "prometheus not ready within 60 s; stderr:\n{}",
+                    proc.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(50));
             }
-            if proc.wait(Duration::ZERO).is_some() || std::time::Instant::now() > deadline {
-                panic!("prometheus did not get ready; stderr:\n{}", proc.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        Prometheus {
-            port,
-            _proc: proc,
-            _dir: dir,
-        }
+        panic!("prometheus exited before it was ready; stderr:\n{last_error}");
     }
 
     /// `GET /api/v1/<path>` (HTTP/1.0: the body ends at EOF, never chunked).
