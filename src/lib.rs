@@ -29,6 +29,7 @@ pub mod hub;
 pub mod logging;
 pub mod message;
 pub mod metrics;
+pub mod process_stats;
 pub mod redis_reader;
 pub mod redis_status;
 pub mod server;

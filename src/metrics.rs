@@ -11,6 +11,7 @@ use crate::clock::Timestamp;
 use crate::conn::CloseReason;
 use crate::conn::refresh::Outcome;
 use crate::http::Rejection;
+use crate::process_stats;
 use crate::redis_status::RedisStatus;
 
 /// Counters bumped by the event loop.
@@ -47,11 +48,19 @@ pub struct Gauges {
     pub process: Option<ProcessFigures>,
 }
 
-/// The process's resident memory and open descriptors, read from /proc.
+/// What /proc says about the process (see `process_stats`); `None` where it
+/// could not be read.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProcessFigures {
     pub resident_bytes: Option<u64>,
     pub open_fds: Option<u64>,
+    pub virtual_bytes: Option<u64>,
+    /// User plus system CPU time, in seconds.
+    pub cpu_seconds: Option<f64>,
+    /// Seconds since the Unix epoch.
+    pub start_time_seconds: Option<f64>,
+    /// The soft open-file limit.
+    pub max_fds: Option<u64>,
 }
 
 /// How long a sample of the process figures is reused.
@@ -60,7 +69,8 @@ const PROCESS_SAMPLE_PERIOD: Duration = Duration::from_secs(1);
 /// Reads the process figures at most once per `PROCESS_SAMPLE_PERIOD`: counting
 /// open descriptors lists /proc/self/fd (about a microsecond per descriptor, so
 /// milliseconds with thousands of sockets) on the event loop, and a burst of
-/// `/metrics` requests must not stall delivery for everyone.
+/// `/metrics` requests must not stall delivery for everyone. The other figures
+/// cost one read of /proc/self/stat and one getrlimit per sample.
 #[derive(Default)]
 pub struct ProcessSampler {
     last: Option<(Instant, ProcessFigures)>,
@@ -74,9 +84,14 @@ impl ProcessSampler {
                 figures
             }
             _ => {
+                let stat = process_stats::stat();
                 let figures = ProcessFigures {
-                    resident_bytes: resident_bytes(),
-                    open_fds: open_fds(),
+                    resident_bytes: stat.map(|s| s.resident_bytes),
+                    open_fds: process_stats::open_fds(),
+                    virtual_bytes: stat.map(|s| s.virtual_bytes),
+                    cpu_seconds: stat.map(|s| s.cpu_seconds),
+                    start_time_seconds: process_stats::start_time_seconds(),
+                    max_fds: process_stats::max_fds(),
                 };
                 self.last = Some((now, figures));
                 figures
@@ -233,6 +248,8 @@ impl Metrics {
                 &[("", fds)],
             );
         }
+        render_standard_process(&mut out, &process);
+        render_build_info(&mut out);
         out
     }
 
@@ -254,6 +271,73 @@ impl Metrics {
         })
         .to_string()
     }
+}
+
+/// The process metrics under the names every Prometheus client library uses
+/// (`process_*`), so stock dashboards and alerts work; the figures that could
+/// not be read are left out.
+fn render_standard_process(out: &mut String, process: &ProcessFigures) {
+    let count = |v: Option<u64>| v.map(|v| v as f64);
+    let metrics = [
+        (
+            "process_cpu_seconds_total",
+            "counter",
+            "Total user and system CPU time spent in seconds.",
+            process.cpu_seconds,
+        ),
+        (
+            "process_start_time_seconds",
+            "gauge",
+            "Start time of the process since unix epoch in seconds.",
+            process.start_time_seconds,
+        ),
+        (
+            "process_resident_memory_bytes",
+            "gauge",
+            "Resident memory size in bytes.",
+            count(process.resident_bytes),
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "gauge",
+            "Virtual memory size in bytes.",
+            count(process.virtual_bytes),
+        ),
+        (
+            "process_open_fds",
+            "gauge",
+            "Number of open file descriptors.",
+            count(process.open_fds),
+        ),
+        (
+            "process_max_fds",
+            "gauge",
+            "Maximum number of open file descriptors.",
+            count(process.max_fds),
+        ),
+    ];
+    for (name, kind, help, value) in metrics {
+        if let Some(value) = value {
+            // Writing to a String cannot fail.
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+    }
+}
+
+/// `ws_notify_build_info{version="..."} 1`: the running version as a label,
+/// to see which instances run what during a rollout.
+fn render_build_info(out: &mut String) {
+    let version = env!("CARGO_PKG_VERSION");
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "# HELP ws_notify_build_info The running ws-notify version (always 1).\n\
+         # TYPE ws_notify_build_info gauge\n\
+         ws_notify_build_info{{version=\"{version}\"}} 1"
+    );
 }
 
 /// Samples labelled `{reason="<label>"}`.
@@ -293,21 +377,6 @@ pub fn render_health(gauges: &Gauges, redis: &RedisStatus, now: &Timestamp) -> (
     (if subscribed { 200 } else { 503 }, body.to_string())
 }
 
-/// Resident set size from /proc/self/statm.
-fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(page_size).ok().map(|size| pages * size)
-}
-
-/// Entries of /proc/self/fd (minus the one the listing itself holds open).
-fn open_fds() -> Option<u64> {
-    let count = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
-    Some(count.saturating_sub(1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,5 +414,46 @@ mod tests {
         assert!(text.contains("ws_notify_log_lines_dropped_total "));
         assert!(text.contains("ws_notify_token_refreshes_total{result=\"rate_limited\"} 0\n"));
         assert!(!text.contains("open_fds"), "no process figures, no line");
+        assert!(!text.contains("process_"), "no process figures, no line");
+    }
+
+    #[test]
+    fn standard_process_metrics_and_build_info() {
+        let text = Metrics::default().render_prometheus(
+            &Gauges {
+                connections: 0,
+                users: 0,
+                uptime_seconds: 0,
+                process: Some(ProcessFigures {
+                    resident_bytes: Some(10_485_760),
+                    open_fds: Some(12),
+                    virtual_bytes: None,
+                    cpu_seconds: Some(1.25),
+                    start_time_seconds: Some(1_764_633_600.5),
+                    max_fds: Some(1_048_576),
+                }),
+            },
+            &RedisStatus::default(),
+        );
+        for line in [
+            "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total 1.25\n",
+            "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 1764633600.5\n",
+            "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes 10485760\n",
+            "# TYPE process_open_fds gauge\nprocess_open_fds 12\n",
+            "# TYPE process_max_fds gauge\nprocess_max_fds 1048576\n",
+            "ws_notify_resident_memory_bytes 10485760\n",
+            "ws_notify_open_fds 12\n",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+        assert!(
+            !text.contains("process_virtual_memory_bytes"),
+            "unread, left out"
+        );
+        let build_info = format!(
+            "# TYPE ws_notify_build_info gauge\nws_notify_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&build_info), "{text}");
     }
 }

@@ -618,17 +618,16 @@ fn metrics_prometheus_text_with_live_numbers() {
         ct.starts_with("text/plain") && ct.contains("version=0.0.4"),
         "content-type {ct:?}"
     );
+    // Ours are ws_notify_*; process_* are the Prometheus clients' standard names.
+    let prefixed = |name: &str| name.starts_with("ws_notify_") || name.starts_with("process_");
     for line in resp.body.lines().filter(|l| !l.is_empty()) {
         if let Some(rest) = line.strip_prefix("# ") {
-            assert!(
-                rest.starts_with("HELP ws_notify_") || rest.starts_with("TYPE ws_notify_"),
-                "line {line:?}"
-            );
+            let name = rest
+                .strip_prefix("HELP ")
+                .or_else(|| rest.strip_prefix("TYPE "));
+            assert!(name.is_some_and(prefixed), "line {line:?}");
         } else {
-            assert!(
-                line.starts_with("ws_notify_"),
-                "sample without the prefix: {line:?}"
-            );
+            assert!(prefixed(line), "sample without the prefix: {line:?}");
             let value = line.rsplit(' ').next().unwrap_or_default();
             assert!(value.parse::<f64>().is_ok(), "bad sample value in {line:?}");
         }

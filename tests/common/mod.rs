@@ -17,7 +17,8 @@
 //! - `messages`: checks of the messages the gateway sends;
 //! - `files` and `tls`: temp dirs, openssl, a test PKI and a TLS redis-server;
 //! - `procstat`: a process's descriptors, threads, nice values and CPU time;
-//! - `procs`: other child processes (the CLI, real clients), read line by line.
+//! - `procs`: other child processes (the CLI, real clients), read line by line;
+//! - `python`: Python with the Prometheus and YAML parsers (operations tests).
 #![allow(dead_code)]
 
 pub mod files;
@@ -26,6 +27,7 @@ pub mod http;
 pub mod messages;
 pub mod procs;
 pub mod procstat;
+pub mod python;
 pub mod raw_ws;
 pub mod redis_server;
 pub mod tls;
