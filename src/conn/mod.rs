@@ -43,7 +43,8 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
 use crate::message::Frame;
-use outbound::{FlushResult, OutboundQueue};
+pub use outbound::Deliveries;
+use outbound::{FlushResult, FrameLimit, OutboundQueue};
 
 /// Largest amount read from a socket in one `read` call during the handshake.
 const HEAD_READ_CHUNK: usize = 1024;
@@ -265,7 +266,8 @@ pub enum Queued {
     First,
     /// Queued; the connection is already marked.
     Again,
-    /// `WS_SEND_BUFFER` frames are already waiting: dropped.
+    /// `WS_SEND_BUFFER` frames or `WS_SEND_BUFFER_BYTES` bytes are already
+    /// waiting: dropped.
     Dropped,
 }
 
@@ -276,6 +278,8 @@ pub struct Connection<S = TcpStream> {
     id: u64,
     state: State,
     out: OutboundQueue,
+    /// `WS_SEND_BUFFER_BYTES` of the session (set by `open`).
+    send_buffer_bytes: usize,
     /// When the connection was accepted.
     accepted_at: Instant,
     /// Last time output made progress (or became pending).
@@ -300,6 +304,7 @@ impl<S: Stream> Connection<S> {
                 deadline: handshake_deadline,
             },
             out: OutboundQueue::default(),
+            send_buffer_bytes: usize::MAX,
             accepted_at: now,
             last_write_progress: now,
             timer_at: None,
@@ -432,7 +437,8 @@ impl<S: Stream> Connection<S> {
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
         self.queue_control(answer, session.now);
         // The first message is always accepted: the queue is empty.
-        self.out.push_message(connected, usize::MAX);
+        self.out.push_reply(connected, FrameLimit::NONE);
+        self.send_buffer_bytes = session.send_buffer_bytes;
         self.state = State::Open(Box::new(Session {
             ws,
             user_id: session.user_id,
@@ -442,9 +448,14 @@ impl<S: Stream> Connection<S> {
         }));
     }
 
-    /// Queues a message frame, unless `limit` frames are already waiting. The hot
-    /// path: no allocation, no system call (the loop flushes once per turn).
+    /// Queues a published message's frame (a delivery), unless `limit` frames or
+    /// `WS_SEND_BUFFER_BYTES` bytes are already waiting. The hot path: no
+    /// allocation, no system call (the loop flushes once per turn).
     pub fn queue_message(&mut self, frame: Frame, limit: usize, now: Instant) -> Queued {
+        let limit = FrameLimit {
+            frames: limit,
+            bytes: self.send_buffer_bytes,
+        };
         if self.out.is_empty() {
             self.last_write_progress = now;
         }
@@ -459,12 +470,31 @@ impl<S: Stream> Connection<S> {
         }
     }
 
-    /// Queues `count` pong messages for `{"type":"ping"}` requests; returns how many
-    /// were dropped for a full queue.
+    /// Queues `count` pong messages for `{"type":"ping"}` requests, within the
+    /// same bounds as messages (they are no deliveries); returns how many were
+    /// dropped for a full queue. Not marked for the turn's flush: the loop
+    /// settles a connection right after reading it.
     pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
-        (0..count)
-            .filter(|_| self.queue_message(pong.clone(), limit, now) == Queued::Dropped)
-            .count()
+        let limit = FrameLimit {
+            frames: limit,
+            bytes: self.send_buffer_bytes,
+        };
+        let mut dropped = 0;
+        for _ in 0..count {
+            if self.out.is_empty() {
+                self.last_write_progress = now;
+            }
+            if !self.out.push_reply(pong.clone(), limit) {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Deliveries written in full, or thrown away unsent, since the last call
+    /// (the loop adds them to its metrics after each `settle` and on removal).
+    pub fn take_deliveries(&mut self) -> Deliveries {
+        self.out.take_deliveries()
     }
 
     /// Whether the timer entry at `at` is this connection's current one (an entry
@@ -537,13 +567,15 @@ impl<S: Stream> Connection<S> {
     }
 
     /// The loop drops the connection whatever its state (a failed registration):
-    /// an open session ends as lost.
+    /// an open session ends as lost, and deliveries still queued are unsent (see
+    /// `take_deliveries`).
     pub fn abort(&mut self, now: Instant) -> Option<Ended> {
         let ended = match self.end(CloseReason::ConnectionLost, &Limits::NONE, now) {
             Step::Ended(ended) => Some(ended),
             _ => None,
         };
         self.state = State::Done;
+        self.out.discard_all();
         ended
     }
 
@@ -623,7 +655,7 @@ impl<S: Stream> Connection<S> {
                 let Session { ws, user_id, .. } = *session;
                 if reason == CloseReason::SlowClient {
                     // The client is not reading: what it has not started to receive is
-                    // dropped so the close frame is next in line.
+                    // dropped (counted unsent) so the close frame is next in line.
                     self.out.discard_unsent_messages();
                 }
                 let has_frame = match reason.close_frame() {
@@ -784,6 +816,8 @@ pub struct SessionParams {
     pub now: Instant,
     pub ping_interval: Duration,
     pub ws_config: WebSocketConfig,
+    /// `WS_SEND_BUFFER_BYTES`.
+    pub send_buffer_bytes: usize,
 }
 
 /// The I/O tungstenite sees: reads come from the socket, writes go into the
@@ -1153,6 +1187,7 @@ mod tests {
                 now: start,
                 ping_interval: LIMITS.ping_interval,
                 ws_config: websocket_config(512),
+                send_buffer_bytes: 1 << 20,
             },
         );
         assert!(matches!(
@@ -1445,6 +1480,65 @@ mod tests {
         conn.socket.writes_left = usize::MAX;
         let _ = conn.settle(&LIMITS, at);
         assert_eq!(conn.socket.written, close_frame(4008, "slow client"));
+        assert_eq!(
+            conn.take_deliveries(),
+            Deliveries {
+                written: 0,
+                unsent: 3
+            }
+        );
+    }
+
+    #[test]
+    fn deliveries_left_in_the_queue_of_a_removed_connection_are_unsent() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let message: Frame = Arc::from(&b"message"[..]);
+        let _ = conn.queue_message(message.clone(), 10, start);
+        let _ = conn.settle(&LIMITS, start);
+        conn.socket.writes_left = 1;
+        conn.socket.write_chunk = 3;
+        let _ = conn.queue_message(message.clone(), 10, start);
+        let _ = conn.queue_message(message, 10, start);
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, b"messagemes");
+        // A pong is no delivery.
+        assert_eq!(conn.queue_pongs(&Arc::from(&b"PONG"[..]), 1, 10, start), 0);
+        assert_eq!(
+            conn.take_deliveries(),
+            Deliveries {
+                written: 1,
+                unsent: 0
+            }
+        );
+        assert!(conn.abort(start).is_some());
+        assert_eq!(
+            conn.take_deliveries(),
+            Deliveries {
+                written: 0,
+                unsent: 2
+            },
+            "one half written, one not started"
+        );
+    }
+
+    #[test]
+    fn queued_bytes_are_bounded_but_one_large_message_goes_out() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        conn.socket.writes_left = 0;
+        let large: Frame = Arc::from(vec![b'x'; (1 << 20) + 1]);
+        let small: Frame = Arc::from(&b"small"[..]);
+        assert_eq!(conn.queue_message(large.clone(), 10, start), Queued::First);
+        assert_eq!(
+            conn.queue_message(small.clone(), 10, start),
+            Queued::Dropped
+        );
+        conn.socket.writes_left = usize::MAX;
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.queue_message(small.clone(), 10, start), Queued::First);
+        assert_eq!(conn.queue_message(small, 10, start), Queued::Again);
+        assert_eq!(conn.queue_message(large, 10, start), Queued::Dropped);
     }
 
     #[test]
