@@ -238,9 +238,11 @@ impl Server {
             if let Some(deadline) = self.limits.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
             {
+                let open = self.conns.len();
+                let unsent = self.drop_all(now);
                 info!(
-                    "shutdown complete ({} connections still open were dropped)",
-                    self.conns.len()
+                    "shutdown complete ({open} connections still open were dropped, \
+                     with {unsent} messages queued for them)"
                 );
                 return Ok(());
             }
@@ -688,6 +690,17 @@ impl Server {
                 self.remove(key, now);
             }
         }
+    }
+
+    /// Drops every connection left at the end of a shutdown; returns the
+    /// deliveries that were still queued on them (counted unsent).
+    fn drop_all(&mut self, now: Instant) -> u64 {
+        let before = self.metrics.dropped_unsent_on_close;
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.remove(key, now);
+        }
+        self.metrics.dropped_unsent_on_close - before
     }
 
     /// Drops a connection: deregisters and closes its socket (a session still open
