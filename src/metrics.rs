@@ -99,8 +99,8 @@ impl ProcessSampler {
 impl Metrics {
     /// Adds what a connection reports after it wrote or closed.
     pub fn count_deliveries(&mut self, deliveries: Deliveries) {
-        self.delivered += deliveries.written;
-        self.dropped_unsent_on_close += deliveries.unsent;
+        self.delivered += u64::from(deliveries.written);
+        self.dropped_unsent_on_close += u64::from(deliveries.unsent);
     }
 
     /// Deliveries queued and not yet written or dropped.

@@ -43,13 +43,15 @@ impl Chunk {
     }
 }
 
-/// Deliveries that reached their end since the last [`OutboundQueue::take_deliveries`].
+/// Deliveries that reached their end since the last [`OutboundQueue::take_deliveries`]
+/// (the loop takes them after every flush, so they stay small: 32 bits keep
+/// every connection's queue 8 bytes smaller).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Deliveries {
     /// Frames written to the socket in full.
-    pub written: u64,
+    pub written: u32,
     /// Frames thrown away before they were written in full.
-    pub unsent: u64,
+    pub unsent: u32,
 }
 
 /// How many message frames, and how many of their bytes, a queue may hold.
@@ -146,7 +148,10 @@ impl OutboundQueue {
             .iter()
             .filter(|chunk| matches!(chunk, Chunk::Message(_)))
             .count();
-        self.deliveries.unsent += unsent as u64;
+        self.deliveries.unsent = self
+            .deliveries
+            .unsent
+            .saturating_add(saturating_u32(unsent));
         *self = OutboundQueue {
             deliveries: self.deliveries,
             ..OutboundQueue::default()
@@ -183,7 +188,7 @@ impl OutboundQueue {
                     self.messages -= 1;
                     self.message_bytes -= frame.len();
                     if matches!(self.chunks[index], Chunk::Message(_)) {
-                        self.deliveries.unsent += 1;
+                        self.deliveries.unsent = self.deliveries.unsent.saturating_add(1);
                     }
                     self.chunks.remove(index);
                 }
@@ -241,7 +246,7 @@ impl OutboundQueue {
                 Some(Chunk::Message(frame)) => {
                     self.messages -= 1;
                     self.message_bytes -= frame.len();
-                    self.deliveries.written += 1;
+                    self.deliveries.written = self.deliveries.written.saturating_add(1);
                 }
                 Some(Chunk::Reply(frame)) => {
                     self.messages -= 1;
@@ -256,6 +261,10 @@ impl OutboundQueue {
             self.chunks = VecDeque::new();
         }
     }
+}
+
+fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
