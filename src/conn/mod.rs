@@ -470,25 +470,27 @@ impl<S: Stream> Connection<S> {
         }
     }
 
-    /// Queues `count` pong messages for `{"type":"ping"}` requests, within the
-    /// same bounds as messages (they are no deliveries); returns how many were
-    /// dropped for a full queue. Not marked for the turn's flush: the loop
-    /// settles a connection right after reading it.
-    pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
+    /// Queues a message of the server's own (a pong, any answer to the client)
+    /// within the same bounds as published messages, but not as a delivery (see
+    /// `take_deliveries`). False when the queue is full. Not marked for the
+    /// turn's flush: the loop settles a connection right after handling it.
+    pub fn queue_reply(&mut self, frame: Frame, limit: usize, now: Instant) -> bool {
         let limit = FrameLimit {
             frames: limit,
             bytes: self.send_buffer_bytes,
         };
-        let mut dropped = 0;
-        for _ in 0..count {
-            if self.out.is_empty() {
-                self.last_write_progress = now;
-            }
-            if !self.out.push_reply(pong.clone(), limit) {
-                dropped += 1;
-            }
+        if self.out.is_empty() {
+            self.last_write_progress = now;
         }
-        dropped
+        self.out.push_reply(frame, limit)
+    }
+
+    /// Queues `count` pong messages for `{"type":"ping"}` requests (replies, not
+    /// deliveries); returns how many were dropped for a full queue.
+    pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
+        (0..count)
+            .filter(|_| !self.queue_reply(pong.clone(), limit, now))
+            .count()
     }
 
     /// Deliveries written in full, or thrown away unsent, since the last call
