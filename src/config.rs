@@ -46,6 +46,9 @@ pub struct Config {
     /// `WS_TOKEN_EXPIRY_NOTICE`, default 60s: how long before the token's `exp` a
     /// connection gets `token_expiring`; zero = no notice.
     pub token_expiry_notice: Duration,
+    /// `WS_SEND_BUFFER_BYTES`, default 1 MiB: bytes of messages queued per
+    /// connection (a larger message still goes out on an empty queue).
+    pub send_buffer_bytes: usize,
     /// `WS_ALLOWED_ORIGINS`: exact origins; empty = any origin. A request without
     /// `Origin` (not a browser) is always let through; a cookie token needs a
     /// listed one, so `JWT_COOKIE_NAME` requires this list.
@@ -194,6 +197,7 @@ pub const VARIABLES: &[&str] = &[
     "WS_MAX_CONNECTIONS_PER_USER",
     "WS_SEND_BUFFER",
     "WS_TOKEN_EXPIRY_NOTICE",
+    "WS_SEND_BUFFER_BYTES",
     "WS_ALLOWED_ORIGINS",
     "WS_LOOP_NICE",
     "SHUTDOWN_TIMEOUT",
@@ -302,6 +306,7 @@ impl Config {
             )?,
             send_buffer: env.parse("WS_SEND_BUFFER", 256, parse_count)?,
             token_expiry_notice: env.parse("WS_TOKEN_EXPIRY_NOTICE", secs(60), parse_duration)?,
+            send_buffer_bytes: env.parse("WS_SEND_BUFFER_BYTES", 1 << 20, parse_byte_size)?,
             allowed_origins,
             loop_nice: env.parse("WS_LOOP_NICE", 10, parse_nice)?,
             shutdown_timeout: env.parse("SHUTDOWN_TIMEOUT", secs(30), parse_interval)?,
@@ -419,6 +424,25 @@ fn parse_count(text: &str) -> Result<usize, String> {
         Ok(0) => Err(format!("{text:?} must be at least 1")),
         Ok(n) => Ok(n),
         Err(_) => Err(format!("{text:?} is not a whole number (1 or more)")),
+    }
+}
+
+/// A size in bytes, at least 1: a plain number or one with a `KiB`, `MiB` or
+/// `GiB` suffix (`65536`, `512KiB`, `1MiB`).
+fn parse_byte_size(text: &str) -> Result<usize, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit: usize = match &text[digits.len()..] {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => 0,
+    };
+    match digits.parse::<usize>().map(|n| n.checked_mul(unit)) {
+        Ok(Some(bytes)) if bytes > 0 => Ok(bytes),
+        _ => Err(format!(
+            "{text:?} is not a size in bytes (at least 1; a number, or with KiB, MiB or GiB: 1MiB)"
+        )),
     }
 }
 
@@ -773,6 +797,7 @@ impl fmt::Debug for Config {
             .field("max_connections_per_user", &self.max_connections_per_user)
             .field("send_buffer", &self.send_buffer)
             .field("token_expiry_notice", &self.token_expiry_notice)
+            .field("send_buffer_bytes", &self.send_buffer_bytes)
             .field("allowed_origins", &self.allowed_origins)
             .field("loop_nice", &self.loop_nice)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -888,6 +913,7 @@ mod tests {
         assert_eq!(config.max_connections_per_user, 100);
         assert_eq!(config.send_buffer, 256);
         assert_eq!(config.token_expiry_notice, secs(60));
+        assert_eq!(config.send_buffer_bytes, 1 << 20);
         assert_eq!(config.loop_nice, 10);
         assert!(config.allowed_origins.is_empty());
         assert_eq!(config.shutdown_timeout, secs(30));
@@ -927,6 +953,7 @@ mod tests {
             ("WS_MAX_CONNECTIONS_PER_USER", "5"),
             ("WS_SEND_BUFFER", "8"),
             ("WS_TOKEN_EXPIRY_NOTICE", "0"),
+            ("WS_SEND_BUFFER_BYTES", "512KiB"),
             (
                 "WS_ALLOWED_ORIGINS",
                 " https://a.example.com ,, https://b.example.com,",
@@ -973,6 +1000,7 @@ mod tests {
         assert_eq!(config.max_connections_per_user, 5);
         assert_eq!(config.send_buffer, 8);
         assert_eq!(config.token_expiry_notice, Duration::ZERO);
+        assert_eq!(config.send_buffer_bytes, 512 << 10);
         assert_eq!(config.loop_nice, 0);
         assert_eq!(
             config.allowed_origins,
@@ -1075,6 +1103,11 @@ mod tests {
             ("WS_SEND_BUFFER", "1.5"),
             ("WS_TOKEN_EXPIRY_NOTICE", "60"),
             ("WS_TOKEN_EXPIRY_NOTICE", "-1s"),
+            ("WS_SEND_BUFFER_BYTES", "0"),
+            ("WS_SEND_BUFFER_BYTES", "1MB"),
+            ("WS_SEND_BUFFER_BYTES", "MiB"),
+            ("WS_SEND_BUFFER_BYTES", "-1"),
+            ("WS_SEND_BUFFER_BYTES", "99999999999GiB"),
             ("WS_LOOP_NICE", "-1"),
             ("WS_LOOP_NICE", "20"),
             ("WS_LOOP_NICE", "low"),
@@ -1465,6 +1498,17 @@ mod tests {
         assert!(config(&[("REDIS_TLS_CA_FILE", path)]).is_ok());
         // Best effort: a leftover temp dir is harmless.
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_byte_size("65536"), Ok(65536));
+        assert_eq!(parse_byte_size("1B"), Ok(1));
+        assert_eq!(parse_byte_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_byte_size("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_byte_size("2GiB"), Ok(2 << 30));
+        assert!(parse_byte_size("1 MiB").is_err());
+        assert!(parse_byte_size("1.5MiB").is_err());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! ```text
 //!  [redis-reader] Handoff::push(Published)
-//!      queued += 1 (past `capacity`: refused, the reader counts the drop)
+//!      queued += 1, queued_bytes += size (past either bound: refused, the
+//!      reader counts the drop)
 //!      --> unbounded mpsc
 //!      --> Waker::wake(), only when `awake` was clear: the loop is asleep
 //!  [event loop]   Inbox::rearm() just before it blocks (clears `awake`
@@ -27,6 +28,16 @@ use log::warn;
 /// bound drops messages, and not reading at all would let Redis' own pub/sub
 /// output limit (32 MiB by default) disconnect us, which loses more.
 pub const QUEUE_CAPACITY: usize = 524_288;
+/// Hand-over bound in bytes (user ids and payloads), so that large messages
+/// cannot make the backlog take more memory than small ones do: the message
+/// bound above at 128 bytes a message. A single larger message is still taken
+/// by an empty queue.
+pub const QUEUE_BYTES_CAPACITY: usize = 64 << 20;
+/// Most payload bytes one [`Inbox::drain_into`] moves out: the reader may refill
+/// the queue while the loop works through a batch, so the batch is part of the
+/// backlog's memory too. A whole batch of small messages (65,536 of 128 bytes)
+/// still fits.
+const DRAIN_BYTES: usize = 8 << 20;
 
 /// One published message as handed to the event loop: the user id (the
 /// channel without the prefix, checked as UTF-8 once by the reader, never
@@ -63,6 +74,11 @@ impl Published {
     pub fn payload(&self) -> &[u8] {
         &self.bytes[self.user_id_len..]
     }
+
+    /// Bytes held: the user id and the payload.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 impl fmt::Debug for Published {
@@ -79,6 +95,9 @@ struct Shared {
     /// Messages sent and not yet drained; the bound is enforced on it.
     queued: AtomicUsize,
     capacity: usize,
+    /// Bytes of the messages sent and not yet drained (`Published::size`).
+    queued_bytes: AtomicUsize,
+    byte_capacity: usize,
     /// The one flag: set by the reader when it wakes the loop, cleared by the
     /// loop just before it blocks in poll. While set, the loop is awake (or
     /// about to be) and will look at the queue, so pushes do not wake it again.
@@ -103,13 +122,16 @@ impl Inbox {
         self.shared.queued.load(Ordering::Acquire) > 0
     }
 
-    /// Moves up to `max` messages into `out` (a reused Vec; appended to) and
-    /// returns how many. Whether more are left: [`Inbox::has_waiting`].
+    /// Moves up to `max` messages, and about `DRAIN_BYTES` at most, into `out`
+    /// (a reused Vec; appended to) and returns how many. Whether more are left:
+    /// [`Inbox::has_waiting`].
     pub fn drain_into(&self, out: &mut Vec<Published>, max: usize) -> usize {
         let mut moved = 0;
-        while moved < max {
+        let mut bytes = 0;
+        while moved < max && bytes < DRAIN_BYTES {
             match self.rx.try_recv() {
                 Ok(published) => {
+                    bytes += published.size();
                     out.push(published);
                     moved += 1;
                 }
@@ -117,6 +139,7 @@ impl Inbox {
             }
         }
         if moved > 0 {
+            self.shared.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
             self.shared.queued.fetch_sub(moved, Ordering::AcqRel);
         }
         moved
@@ -142,6 +165,11 @@ impl Inbox {
         self.shared.queued.load(Ordering::Relaxed)
     }
 
+    /// Bytes of the messages waiting.
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Relaxed)
+    }
+
     /// Wakes sent to the loop so far, for tests and diagnosis.
     pub fn wakes(&self) -> u64 {
         self.shared.wakes.load(Ordering::Relaxed)
@@ -158,7 +186,7 @@ pub struct Handoff {
 #[derive(Debug, PartialEq, Eq)]
 pub enum PushOutcome {
     Queued,
-    /// The queue is at its bound: the message was dropped.
+    /// The queue is at its bound (messages or bytes): the message was dropped.
     Full,
     /// The Inbox is gone: the event loop has exited.
     Closed,
@@ -168,21 +196,36 @@ impl Handoff {
     /// Queues `published` and wakes the loop unless it is already awake.
     pub fn push(&self, published: Published) -> PushOutcome {
         // Counted before the send so the loop's decrement never runs ahead of it.
-        if self.shared.queued.fetch_add(1, Ordering::AcqRel) >= self.shared.capacity {
-            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        let shared = &self.shared;
+        let size = published.size();
+        if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.capacity {
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return PushOutcome::Full;
+        }
+        let bytes_before = shared.queued_bytes.fetch_add(size, Ordering::AcqRel);
+        // A message larger than the bound still goes through an empty queue.
+        if bytes_before > 0 && bytes_before + size > shared.byte_capacity {
+            shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
             return PushOutcome::Full;
         }
         if self.tx.send(published).is_err() {
-            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            shared.queued_bytes.fetch_sub(size, Ordering::AcqRel);
+            shared.queued.fetch_sub(1, Ordering::AcqRel);
             return PushOutcome::Closed;
         }
         self.wake();
         PushOutcome::Queued
     }
 
-    /// The bound, for log lines.
+    /// The bound in messages, for log lines.
     pub fn capacity(&self) -> usize {
         self.shared.capacity
+    }
+
+    /// The bound in bytes, for log lines.
+    pub fn byte_capacity(&self) -> usize {
+        self.shared.byte_capacity
     }
 
     fn wake(&self) {
@@ -199,18 +242,20 @@ impl Handoff {
     }
 }
 
-/// A hand-over of at most `capacity` messages that wakes the loop through
-/// `waker`. The channel is an unbounded std channel whose length is bounded by
+/// A hand-over of at most `capacity` messages and `byte_capacity` bytes that
+/// wakes the loop through `waker`. The channel is an unbounded std channel whose length is bounded by
 /// the `queued` counter, deliberately not `sync_channel(capacity)`: std's
 /// bounded channel allocates and touches every slot up front (about 2 MiB
 /// resident for 65,536 slots, against a 5 MiB start budget); the list channel
 /// grows in small blocks only while there is a backlog and frees them as the
 /// loop drains.
-pub fn channel(waker: Arc<mio::Waker>, capacity: usize) -> (Handoff, Inbox) {
+pub fn channel(waker: Arc<mio::Waker>, capacity: usize, byte_capacity: usize) -> (Handoff, Inbox) {
     let (tx, rx) = mpsc::channel();
     let shared = Arc::new(Shared {
         queued: AtomicUsize::new(0),
         capacity,
+        queued_bytes: AtomicUsize::new(0),
+        byte_capacity,
         awake: AtomicBool::new(false),
         waker,
         wakes: AtomicU64::new(0),
@@ -243,7 +288,7 @@ mod tests {
         let mut poll = Poll::new().expect("poll");
         let mut events = Events::with_capacity(8);
         let waker = Arc::new(Waker::new(poll.registry(), WAKE).expect("waker"));
-        let (handoff, inbox) = channel(waker, 10);
+        let (handoff, inbox) = channel(waker, 10, usize::MAX);
         assert!(!inbox.has_waiting());
         for i in 0..12u8 {
             let want = if i < 10 {
@@ -282,6 +327,59 @@ mod tests {
 
         drop(inbox);
         assert_eq!(handoff.push(Published::new("u", b"x")), PushOutcome::Closed);
+    }
+
+    #[test]
+    fn bounded_in_bytes_but_one_large_message_passes_an_empty_queue() {
+        let poll = Poll::new().expect("poll");
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).expect("waker"));
+        let (handoff, inbox) = channel(waker, 100, 10);
+        // 1 + 4 bytes each: two fit, the third would pass the bound.
+        assert_eq!(
+            handoff.push(Published::new("u", b"aaaa")),
+            PushOutcome::Queued
+        );
+        assert_eq!(
+            handoff.push(Published::new("u", b"bbbb")),
+            PushOutcome::Queued
+        );
+        assert_eq!(
+            handoff.push(Published::new("u", b"cccc")),
+            PushOutcome::Full
+        );
+        assert_eq!((inbox.queued(), inbox.queued_bytes()), (2, 10));
+        let mut out = Vec::new();
+        assert_eq!(inbox.drain_into(&mut out, 100), 2);
+        assert_eq!((inbox.queued(), inbox.queued_bytes()), (0, 0));
+        let large = vec![b'x'; 100];
+        assert_eq!(
+            handoff.push(Published::new("u", &large)),
+            PushOutcome::Queued
+        );
+        assert_eq!(handoff.push(Published::new("u", b"")), PushOutcome::Full);
+        assert_eq!(inbox.drain_into(&mut out, 100), 1);
+        assert_eq!(out[2].payload(), &large[..]);
+    }
+
+    #[test]
+    fn a_drain_stops_after_its_bytes() {
+        let poll = Poll::new().expect("poll");
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).expect("waker"));
+        let (handoff, inbox) = channel(waker, 100, usize::MAX);
+        let half = vec![0u8; DRAIN_BYTES / 2];
+        for _ in 0..3 {
+            assert_eq!(
+                handoff.push(Published::new("u", &half)),
+                PushOutcome::Queued
+            );
+        }
+        let mut out = Vec::new();
+        assert_eq!(
+            inbox.drain_into(&mut out, 100),
+            2,
+            "past DRAIN_BYTES after two"
+        );
+        assert_eq!(inbox.drain_into(&mut out, 100), 1);
     }
 
     #[test]

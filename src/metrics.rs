@@ -3,13 +3,22 @@
 //!
 //! The counters are plain integers owned by the event loop (no atomics on the hot
 //! path); the Redis side's numbers come from `RedisStatus` atomics.
+//!
+//! Accounting (README "Endpoints"): every message read from Redis is either
+//! dropped as a message (`messages_dropped_total`: offline user, invalid, invalid
+//! channel, hand-over queue full) or goes to each connection of its user as one
+//! delivery. Each delivery is dropped at once (`deliveries_dropped_total`,
+//! `buffer_full`), or queued; a queued one is later written to the socket in
+//! full (`messages_delivered_total`) or thrown away unsent when the connection
+//! closes first (`deliveries_dropped_total`, `unsent_on_close`); until then it
+//! is in `deliveries_queued`.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::clock::Timestamp;
-use crate::conn::CloseReason;
 use crate::conn::refresh::Outcome;
+use crate::conn::{CloseReason, Deliveries};
 use crate::http::Rejection;
 use crate::process_stats;
 use crate::redis_status::RedisStatus;
@@ -23,12 +32,17 @@ pub struct Metrics {
     pub rejected: [u64; Rejection::ALL.len()],
     /// Clients that did not finish their request head in time.
     pub handshake_timeouts: u64,
-    /// Message frames queued to connections (one per connection a message reaches).
+    /// Deliveries (one message, one connection) taken into a connection's queue.
+    pub queued: u64,
+    /// Deliveries written to the socket in full.
     pub delivered: u64,
     /// Messages for users with no connection here.
     pub dropped_offline: u64,
-    /// Deliveries dropped because a connection's queue was full.
+    /// Deliveries dropped because a connection's queue was full
+    /// (`WS_SEND_BUFFER` frames or `WS_SEND_BUFFER_BYTES` bytes).
     pub dropped_buffer_full: u64,
+    /// Queued deliveries thrown away unwritten because their connection closed.
+    pub dropped_unsent_on_close: u64,
     /// Published messages that are not `{"type": string, "payload": any}`.
     pub dropped_invalid: u64,
     /// Connections ended, by `CloseReason as usize`.
@@ -101,6 +115,29 @@ impl ProcessSampler {
 }
 
 impl Metrics {
+    /// Adds what a connection reports after it wrote or closed.
+    pub fn count_deliveries(&mut self, deliveries: Deliveries) {
+        self.delivered += u64::from(deliveries.written);
+        self.dropped_unsent_on_close += u64::from(deliveries.unsent);
+    }
+
+    /// Deliveries queued and not yet written or dropped.
+    pub fn deliveries_queued(&self) -> u64 {
+        self.queued
+            .saturating_sub(self.delivered + self.dropped_unsent_on_close)
+    }
+
+    /// Messages and deliveries dropped for a reason that is a failure: the
+    /// Go-compatible JSON's `failed`. A message for a user with no connection
+    /// here is not one (another instance may hold the user).
+    fn failed(&self, redis: &RedisStatus) -> u64 {
+        self.dropped_invalid
+            + redis.dropped_invalid_channel()
+            + redis.dropped_queue_full()
+            + self.dropped_buffer_full
+            + self.dropped_unsent_on_close
+    }
+
     /// Prometheus text exposition format 0.0.4.
     pub fn render_prometheus(&self, gauges: &Gauges, redis: &RedisStatus) -> String {
         let mut out = String::with_capacity(4096);
@@ -153,18 +190,36 @@ impl Metrics {
         metric(
             "messages_delivered_total",
             "counter",
-            "Message frames queued to client connections.",
+            "Deliveries (one message to one connection) written to the client's socket in full.",
             &[("", self.delivered)],
+        );
+        metric(
+            "deliveries_queued",
+            "gauge",
+            "Deliveries waiting in connections' queues.",
+            &[("", self.deliveries_queued())],
         );
         metric(
             "messages_dropped_total",
             "counter",
-            "Messages or deliveries dropped, by reason.",
+            "Messages read from Redis and delivered to no connection, by reason.",
             &[
                 ("{reason=\"offline_user\"}", self.dropped_offline),
-                ("{reason=\"buffer_full\"}", self.dropped_buffer_full),
                 ("{reason=\"invalid\"}", self.dropped_invalid),
+                (
+                    "{reason=\"invalid_channel\"}",
+                    redis.dropped_invalid_channel(),
+                ),
                 ("{reason=\"queue_full\"}", redis.dropped_queue_full()),
+            ],
+        );
+        metric(
+            "deliveries_dropped_total",
+            "counter",
+            "Deliveries (one message to one connection) dropped, by reason.",
+            &[
+                ("{reason=\"buffer_full\"}", self.dropped_buffer_full),
+                ("{reason=\"unsent_on_close\"}", self.dropped_unsent_on_close),
             ],
         );
         let disconnects = by_reason(
@@ -266,7 +321,7 @@ impl Metrics {
             "messages": {
                 "received_from_redis": redis.received(),
                 "sent_to_clients": self.delivered,
-                "failed": self.dropped_buffer_full + self.dropped_invalid + redis.dropped_queue_full(),
+                "failed": self.failed(redis),
             },
         })
         .to_string()
@@ -414,6 +469,16 @@ mod tests {
         assert!(text.contains("ws_notify_log_lines_dropped_total "));
         assert!(text.contains("ws_notify_token_refreshes_total{result=\"rate_limited\"} 0\n"));
         assert!(!text.contains("open_fds"), "no process figures, no line");
+        for reason in ["offline_user", "invalid", "invalid_channel", "queue_full"] {
+            assert!(text.contains(&format!(
+                "ws_notify_messages_dropped_total{{reason=\"{reason}\"}} 0\n"
+            )));
+        }
+        for reason in ["buffer_full", "unsent_on_close"] {
+            assert!(text.contains(&format!(
+                "ws_notify_deliveries_dropped_total{{reason=\"{reason}\"}} 0\n"
+            )));
+        }
         assert!(!text.contains("process_"), "no process figures, no line");
     }
 
@@ -455,5 +520,29 @@ mod tests {
             env!("CARGO_PKG_VERSION")
         );
         assert!(text.contains(&build_info), "{text}");
+        // Every family is declared once.
+        let mut names: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count, "a metric is declared twice");
+    }
+
+    #[test]
+    fn queued_deliveries_are_what_is_neither_written_nor_dropped() {
+        let mut metrics = Metrics {
+            queued: 10,
+            ..Metrics::default()
+        };
+        metrics.count_deliveries(Deliveries {
+            written: 6,
+            unsent: 3,
+        });
+        assert_eq!(metrics.deliveries_queued(), 1);
+        assert_eq!((metrics.delivered, metrics.dropped_unsent_on_close), (6, 3));
     }
 }

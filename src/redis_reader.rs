@@ -33,7 +33,9 @@ use redis::{
 
 use crate::clock;
 use crate::config::RedisConfig;
-use crate::handover::{self, Handoff, Inbox, Published, PushOutcome, QUEUE_CAPACITY};
+use crate::handover::{
+    self, Handoff, Inbox, Published, PushOutcome, QUEUE_BYTES_CAPACITY, QUEUE_CAPACITY,
+};
 use crate::logging::RateLimited;
 use crate::message::user_id_from_channel;
 use crate::redis_status::RedisStatus;
@@ -78,7 +80,7 @@ impl RedisReader {
         waker: Arc<mio::Waker>,
     ) -> io::Result<(RedisReader, Inbox, Arc<RedisStatus>)> {
         let client = build_client(&config)?;
-        let (handoff, inbox) = handover::channel(waker, QUEUE_CAPACITY);
+        let (handoff, inbox) = handover::channel(waker, QUEUE_CAPACITY, QUEUE_BYTES_CAPACITY);
         let status = Arc::new(RedisStatus::new());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = ReaderThread::new(
@@ -633,8 +635,9 @@ impl ReaderThread {
                 self.status.count_dropped_queue_full();
                 if let Some(suppressed) = self.warn_queue_full.check(Instant::now()) {
                     warn!(
-                        "Redis hand-over queue full ({} messages): dropping messages ({suppressed} more dropped since the last warning)",
-                        self.handoff.capacity()
+                        "Redis hand-over queue full ({} messages or {} MiB): dropping messages ({suppressed} more dropped since the last warning)",
+                        self.handoff.capacity(),
+                        self.handoff.byte_capacity() >> 20
                     );
                 }
                 None

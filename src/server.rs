@@ -240,9 +240,11 @@ impl Server {
             if let Some(deadline) = self.limits.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
             {
+                let open = self.conns.len();
+                let unsent = self.drop_all(now);
                 info!(
-                    "shutdown complete ({} connections still open were dropped)",
-                    self.conns.len()
+                    "shutdown complete ({open} connections still open were dropped, \
+                     with {unsent} messages queued for them)"
                 );
                 return Ok(());
             }
@@ -412,7 +414,13 @@ impl Server {
                 {
                     let pong = self.encoder.encode_pong(&Timestamp::now());
                     let dropped = conn.queue_pongs(&pong, pongs, self.config.send_buffer, now);
-                    self.metrics.dropped_buffer_full += dropped as u64;
+                    // A pong is no delivery: not in the delivery accounting.
+                    if dropped > 0 {
+                        debug!(
+                            "{dropped} pongs dropped, queue full (connection_id={})",
+                            conn.id()
+                        );
+                    }
                 }
                 if !refreshes.is_empty() {
                     self.answer_refreshes(key, refreshes, now);
@@ -555,6 +563,7 @@ impl Server {
                         now,
                         ping_interval: self.config.ping_interval,
                         ws_config: self.ws_config,
+                        send_buffer_bytes: self.config.send_buffer_bytes,
                     },
                 );
                 // Frames that came with the request head are already buffered: read them now.
@@ -627,10 +636,10 @@ impl Server {
                 };
                 match conn.queue_message(frame.clone(), self.config.send_buffer, now) {
                     Queued::First => {
-                        self.metrics.delivered += 1;
+                        self.metrics.queued += 1;
                         self.to_flush.push(key);
                     }
-                    Queued::Again => self.metrics.delivered += 1,
+                    Queued::Again => self.metrics.queued += 1,
                     Queued::Dropped => self.metrics.dropped_buffer_full += 1,
                 }
             }
@@ -704,7 +713,9 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        match conn.settle(&self.limits, now) {
+        let next = conn.settle(&self.limits, now);
+        self.metrics.count_deliveries(conn.take_deliveries());
+        match next {
             Next::Keep { reregister, arm } => {
                 if let Some(interest) = reregister
                     && self
@@ -729,8 +740,19 @@ impl Server {
         }
     }
 
+    /// Drops every connection left at the end of a shutdown; returns the
+    /// deliveries that were still queued on them (counted unsent).
+    fn drop_all(&mut self, now: Instant) -> u64 {
+        let before = self.metrics.dropped_unsent_on_close;
+        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in keys {
+            self.remove(key, now);
+        }
+        self.metrics.dropped_unsent_on_close - before
+    }
+
     /// Drops a connection: deregisters and closes its socket (a session still open
-    /// is accounted as lost).
+    /// is accounted as lost, deliveries still queued as unsent).
     fn remove(&mut self, key: usize, now: Instant) {
         let Some(mut conn) = self.conns.try_remove(key) else {
             return;
@@ -738,6 +760,7 @@ impl Server {
         if let Some(ended) = conn.abort(now) {
             self.report_end(key, ended);
         }
+        self.metrics.count_deliveries(conn.take_deliveries());
         // The socket is closed right after; a failed deregister leaves nothing behind.
         let _ = self.poll.registry().deregister(conn.socket_mut());
     }

@@ -217,7 +217,7 @@ fn slow_client_is_closed_with_4008_while_a_reading_one_gets_everything() {
     gw.wait_active_connections(2);
 
     let filler = "x".repeat(64 * 1024);
-    let full = r#"ws_notify_messages_dropped_total{reason="buffer_full"}"#;
+    let full = r#"ws_notify_deliveries_dropped_total{reason="buffer_full"}"#;
     let slow_disconnect = r#"ws_notify_disconnects_total{reason="slow_client"}"#;
     let mut sent = 0u32;
     let mut saw_drop = false;

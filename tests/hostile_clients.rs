@@ -1087,7 +1087,7 @@ fn a_reader_that_never_reads_costs_bounded_memory() {
         publish(seq);
     }
     let after = gw.resident_bytes();
-    let dropped = gw.metric(r#"ws_notify_messages_dropped_total{reason="buffer_full"}"#);
+    let dropped = gw.metric(r#"ws_notify_deliveries_dropped_total{reason="buffer_full"}"#);
     eprintln!(
         "{MESSAGES} messages of 64 KiB; RSS {:.1} -> {:.1} MiB; {dropped} dropped for the slow client",
         before / MIB,

@@ -43,6 +43,7 @@ fn config_errors_exit_2_naming_the_variable() {
             "WS_MAX_CONNECTIONS_PER_USER",
         ),
         (&[("WS_SEND_BUFFER", "many")], "WS_SEND_BUFFER"),
+        (&[("WS_SEND_BUFFER_BYTES", "1MB")], "WS_SEND_BUFFER_BYTES"),
         (&[("WS_LOOP_NICE", "20")], "WS_LOOP_NICE"),
         (&[("WS_MAX_MESSAGE_SIZE", "big")], "WS_MAX_MESSAGE_SIZE"),
         (&[("REDIS_DB", "zero")], "REDIS_DB"),

@@ -455,7 +455,7 @@ fn flood(messages: usize, pad: usize) {
     let mut counts = (0.0, 0.0);
     let dropped_names = [
         r#"ws_notify_messages_dropped_total{reason="offline_user"}"#,
-        r#"ws_notify_messages_dropped_total{reason="buffer_full"}"#,
+        r#"ws_notify_deliveries_dropped_total{reason="buffer_full"}"#,
         r#"ws_notify_messages_dropped_total{reason="invalid"}"#,
         r#"ws_notify_messages_dropped_total{reason="queue_full"}"#,
     ];

@@ -115,12 +115,22 @@ impl CpuSpan {
 }
 
 /// Series kept from /metrics: those whose name starts with one of these.
-const METRICS_KEPT: [&str; 2] = ["ws_notify_messages_", "ws_notify_redis_reconnects_total"];
+const METRICS_KEPT: [&str; 3] = [
+    "ws_notify_messages_",
+    "ws_notify_deliveries_dropped_total",
+    "ws_notify_redis_reconnects_total",
+];
+/// The server's drop counters: dropped messages, and dropped deliveries (one
+/// message to one connection); their reasons are distinct.
+pub const DROP_COUNTERS: [&str; 2] = [
+    "ws_notify_messages_dropped_total",
+    "ws_notify_deliveries_dropped_total",
+];
 /// Re-subscriptions: a Redis that disconnected a slow subscriber loses messages.
 const RECONNECTS: &str = "ws_notify_redis_reconnects_total";
 
-/// Fetches the server's /metrics and returns the `ws_notify_messages_*`
-/// series and the Redis reconnect count (name with labels -> value).
+/// Fetches the server's /metrics and returns the `ws_notify_messages_*` series,
+/// the dropped deliveries and the Redis reconnect count (name with labels -> value).
 pub fn scrape_metrics(server: SocketAddrV4, host: &str) -> io::Result<BTreeMap<String, f64>> {
     scrape_series(server, host, &METRICS_KEPT)
 }
@@ -288,13 +298,17 @@ impl Summary {
         (self.opened > 0).then(|| (after as f64 - before as f64) * 1024.0 / self.opened as f64)
     }
 
+    /// The server's dropped messages and dropped deliveries by reason (the
+    /// reasons of the two counters are distinct).
     fn drops(&self) -> Option<BTreeMap<String, f64>> {
         let metrics = self.server_metrics.as_ref()?;
         Some(
             metrics
                 .iter()
                 .filter_map(|(k, v)| {
-                    let reason = k.strip_prefix("ws_notify_messages_dropped_total{reason=\"")?;
+                    let reason = DROP_COUNTERS
+                        .iter()
+                        .find_map(|name| k.strip_prefix(name)?.strip_prefix("{reason=\""))?;
                     Some((reason.trim_end_matches("\"}").to_string(), *v))
                 })
                 .collect(),
@@ -480,10 +494,11 @@ mod tests {
     #[test]
     fn parses_message_series() {
         let text = "# HELP x\n# TYPE ws_notify_messages_dropped_total counter\n\
-                    ws_notify_messages_dropped_total{reason=\"buffer_full\"} 12\n\
+                    ws_notify_deliveries_dropped_total{reason=\"buffer_full\"} 12\n\
+                    ws_notify_messages_dropped_total{reason=\"queue_full\"} 1\n\
                     ws_notify_messages_received_total 100\nws_notify_connections 5\n";
         let m = parse_metrics(text);
-        assert_eq!(m.len(), 2);
+        assert_eq!(m.len(), 3);
         assert!(parse_metrics("ws_notify_redis_reconnects_total 3\n").contains_key(RECONNECTS));
         assert_eq!(m["ws_notify_messages_received_total"], 100.0);
         let mut before = BTreeMap::new();
@@ -491,7 +506,7 @@ mod tests {
         let d = metrics_delta(&before, &m);
         assert_eq!(d["ws_notify_messages_received_total"], 60.0);
         assert_eq!(
-            d["ws_notify_messages_dropped_total{reason=\"buffer_full\"}"],
+            d["ws_notify_deliveries_dropped_total{reason=\"buffer_full\"}"],
             12.0
         );
     }

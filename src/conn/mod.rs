@@ -49,7 +49,8 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
 use crate::message::Frame;
-use outbound::{FlushResult, OutboundQueue};
+pub use outbound::Deliveries;
+use outbound::{FlushResult, FrameLimit, OutboundQueue};
 
 /// Largest amount read from a socket in one `read` call during the handshake.
 const HEAD_READ_CHUNK: usize = 1024;
@@ -282,7 +283,8 @@ pub enum Queued {
     First,
     /// Queued; the connection is already marked.
     Again,
-    /// `WS_SEND_BUFFER` frames are already waiting: dropped.
+    /// `WS_SEND_BUFFER` frames or `WS_SEND_BUFFER_BYTES` bytes are already
+    /// waiting: dropped.
     Dropped,
 }
 
@@ -293,6 +295,8 @@ pub struct Connection<S = TcpStream> {
     id: u64,
     state: State,
     out: OutboundQueue,
+    /// `WS_SEND_BUFFER_BYTES` of the session (set by `open`).
+    send_buffer_bytes: usize,
     /// When the connection was accepted.
     accepted_at: Instant,
     /// Last time output made progress (or became pending).
@@ -317,6 +321,7 @@ impl<S: Stream> Connection<S> {
                 deadline: handshake_deadline,
             },
             out: OutboundQueue::default(),
+            send_buffer_bytes: usize::MAX,
             accepted_at: now,
             last_write_progress: now,
             timer_at: None,
@@ -463,7 +468,8 @@ impl<S: Stream> Connection<S> {
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
         self.queue_control(answer, session.now);
         // The first message is always accepted: the queue is empty.
-        self.out.push_message(connected, usize::MAX);
+        self.out.push_reply(connected, FrameLimit::NONE);
+        self.send_buffer_bytes = session.send_buffer_bytes;
         self.state = State::Open(Box::new(Session {
             ws,
             user_id: session.user_id,
@@ -474,9 +480,14 @@ impl<S: Stream> Connection<S> {
         }));
     }
 
-    /// Queues a message frame, unless `limit` frames are already waiting. The hot
-    /// path: no allocation, no system call (the loop flushes once per turn).
+    /// Queues a published message's frame (a delivery), unless `limit` frames or
+    /// `WS_SEND_BUFFER_BYTES` bytes are already waiting. The hot path: no
+    /// allocation, no system call (the loop flushes once per turn).
     pub fn queue_message(&mut self, frame: Frame, limit: usize, now: Instant) -> Queued {
+        let limit = FrameLimit {
+            frames: limit,
+            bytes: self.send_buffer_bytes,
+        };
         if self.out.is_empty() {
             self.last_write_progress = now;
         }
@@ -491,16 +502,31 @@ impl<S: Stream> Connection<S> {
         }
     }
 
-    /// Queues `count` pong messages for `{"type":"ping"}` requests; returns how many
-    /// were dropped for a full queue.
+    /// Queues a message of the server's own (a pong, any answer to the client)
+    /// within the same bounds as published messages, but not as a delivery (see
+    /// `take_deliveries`). False when the queue is full. Not marked for the
+    /// turn's flush: the loop settles a connection right after handling it.
+    pub fn queue_reply(&mut self, frame: Frame, limit: usize, now: Instant) -> bool {
+        let limit = FrameLimit {
+            frames: limit,
+            bytes: self.send_buffer_bytes,
+        };
+        if self.out.is_empty() {
+            self.last_write_progress = now;
+        }
+        self.out.push_reply(frame, limit)
+    }
+
+    /// Queues `count` pong messages for `{"type":"ping"}` requests (replies, not
+    /// deliveries); returns how many were dropped for a full queue.
     pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
         (0..count)
-            .filter(|_| self.queue_message(pong.clone(), limit, now) == Queued::Dropped)
+            .filter(|_| !self.queue_reply(pong.clone(), limit, now))
             .count()
     }
 
     /// Checks and answers the refresh requests `read` reported (README, "Refreshing
-    /// the token"): each answer is queued like a message (bounded by `limit`);
+    /// the token"): each answer is queued as a reply (bounded by `limit`, not a delivery);
     /// `outcome` hears how each request ended and whether its answer was dropped
     /// for a full queue. A session that is no longer open ignores them.
     pub fn answer_refreshes(
@@ -532,9 +558,15 @@ impl<S: Stream> Connection<S> {
             },
         );
         for (frame, result) in answers {
-            let dropped = self.queue_message(frame, limit, now) == Queued::Dropped;
+            let dropped = !self.queue_reply(frame, limit, now);
             outcome(result, dropped);
         }
+    }
+
+    /// Deliveries written in full, or thrown away unsent, since the last call
+    /// (the loop adds them to its metrics after each `settle` and on removal).
+    pub fn take_deliveries(&mut self) -> Deliveries {
+        self.out.take_deliveries()
     }
 
     /// Whether the timer entry at `at` is this connection's current one (an entry
@@ -587,7 +619,7 @@ impl<S: Stream> Connection<S> {
                         if self.out.is_empty() {
                             self.last_write_progress = now;
                         }
-                        self.out.push_message(notice, usize::MAX);
+                        self.out.push_reply(notice, FrameLimit::NONE);
                     }
                     Step::Continue
                 }
@@ -615,13 +647,15 @@ impl<S: Stream> Connection<S> {
     }
 
     /// The loop drops the connection whatever its state (a failed registration):
-    /// an open session ends as lost.
+    /// an open session ends as lost, and deliveries still queued are unsent (see
+    /// `take_deliveries`).
     pub fn abort(&mut self, now: Instant) -> Option<Ended> {
         let ended = match self.end(CloseReason::ConnectionLost, &Limits::NONE, now) {
             Step::Ended(ended) => Some(ended),
             _ => None,
         };
         self.state = State::Done;
+        self.out.discard_all();
         ended
     }
 
@@ -704,7 +738,7 @@ impl<S: Stream> Connection<S> {
                 let Session { ws, user_id, .. } = *session;
                 if reason == CloseReason::SlowClient {
                     // The client is not reading: what it has not started to receive is
-                    // dropped so the close frame is next in line.
+                    // dropped (counted unsent) so the close frame is next in line.
                     self.out.discard_unsent_messages();
                 }
                 let has_frame = match reason.close_frame() {
@@ -871,6 +905,8 @@ pub struct SessionParams {
     pub now: Instant,
     pub ping_interval: Duration,
     pub ws_config: WebSocketConfig,
+    /// `WS_SEND_BUFFER_BYTES`.
+    pub send_buffer_bytes: usize,
 }
 
 /// The I/O tungstenite sees: reads come from the socket, writes go into the
@@ -1373,6 +1409,7 @@ mod tests {
                 now: start,
                 ping_interval: LIMITS.ping_interval,
                 ws_config: websocket_config(512),
+                send_buffer_bytes: 1 << 20,
             },
         );
         assert!(matches!(
@@ -1667,6 +1704,65 @@ mod tests {
         conn.socket.writes_left = usize::MAX;
         let _ = conn.settle(&LIMITS, at);
         assert_eq!(conn.socket.written, close_frame(4008, "slow client"));
+        assert_eq!(
+            conn.take_deliveries(),
+            Deliveries {
+                written: 0,
+                unsent: 3
+            }
+        );
+    }
+
+    #[test]
+    fn deliveries_left_in_the_queue_of_a_removed_connection_are_unsent() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        let message: Frame = Arc::from(&b"message"[..]);
+        let _ = conn.queue_message(message.clone(), 10, start);
+        let _ = conn.settle(&LIMITS, start);
+        conn.socket.writes_left = 1;
+        conn.socket.write_chunk = 3;
+        let _ = conn.queue_message(message.clone(), 10, start);
+        let _ = conn.queue_message(message, 10, start);
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, b"messagemes");
+        // A pong is no delivery.
+        assert_eq!(conn.queue_pongs(&Arc::from(&b"PONG"[..]), 1, 10, start), 0);
+        assert_eq!(
+            conn.take_deliveries(),
+            Deliveries {
+                written: 1,
+                unsent: 0
+            }
+        );
+        assert!(conn.abort(start).is_some());
+        assert_eq!(
+            conn.take_deliveries(),
+            Deliveries {
+                written: 0,
+                unsent: 2
+            },
+            "one half written, one not started"
+        );
+    }
+
+    #[test]
+    fn queued_bytes_are_bounded_but_one_large_message_goes_out() {
+        let start = Instant::now();
+        let mut conn = open_session(start);
+        conn.socket.writes_left = 0;
+        let large: Frame = Arc::from(vec![b'x'; (1 << 20) + 1]);
+        let small: Frame = Arc::from(&b"small"[..]);
+        assert_eq!(conn.queue_message(large.clone(), 10, start), Queued::First);
+        assert_eq!(
+            conn.queue_message(small.clone(), 10, start),
+            Queued::Dropped
+        );
+        conn.socket.writes_left = usize::MAX;
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.queue_message(small.clone(), 10, start), Queued::First);
+        assert_eq!(conn.queue_message(small, 10, start), Queued::Again);
+        assert_eq!(conn.queue_message(large, 10, start), Queued::Dropped);
     }
 
     #[test]

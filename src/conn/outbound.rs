@@ -3,7 +3,15 @@
 //! frames (pong, close) tungstenite or the server write.
 //!
 //! Message frames are shared (`Frame` = `Arc<[u8]>`, encoded once per message) and
-//! counted against `WS_SEND_BUFFER`; control bytes are owned and bounded separately.
+//! bounded by `WS_SEND_BUFFER` frames and `WS_SEND_BUFFER_BYTES` bytes; control
+//! bytes are owned and bounded separately.
+//!
+//! The queue also keeps the accounting of deliveries (one published message to
+//! this connection, README "Endpoints"): a delivery is *written* once its last
+//! byte is handed to the socket, and *unsent* when it is thrown away before that
+//! (a slow client's queue, or whatever is left when the connection goes). The
+//! server's own frames (`connected`, pong replies) share the bounds but are not
+//! deliveries.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
@@ -16,8 +24,12 @@ const MAX_IOVECS: usize = 64;
 pub const MAX_CONTROL_BYTES: usize = 16 * 1024;
 
 enum Chunk {
-    /// A message frame shared with the other connections it goes to.
+    /// A published message's frame (a delivery), shared with the other
+    /// connections it goes to.
     Message(Frame),
+    /// A frame of the server's own (`connected`, a pong reply): bounded like a
+    /// message, not counted as a delivery.
+    Reply(Frame),
     /// Bytes only this connection sends.
     Control(Vec<u8>),
 }
@@ -25,10 +37,39 @@ enum Chunk {
 impl Chunk {
     fn bytes(&self) -> &[u8] {
         match self {
-            Chunk::Message(frame) => frame,
+            Chunk::Message(frame) | Chunk::Reply(frame) => frame,
             Chunk::Control(bytes) => bytes,
         }
     }
+}
+
+/// Deliveries that reached their end since the last [`OutboundQueue::take_deliveries`]
+/// (the loop takes them after every flush, so they stay small: 32 bits keep
+/// every connection's queue 8 bytes smaller).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Deliveries {
+    /// Frames written to the socket in full.
+    pub written: u32,
+    /// Frames thrown away before they were written in full.
+    pub unsent: u32,
+}
+
+/// How many message frames, and how many of their bytes, a queue may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLimit {
+    /// `WS_SEND_BUFFER`.
+    pub frames: usize,
+    /// `WS_SEND_BUFFER_BYTES`; a larger frame is still taken by a queue that
+    /// holds no message frame, or it could never be sent at all.
+    pub bytes: usize,
+}
+
+impl FrameLimit {
+    /// No bound (the first frame of a session).
+    pub const NONE: FrameLimit = FrameLimit {
+        frames: usize::MAX,
+        bytes: usize::MAX,
+    };
 }
 
 /// What a `flush` achieved.
@@ -48,6 +89,10 @@ pub struct OutboundQueue {
     front_written: usize,
     /// Message frames queued (bounded by `WS_SEND_BUFFER`).
     messages: usize,
+    /// Bytes of the message frames queued (bounded by `WS_SEND_BUFFER_BYTES`).
+    message_bytes: usize,
+    /// Deliveries finished since the loop last took the count.
+    deliveries: Deliveries,
     /// Control bytes queued (bounded by `MAX_CONTROL_BYTES`).
     control_bytes: usize,
 }
@@ -62,14 +107,55 @@ impl OutboundQueue {
         self.messages
     }
 
-    /// Queues a message frame unless `limit` frames are already waiting.
-    pub fn push_message(&mut self, frame: Frame, limit: usize) -> bool {
-        if self.messages >= limit {
+    /// Bytes of the message frames waiting.
+    pub fn message_bytes(&self) -> usize {
+        self.message_bytes
+    }
+
+    /// Queues a published message's frame unless it is over `limit`.
+    pub fn push_message(&mut self, frame: Frame, limit: FrameLimit) -> bool {
+        self.push_frame(Chunk::Message(frame), limit)
+    }
+
+    /// Queues a frame of the server's own (`connected`, a pong) unless it is over `limit`.
+    pub fn push_reply(&mut self, frame: Frame, limit: FrameLimit) -> bool {
+        self.push_frame(Chunk::Reply(frame), limit)
+    }
+
+    fn push_frame(&mut self, chunk: Chunk, limit: FrameLimit) -> bool {
+        let len = chunk.bytes().len();
+        if self.messages >= limit.frames
+            || (self.message_bytes > 0 && self.message_bytes + len > limit.bytes)
+        {
             return false;
         }
         self.messages += 1;
-        self.chunks.push_back(Chunk::Message(frame));
+        self.message_bytes += len;
+        self.chunks.push_back(chunk);
         true
+    }
+
+    /// The deliveries finished since the last call, for the loop's metrics.
+    pub fn take_deliveries(&mut self) -> Deliveries {
+        std::mem::take(&mut self.deliveries)
+    }
+
+    /// The connection goes: every delivery still queued (a half-written one
+    /// too) is unsent. The queue is left empty.
+    pub fn discard_all(&mut self) {
+        let unsent = self
+            .chunks
+            .iter()
+            .filter(|chunk| matches!(chunk, Chunk::Message(_)))
+            .count();
+        self.deliveries.unsent = self
+            .deliveries
+            .unsent
+            .saturating_add(saturating_u32(unsent));
+        *self = OutboundQueue {
+            deliveries: self.deliveries,
+            ..OutboundQueue::default()
+        };
     }
 
     /// Queues control bytes unless the control budget is spent.
@@ -91,21 +177,24 @@ impl OutboundQueue {
     }
 
     /// Drops message frames that have not started going out (a frame half written
-    /// must be finished, or the stream would be corrupt). Returns how many were dropped.
-    pub fn discard_unsent_messages(&mut self) -> usize {
+    /// must be finished, or the stream would be corrupt); the deliveries among
+    /// them are counted unsent.
+    pub fn discard_unsent_messages(&mut self) {
         let keep_front = usize::from(self.front_written > 0);
-        let mut dropped = 0;
         let mut index = keep_front;
         while index < self.chunks.len() {
-            if matches!(self.chunks[index], Chunk::Message(_)) {
-                self.chunks.remove(index);
-                dropped += 1;
-            } else {
-                index += 1;
+            match &self.chunks[index] {
+                Chunk::Message(frame) | Chunk::Reply(frame) => {
+                    self.messages -= 1;
+                    self.message_bytes -= frame.len();
+                    if matches!(self.chunks[index], Chunk::Message(_)) {
+                        self.deliveries.unsent = self.deliveries.unsent.saturating_add(1);
+                    }
+                    self.chunks.remove(index);
+                }
+                Chunk::Control(_) => index += 1,
             }
         }
-        self.messages -= dropped;
-        dropped
     }
 
     /// Writes as much as the socket takes, several chunks per system call.
@@ -154,7 +243,15 @@ impl OutboundQueue {
             written -= remaining;
             self.front_written = 0;
             match self.chunks.pop_front() {
-                Some(Chunk::Message(_)) => self.messages -= 1,
+                Some(Chunk::Message(frame)) => {
+                    self.messages -= 1;
+                    self.message_bytes -= frame.len();
+                    self.deliveries.written = self.deliveries.written.saturating_add(1);
+                }
+                Some(Chunk::Reply(frame)) => {
+                    self.messages -= 1;
+                    self.message_bytes -= frame.len();
+                }
                 Some(Chunk::Control(bytes)) => self.control_bytes -= bytes.len(),
                 None => {}
             }
@@ -164,6 +261,10 @@ impl OutboundQueue {
             self.chunks = VecDeque::new();
         }
     }
+}
+
+fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
@@ -184,21 +285,86 @@ mod tests {
         Arc::from(bytes)
     }
 
+    /// At most `n` frames, bytes unbounded.
+    fn frames(n: usize) -> FrameLimit {
+        FrameLimit {
+            frames: n,
+            bytes: usize::MAX,
+        }
+    }
+
     #[test]
     fn bounded_by_message_limit() {
         let mut q = OutboundQueue::default();
-        assert!(q.push_message(frame(b"a"), 2));
-        assert!(q.push_message(frame(b"b"), 2));
-        assert!(!q.push_message(frame(b"c"), 2));
+        assert!(q.push_message(frame(b"a"), frames(2)));
+        assert!(q.push_message(frame(b"b"), frames(2)));
+        assert!(!q.push_message(frame(b"c"), frames(2)));
         assert_eq!(q.messages(), 2);
+    }
+
+    #[test]
+    fn bounded_by_bytes_but_a_large_frame_goes_out_on_an_empty_queue() {
+        let limit = FrameLimit {
+            frames: 100,
+            bytes: 10,
+        };
+        let mut q = OutboundQueue::default();
+        // Control bytes do not count against the message bytes.
+        q.push_control(b"HTTP/1.1 101\r\n\r\n");
+        assert!(q.push_message(frame(&[b'x'; 25]), limit), "alone: taken");
+        assert!(!q.push_message(frame(b"y"), limit), "past the bound");
+        let mut sink = short_writer(usize::MAX, usize::MAX);
+        q.flush(&mut sink).unwrap();
+        assert_eq!(q.message_bytes(), 0);
+        assert!(q.push_message(frame(&[b'a'; 6]), limit));
+        assert!(
+            q.push_reply(frame(&[b'b'; 4]), limit),
+            "exactly at the bound"
+        );
+        assert!(!q.push_message(frame(b"c"), limit));
+        assert_eq!((q.messages(), q.message_bytes()), (2, 10));
+    }
+
+    #[test]
+    fn deliveries_are_counted_when_written_in_full_and_replies_are_not() {
+        let mut q = OutboundQueue::default();
+        q.push_reply(frame(b"CONNECTED"), FrameLimit::NONE);
+        q.push_message(frame(b"one"), frames(10));
+        q.push_message(frame(b"two"), frames(10));
+        // "CONNECTED" and "one" in full (one slice per write), then one byte of "two".
+        let mut sink = short_writer(usize::MAX, 2);
+        q.flush(&mut sink).unwrap();
+        sink.write_chunk = 1;
+        sink.writes_left = 1;
+        q.flush(&mut sink).unwrap();
+        assert_eq!(sink.written, b"CONNECTEDonet");
+        assert_eq!(
+            q.take_deliveries(),
+            Deliveries {
+                written: 1,
+                unsent: 0
+            }
+        );
+        assert_eq!(q.take_deliveries(), Deliveries::default(), "taken once");
+        // The connection goes with "two" half written: unsent.
+        q.discard_all();
+        assert!(q.is_empty());
+        assert_eq!((q.messages(), q.message_bytes()), (0, 0));
+        assert_eq!(
+            q.take_deliveries(),
+            Deliveries {
+                written: 0,
+                unsent: 1
+            }
+        );
     }
 
     #[test]
     fn short_writes_keep_order_and_resume() {
         let mut q = OutboundQueue::default();
         q.push_control(b"HEAD");
-        q.push_message(frame(b"one"), 10);
-        q.push_message(frame(b"two"), 10);
+        q.push_message(frame(b"one"), frames(10));
+        q.push_message(frame(b"two"), frames(10));
         q.push_control(b"!");
         let mut sink = short_writer(3, 2);
         let (written, result) = q.flush(&mut sink).unwrap();
@@ -209,23 +375,35 @@ mod tests {
         assert_eq!(result, FlushResult::Drained);
         assert_eq!(sink.written, b"HEADonetwo!");
         assert!(q.is_empty());
-        assert_eq!(q.messages(), 0);
+        assert_eq!((q.messages(), q.message_bytes()), (0, 0));
+        assert_eq!(q.take_deliveries().written, 2);
     }
 
     #[test]
     fn discard_keeps_a_half_written_frame() {
         let mut q = OutboundQueue::default();
-        q.push_message(frame(b"first"), 10);
-        q.push_message(frame(b"second"), 10);
+        q.push_message(frame(b"first"), frames(10));
+        q.push_message(frame(b"second"), frames(10));
         q.push_control(b"X");
-        q.push_message(frame(b"third"), 10);
+        q.push_reply(frame(b"pong"), frames(10));
+        q.push_message(frame(b"third"), frames(10));
         let mut sink = short_writer(2, 1);
         q.flush(&mut sink).unwrap();
-        assert_eq!(q.discard_unsent_messages(), 2);
+        q.discard_unsent_messages();
+        assert_eq!((q.messages(), q.message_bytes()), (1, 5));
+        assert_eq!(
+            q.take_deliveries(),
+            Deliveries {
+                written: 0,
+                unsent: 2
+            },
+            "the pong is no delivery"
+        );
         sink.writes_left = 100;
         sink.write_chunk = 100;
         q.flush(&mut sink).unwrap();
         assert_eq!(sink.written, b"firstX");
+        assert_eq!(q.take_deliveries().written, 1);
     }
 
     #[test]

@@ -67,8 +67,9 @@ use summary::Sample;
 pub use summary::SoakSummary;
 
 /// Counters whose change over the run is reported.
-const DELTA_SERIES: [&str; 5] = [
+const DELTA_SERIES: [&str; 6] = [
     "ws_notify_messages_",
+    "ws_notify_deliveries_dropped_total",
     "ws_notify_disconnects_total",
     "ws_notify_connections_",
     "ws_notify_redis_reconnects_total",

@@ -106,6 +106,15 @@ impl SoakSummary {
         Some(by_reason(self.server_metrics.as_ref()?, name))
     }
 
+    /// Dropped messages and dropped deliveries by reason (distinct reasons).
+    fn drops(&self) -> Option<BTreeMap<String, f64>> {
+        let mut drops = BTreeMap::new();
+        for name in report::DROP_COUNTERS {
+            drops.extend(self.reasons(name)?);
+        }
+        Some(drops)
+    }
+
     /// Samples taken while the bench held its connections (not the one after it closed them).
     fn held(&self) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(|s| s.label != "closed")
@@ -160,7 +169,7 @@ impl SoakSummary {
             "excluded_before_open": r.before_open,
             "excluded_after_close": r.after_close,
             "latency_us": report::quantiles(&r.latency),
-            "server_drops": self.reasons("ws_notify_messages_dropped_total"),
+            "server_drops": self.drops(),
             "server_disconnects": self.reasons("ws_notify_disconnects_total"),
             "server_rejected": self.reasons("ws_notify_connections_rejected_total"),
             "server_accepted": self.metric("ws_notify_connections_accepted_total"),
@@ -237,10 +246,7 @@ impl SoakSummary {
             ),
         );
         t.row("latency us", report::describe(&r.latency));
-        match (
-            self.reasons("ws_notify_messages_dropped_total"),
-            self.reasons("ws_notify_disconnects_total"),
-        ) {
+        match (self.drops(), self.reasons("ws_notify_disconnects_total")) {
             (Some(drops), Some(disconnects)) => {
                 t.row("server drops (this run)", describe_reasons(&drops));
                 t.row("server disconnects", describe_reasons(&disconnects));
@@ -329,7 +335,7 @@ mod tests {
             7.0,
         );
         m.insert(
-            "ws_notify_messages_dropped_total{reason=\"buffer_full\"}".to_string(),
+            "ws_notify_deliveries_dropped_total{reason=\"buffer_full\"}".to_string(),
             1.0,
         );
         let d = by_reason(&m, "ws_notify_disconnects_total");
