@@ -566,23 +566,29 @@ impl ReaderThread {
         Ok(())
     }
 
+    /// Reads messages until the connection fails or the thread is asked to
+    /// stop, pinging once the link has carried nothing for `ping_interval`.
+    /// Not under traffic: messages arriving prove the link alive, and redis-rs
+    /// keeps every message that arrives before a pong in memory until the pong
+    /// (a flood of 1 MiB messages queued in Redis ahead of a pong held hundreds
+    /// of MiB). On an idle link nothing is queued ahead of the pong, and a
+    /// Redis that freezes mid-flood goes quiet, so it is pinged and caught.
     fn read_messages(&mut self, pubsub: &mut PubSub<'_>) -> SessionEnd {
         let ping_interval = self.config.ping_interval;
-        let mut last_ping = Instant::now();
+        let mut last_activity = Instant::now();
         loop {
             if self.stopping() {
                 return SessionEnd::Stopped;
             }
-            // Also under constant traffic: a server that keeps sending but no
-            // longer answers is caught too, and /health gets a fresh round trip.
-            if last_ping.elapsed() >= ping_interval {
+            if last_activity.elapsed() >= ping_interval {
                 if let Err(error) = self.ping(pubsub) {
                     return SessionEnd::Lost(error);
                 }
-                last_ping = Instant::now();
+                last_activity = Instant::now();
             }
             match pubsub.get_message() {
                 Ok(msg) => {
+                    last_activity = Instant::now();
                     if let Some(end) = self.hand_over(&msg) {
                         return end;
                     }
