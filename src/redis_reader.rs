@@ -10,7 +10,7 @@
 //! never waits on the event loop: it reads a message, hands it over and reads
 //! on, so Redis never sees a slow subscriber (Redis disconnects a pub/sub
 //! client whose output buffer passes its limit, losing messages). It pings
-//! Redis every `ping_interval` (idle or not) and treats a missing pong as a
+//! Redis once the link has been quiet for `ping_interval` and treats a missing pong as a
 //! lost connection; on any error it reconnects forever with exponential
 //! backoff (capped by `REDIS_RECONNECT_MAX`) and full jitter. A panic inside a
 //! session is caught: the thread marks itself unsubscribed (so `/health` says
