@@ -24,6 +24,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod handover;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod logging;

@@ -33,6 +33,12 @@ pub struct Metrics {
     pub disconnects: [u64; CloseReason::ALL.len()],
     /// `accept` failures for lack of file descriptors (EMFILE/ENFILE).
     pub accept_fd_exhausted: u64,
+    /// Connections that asked to resume (`since`).
+    pub resumes: u64,
+    /// Messages sent to resuming connections from the history.
+    pub resume_replayed: u64,
+    /// Resumes answered `complete:false`.
+    pub resumes_incomplete: u64,
 }
 
 /// Point-in-time numbers that are not counters.
@@ -159,6 +165,24 @@ impl Metrics {
             "counter",
             "WebSocket connections ended, by reason.",
             &borrowed(&disconnects),
+        );
+        metric(
+            "resumes_total",
+            "counter",
+            "Connections that asked to resume with since.",
+            &[("", self.resumes)],
+        );
+        metric(
+            "resume_replayed_messages_total",
+            "counter",
+            "Messages replayed from the history to resuming connections.",
+            &[("", self.resume_replayed)],
+        );
+        metric(
+            "resumes_incomplete_total",
+            "counter",
+            "Resumes answered complete:false (history off, trimmed, expired or unreadable).",
+            &[("", self.resumes_incomplete)],
         );
         metric(
             "accept_fd_exhausted_total",

@@ -6,6 +6,7 @@
 //! fuzz target runs the very same function.
 
 use crate::auth::{Authenticator, Identity, TokenSource, TokenSources, token_candidates};
+use crate::history::StreamId;
 use crate::http::Rejection;
 
 /// Largest request head we accept (RFC 6455 servers commonly use 8 KiB, like nginx).
@@ -56,6 +57,8 @@ pub struct Upgrade {
     pub user_id: String,
     /// The token's `exp`, unix seconds.
     pub expires_at: u64,
+    /// `?since=<stream id>`: the client resumes after this message.
+    pub since: Option<StreamId>,
 }
 
 /// Parses `buf` (everything read so far) and decides.
@@ -161,6 +164,10 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
             listed
         }
     };
+    let since = match since_parameter(query) {
+        Ok(since) => since,
+        Err(rejection) => return Decision::Reject(rejection),
+    };
     // Checked before the token so that a storm of connections costs no signature checks.
     if counts.open_connections() >= rules.max_connections {
         return Decision::Reject(Rejection::ConnectionLimit);
@@ -180,7 +187,24 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
         accept_key: tungstenite::handshake::derive_accept_key(key),
         user_id: identity.user_id,
         expires_at: identity.expires_at,
+        since,
     })
+}
+
+/// The first `since` query parameter, a stream id (`ms-seq` or `ms`; both are
+/// digits and `-` only, so there is nothing to percent-decode). Present but not
+/// a stream id: 400 `invalid since`.
+pub fn since_parameter(query: Option<&str>) -> Result<Option<StreamId>, Rejection> {
+    let Some(value) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("since="))
+    else {
+        return Ok(None);
+    };
+    StreamId::parse(value)
+        .map(Some)
+        .ok_or(Rejection::InvalidSince)
 }
 
 /// The first token that validates, trying the sources in the documented order

@@ -42,6 +42,7 @@ use mio::net::TcpStream;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
+use crate::history::StreamId;
 use crate::message::Frame;
 use outbound::{FlushResult, OutboundQueue};
 
@@ -176,6 +177,10 @@ struct Session {
     last_seen: Instant,
     /// When the next ping frame is due.
     next_ping: Instant,
+    /// While the session waits for its history read (history on): the live
+    /// messages that arrived meanwhile, with their ids, held back so that
+    /// `connected` and the replay go first (README: "History and resume").
+    held: Option<Vec<(Frame, Option<StreamId>)>>,
 }
 
 /// A session waiting for the client to answer the server's close frame.
@@ -421,6 +426,27 @@ impl<S: Stream> Connection<S> {
         head_len: usize,
         session: SessionParams,
     ) {
+        self.open_session(answer, Some(connected), head_len, session);
+    }
+
+    /// Completes the upgrade like `open`, but `connected` waits for the user's
+    /// history read: live messages are held until `finish_history`.
+    pub fn open_awaiting_history(
+        &mut self,
+        answer: &[u8],
+        head_len: usize,
+        session: SessionParams,
+    ) {
+        self.open_session(answer, None, head_len, session);
+    }
+
+    fn open_session(
+        &mut self,
+        answer: &[u8],
+        connected: Option<Frame>,
+        head_len: usize,
+        session: SessionParams,
+    ) {
         let State::Handshake { head, .. } = std::mem::replace(&mut self.state, State::Done) else {
             debug_assert!(false, "open outside the handshake");
             return;
@@ -431,15 +457,80 @@ impl<S: Stream> Connection<S> {
         let rest = head.get(head_len..).unwrap_or_default().to_vec();
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
         self.queue_control(answer, session.now);
-        // The first message is always accepted: the queue is empty.
-        self.out.push_message(connected, usize::MAX);
+        let held = match connected {
+            Some(connected) => {
+                // The first message is always accepted: the queue is empty.
+                self.out.push_message(connected, usize::MAX);
+                None
+            }
+            None => Some(Vec::new()),
+        };
         self.state = State::Open(Box::new(Session {
             ws,
             user_id: session.user_id,
             expires_at: session.expires_at,
             last_seen: session.now,
             next_ping: session.now + session.ping_interval,
+            held,
         }));
+    }
+
+    /// Queues a published message like `queue_message`; while the session waits
+    /// for its history read the message is held instead (up to `limit`, counted
+    /// as queued: `Queued::Again`, nothing to flush yet).
+    pub fn queue_published(
+        &mut self,
+        frame: Frame,
+        id: Option<StreamId>,
+        limit: usize,
+        now: Instant,
+    ) -> Queued {
+        if let State::Open(session) = &mut self.state
+            && let Some(held) = &mut session.held
+        {
+            if held.len() >= limit {
+                return Queued::Dropped;
+            }
+            held.push((frame, id));
+            return Queued::Again;
+        }
+        self.queue_message(frame, limit, now)
+    }
+
+    /// The history read is done: queues `connected`, the replayed messages in
+    /// order, then the held live messages except those with an id up to
+    /// `seen` (the newest id the read covered: already replayed, or older than
+    /// the client's position). Returns how many held messages were skipped, or
+    /// None when the session is not waiting for history (closed meanwhile).
+    /// The loop settles the connection afterwards.
+    pub fn finish_history(
+        &mut self,
+        connected: Frame,
+        replay: Vec<(StreamId, Frame)>,
+        seen: Option<StreamId>,
+        now: Instant,
+    ) -> Option<usize> {
+        let State::Open(session) = &mut self.state else {
+            return None;
+        };
+        let held = session.held.take()?;
+        if self.out.is_empty() {
+            self.last_write_progress = now;
+        }
+        // Bounded by the history size and the send buffer: always accepted.
+        self.out.push_message(connected, usize::MAX);
+        for (_, frame) in replay {
+            self.out.push_message(frame, usize::MAX);
+        }
+        let mut skipped = 0;
+        for (frame, id) in held {
+            if id.is_some_and(|id| seen.is_some_and(|seen| id <= seen)) {
+                skipped += 1;
+            } else {
+                self.out.push_message(frame, usize::MAX);
+            }
+        }
+        Some(skipped)
     }
 
     /// Queues a message frame, unless `limit` frames are already waiting. The hot
