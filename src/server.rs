@@ -638,6 +638,8 @@ impl Server {
                     }
                     Queued::Again => self.metrics.delivered += 1,
                     Queued::Dropped => self.metrics.dropped_buffer_full += 1,
+                    // Sent (and counted) as part of a resume's replay.
+                    Queued::Duplicate => {}
                 }
             }
         }

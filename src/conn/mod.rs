@@ -181,6 +181,11 @@ struct Session {
     /// messages that arrived meanwhile, with their ids, held back so that
     /// `connected` and the replay go first (README: "History and resume").
     held: Option<Vec<(Frame, Option<StreamId>)>>,
+    /// After the history read: the newest id it covered. A live message with an
+    /// id up to it was already replayed (or precedes the client's position): the
+    /// pub/sub copy can arrive after the read's answer, so it is skipped here
+    /// until the first newer id shows every later one is new.
+    replayed_through: Option<StreamId>,
 }
 
 /// A session waiting for the client to answer the server's close frame.
@@ -272,6 +277,8 @@ pub enum Queued {
     Again,
     /// `WS_SEND_BUFFER` frames are already waiting: dropped.
     Dropped,
+    /// Already sent from the history on resume: skipped.
+    Duplicate,
 }
 
 /// One client connection.
@@ -472,12 +479,14 @@ impl<S: Stream> Connection<S> {
             last_seen: session.now,
             next_ping: session.now + session.ping_interval,
             held,
+            replayed_through: None,
         }));
     }
 
     /// Queues a published message like `queue_message`; while the session waits
     /// for its history read the message is held instead (up to `limit`, counted
-    /// as queued: `Queued::Again`, nothing to flush yet).
+    /// as queued: `Queued::Again`, nothing to flush yet), and one the history
+    /// read already covered is skipped (`Queued::Duplicate`).
     pub fn queue_published(
         &mut self,
         frame: Frame,
@@ -485,14 +494,20 @@ impl<S: Stream> Connection<S> {
         limit: usize,
         now: Instant,
     ) -> Queued {
-        if let State::Open(session) = &mut self.state
-            && let Some(held) = &mut session.held
-        {
-            if held.len() >= limit {
-                return Queued::Dropped;
+        if let State::Open(session) = &mut self.state {
+            if let Some(held) = &mut session.held {
+                if held.len() >= limit {
+                    return Queued::Dropped;
+                }
+                held.push((frame, id));
+                return Queued::Again;
             }
-            held.push((frame, id));
-            return Queued::Again;
+            if let (Some(id), Some(through)) = (id, session.replayed_through) {
+                if id <= through {
+                    return Queued::Duplicate;
+                }
+                session.replayed_through = None;
+            }
         }
         self.queue_message(frame, limit, now)
     }
@@ -514,6 +529,7 @@ impl<S: Stream> Connection<S> {
             return None;
         };
         let held = session.held.take()?;
+        session.replayed_through = seen;
         if self.out.is_empty() {
             self.last_write_progress = now;
         }
@@ -524,11 +540,14 @@ impl<S: Stream> Connection<S> {
         }
         let mut skipped = 0;
         for (frame, id) in held {
-            if id.is_some_and(|id| seen.is_some_and(|seen| id <= seen)) {
-                skipped += 1;
-            } else {
-                self.out.push_message(frame, usize::MAX);
+            if let (Some(id), Some(seen)) = (id, session.replayed_through) {
+                if id <= seen {
+                    skipped += 1;
+                    continue;
+                }
+                session.replayed_through = None;
             }
+            self.out.push_message(frame, usize::MAX);
         }
         Some(skipped)
     }
@@ -1602,5 +1621,65 @@ mod tests {
             Some(CloseReason::ConnectionLost)
         );
         assert!(conn.abort(start).is_none());
+    }
+
+    #[test]
+    fn a_resume_sends_connected_the_replay_then_new_live_messages_once() {
+        let start = Instant::now();
+        let mut conn = handshaking(b"", start);
+        conn.open_awaiting_history(
+            b"HTTP/1.1 101\r\n\r\n",
+            0,
+            SessionParams {
+                user_id: Rc::from("alice"),
+                expires_at: start + SESSION_LIFE,
+                now: start,
+                ping_interval: LIMITS.ping_interval,
+                ws_config: websocket_config(512),
+            },
+        );
+        let id = |seq| Some(StreamId { ms: 9, seq });
+        let frame = |text: &str| -> Frame { Arc::from(text.as_bytes()) };
+        // Live messages while the read is in flight are held, not written.
+        assert_eq!(
+            conn.queue_published(frame("L2"), id(2), 8, start),
+            Queued::Again
+        );
+        assert_eq!(
+            conn.queue_published(frame("P"), None, 8, start),
+            Queued::Again
+        );
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\n");
+        // The read covered up to 9-3: held 9-2 was replayed.
+        let replay = vec![
+            (StreamId { ms: 9, seq: 1 }, frame("R1")),
+            (StreamId { ms: 9, seq: 2 }, frame("R2")),
+        ];
+        assert_eq!(
+            conn.finish_history(frame("C"), replay, id(3), start),
+            Some(1)
+        );
+        // The pub/sub copy of a replayed message can arrive after the read: skipped;
+        // from the first newer id on, everything is new.
+        assert_eq!(
+            conn.queue_published(frame("L3"), id(3), 8, start),
+            Queued::Duplicate
+        );
+        assert_eq!(
+            conn.queue_published(frame("L4"), id(4), 8, start),
+            Queued::First
+        );
+        assert_eq!(
+            conn.queue_published(frame("L5"), id(5), 8, start),
+            Queued::Again
+        );
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCR1R2PL4L5");
+        // Only once: finishing again does nothing.
+        assert_eq!(
+            conn.finish_history(frame("C"), Vec::new(), None, start),
+            None
+        );
     }
 }

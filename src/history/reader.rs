@@ -30,6 +30,7 @@ use redis::{Client, Connection, Value};
 use super::{StreamId, library_code, splice_id};
 use crate::clock::Timestamp;
 use crate::config::RedisConfig;
+use crate::logging::RateLimited;
 use crate::message::{Frame, MessageEncoder};
 use crate::redis_reader::build_client;
 
@@ -41,6 +42,11 @@ const IO_WAIT: Duration = Duration::from_secs(1);
 /// After a failed connect, requests are answered `Unavailable` at once for
 /// this long rather than each batch waiting for another connect attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How often an idle thread checks its connection: a Redis restarted without
+/// persistence has lost the function library, and publishers need it back
+/// before the next client happens to connect.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
 
 /// What the history reader needs.
 #[derive(Clone, Debug)]
@@ -127,6 +133,7 @@ impl HistoryReader {
             waiting: Arc::clone(&waiting),
             waker,
             encoder: MessageEncoder::new(),
+            unreadable_warnings: RateLimited::new(Duration::from_secs(10)),
         };
         let thread = std::thread::Builder::new()
             .name("history-reader".into())
@@ -174,6 +181,7 @@ struct ReaderThread {
     waiting: Arc<AtomicUsize>,
     waker: Arc<mio::Waker>,
     encoder: MessageEncoder,
+    unreadable_warnings: RateLimited,
 }
 
 impl ReaderThread {
@@ -182,9 +190,12 @@ impl ReaderThread {
         // Connect (and load the function library) at start, not on the first client.
         self.connect();
         loop {
-            match self.requests.recv_timeout(Duration::from_secs(1)) {
+            match self.requests.recv_timeout(IDLE_CHECK) {
                 Ok(request) => batch.push(request),
-                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Timeout) => {
+                    self.check_connection();
+                    continue;
+                }
                 // The loop is gone: the process is ending.
                 Err(RecvTimeoutError::Disconnected) => return,
             }
@@ -252,14 +263,28 @@ impl ReaderThread {
         }
     }
 
+    /// While idle: PING the connection (reconnecting, and so reloading the
+    /// library, when it is gone), or try to connect again.
+    fn check_connection(&mut self) {
+        if let Some(con) = self.connection.as_mut()
+            && redis::cmd("PING").query::<String>(con).is_err()
+        {
+            self.connection = None;
+        }
+        self.connect();
+    }
+
     /// One pipeline for the whole batch: per request the newest entry (the
     /// position), and for a resume the newest `size + 1` entries from `since` on.
+    /// A connection found broken is replaced once (Redis restarted meanwhile).
     fn serve(&mut self, batch: &[Request]) -> Vec<Answer> {
-        let values = if self.connect() {
-            self.read(batch)
-        } else {
-            None
-        };
+        let mut values = None;
+        for _ in 0..2 {
+            if values.is_some() || !self.connect() {
+                break;
+            }
+            values = self.read(batch);
+        }
         let Some(values) = values else {
             return batch
                 .iter()
@@ -271,10 +296,26 @@ impl ReaderThread {
             .iter()
             .map(|request| {
                 let position = values.next();
-                let range = request.since.and(values.next());
-                let outcome = self
-                    .recover(request, position, range)
-                    .map_or(Outcome::Unavailable, Outcome::Read);
+                // Only a resume sent the second command.
+                let range = match request.since {
+                    Some(_) => values.next(),
+                    None => None,
+                };
+                let outcome = match self.recover(request, position, range) {
+                    Some(recovered) => Outcome::Read(recovered),
+                    None => {
+                        if let Some(suppressed) = self.unreadable_warnings.check(Instant::now()) {
+                            warn!(
+                                "history of user_id={} unreadable: the key {}{} is not a stream \
+                                 written by ws_notify_publish ({suppressed} similar suppressed)",
+                                request.user_id,
+                                self.settings.redis.channel_prefix,
+                                request.user_id
+                            );
+                        }
+                        Outcome::Unavailable
+                    }
+                };
                 answer(request, outcome)
             })
             .collect()

@@ -1,0 +1,411 @@
+//! History and resume (README: "History and resume", "Publishing with
+//! history"): the Redis function `ws_notify_publish`, `?since=` on the
+//! upgrade, `connected`'s `position` and `recovery`, and the order of replayed
+//! and live messages. A real redis-server (7.0+, persistence off), the real
+//! binary, real WebSocket clients.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::Instant;
+
+use common::*;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ws-notify");
+
+/// History on, with `size` messages per user.
+fn setup_history(size: usize, extra: &[(&str, &str)]) -> (RedisServer, Gateway) {
+    let size = size.to_string();
+    let mut env = vec![("WS_HISTORY_SIZE", size.as_str())];
+    env.extend_from_slice(extra);
+    let (redis, gw) = setup(&env);
+    wait_function_loaded(&redis);
+    (redis, gw)
+}
+
+/// Waits until the gateway has loaded the function library.
+fn wait_function_loaded(redis: &RedisServer) {
+    wait_until(PROMPT, "the ws_notify library is loaded", || {
+        redis
+            .connection()
+            .and_then(|mut c| {
+                redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg("ws_notify")
+                    .query::<Vec<redis::Value>>(&mut c)
+            })
+            .is_ok_and(|libraries| !libraries.is_empty())
+    });
+}
+
+/// Publishes through the function; returns the message's id.
+fn fcall(con: &mut redis::Connection, user: &str, message: &str) -> String {
+    redis::cmd("FCALL")
+        .arg("ws_notify_publish")
+        .arg(1)
+        .arg(format!("user_noti:{user}"))
+        .arg(message)
+        .query::<String>(con)
+        .unwrap_or_else(|e| panic!("FCALL ws_notify_publish {message}: {e}"))
+}
+
+fn seq_message(n: u64) -> String {
+    format!(r#"{{"type":"seq","payload":{n}}}"#)
+}
+
+/// Connects with `?since=` (when given) and reads `connected`; returns its payload.
+#[track_caller]
+fn open_since(gw: &Gateway, user: &str, since: Option<&str>) -> (Ws, Value) {
+    let query = match since {
+        Some(since) => format!("/ws?token={}&since={since}", gw.token(user)),
+        None => format!("/ws?token={}", gw.token(user)),
+    };
+    let ws = ws_connect_with(gw.port, &query, &[]).unwrap_or_else(|e| panic!("connect: {e}"));
+    expect_connected(ws)
+}
+
+fn id_of(msg: &Value) -> String {
+    msg["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id: {msg}"))
+        .to_string()
+}
+
+#[test]
+fn publishing_through_the_function_delivers_the_id_first_and_the_payload_bytes_unchanged() {
+    let (redis, gw) = setup_history(100, &[]);
+    let mut con = redis.connection().expect("redis");
+
+    // A fresh connection learns its position: no stream yet.
+    let (mut ws, hello) = open_since(&gw, "alice", None);
+    assert_eq!(hello["position"], "0-0", "{hello}");
+    assert!(hello.get("recovery").is_none(), "{hello}");
+
+    let id = fcall(
+        &mut con,
+        "alice",
+        r#" {"type":"t","payload":{"b":1, "a":[1.50]}}"#,
+    );
+    let text = recv_text(&mut ws, PROMPT);
+    let expected =
+        format!(r#"{{"id":"{id}","type":"t","payload":{{"b":1, "a":[1.50]}},"timestamp":""#);
+    assert!(text.starts_with(&expected), "{text}");
+
+    // The stream keeps it under the channel's name, with the TTL set.
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("user_noti:alice")
+        .query(&mut con)
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 86_400, "TTL {ttl}");
+
+    // The next fresh connection's position is that message.
+    let (_ws2, hello) = open_since(&gw, "alice", None);
+    assert_eq!(hello["position"], id.as_str(), "{hello}");
+
+    // Input that is not a JSON object is refused, and nothing is stored.
+    let refused = redis::cmd("FCALL")
+        .arg("ws_notify_publish")
+        .arg(1)
+        .arg("user_noti:alice")
+        .arg("[1]")
+        .query::<String>(&mut con);
+    assert!(refused.is_err(), "{refused:?}");
+    let len: i64 = redis::cmd("XLEN")
+        .arg("user_noti:alice")
+        .query(&mut con)
+        .unwrap();
+    assert_eq!(len, 1);
+
+    // Plain PUBLISH keeps working: no id, not kept.
+    redis.notify("alice", r#"{"type":"plain","payload":2}"#);
+    let msg = recv_json(&mut ws, PROMPT);
+    assert_message(&msg, "plain");
+    assert!(msg.get("id").is_none(), "{msg}");
+}
+
+#[test]
+fn ws_notify_publish_uses_the_function_when_history_is_on_and_prints_the_id() {
+    let (redis, gw) = setup_history(100, &[]);
+    let (mut ws, _) = open_since(&gw, "carol", None);
+    // The CLI loads the library itself when Redis lacks it.
+    let mut con = redis.connection().expect("redis");
+    redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg("ws_notify")
+        .query::<String>(&mut con)
+        .expect("FUNCTION DELETE");
+    let output = Command::new(BIN)
+        .env_clear()
+        .env("REDIS_PORT", redis.port.to_string())
+        .env("WS_HISTORY_SIZE", "100")
+        .args(["publish", "carol", "shipped", r#"{"n": 1}"#])
+        .output()
+        .expect("run ws-notify publish");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    let id = stdout.trim();
+    assert!(
+        id.split_once('-')
+            .is_some_and(|(ms, seq)| ms.parse::<u64>().is_ok() && seq.parse::<u64>().is_ok()),
+        "not a stream id: {stdout:?}"
+    );
+    let text = recv_text(&mut ws, PROMPT);
+    assert!(
+        text.starts_with(&format!(
+            r#"{{"id":"{id}","type":"shipped","payload":{{"n": 1}}"#
+        )),
+        "{text}"
+    );
+
+    // The library it printed is the one the gateway loads.
+    let output = Command::new(BIN)
+        .env_clear()
+        .env("WS_HISTORY_SIZE", "7")
+        .env("WS_HISTORY_TTL", "1h")
+        .arg("history-function")
+        .output()
+        .expect("run ws-notify history-function");
+    let code = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(code.starts_with("#!lua name=ws_notify\n"), "{code}");
+    assert!(code.contains("local HISTORY_SIZE = 7\n"), "{code}");
+    assert!(
+        code.contains("local HISTORY_TTL_SECONDS = 3600\n"),
+        "{code}"
+    );
+}
+
+#[test]
+fn a_resume_replays_the_missed_messages_in_order_then_live_ones() {
+    let (redis, gw) = setup_history(100, &[]);
+    let mut con = redis.connection().expect("redis");
+    let (mut ws, _) = open_since(&gw, "bob", None);
+    fcall(&mut con, "bob", &seq_message(0));
+    let seen = id_of(&recv_json(&mut ws, PROMPT));
+    close_ws(&mut ws);
+    gw.wait_active_connections(0);
+
+    let ids: Vec<String> = (1..=50)
+        .map(|n| fcall(&mut con, "bob", &seq_message(n)))
+        .collect();
+    let (mut ws, hello) = open_since(&gw, "bob", Some(&seen));
+    assert_eq!(
+        hello["recovery"],
+        json!({"complete": true, "count": 50}),
+        "{hello}"
+    );
+    assert_eq!(hello["position"], ids[49].as_str(), "{hello}");
+    for (n, id) in (1..=50).zip(&ids) {
+        let msg = recv_json(&mut ws, PROMPT);
+        assert_eq!(msg["payload"], n, "{msg}");
+        assert_eq!(msg["id"], id.as_str(), "{msg}");
+        assert_eq!(msg["type"], "seq", "{msg}");
+    }
+    fcall(&mut con, "bob", &seq_message(51));
+    assert_eq!(recv_json(&mut ws, PROMPT)["payload"], 51);
+
+    // From the last replayed message: only the one published since.
+    let (_ws2, hello) = open_since(&gw, "bob", Some(&ids[49]));
+    assert_eq!(
+        hello["recovery"],
+        json!({"complete": true, "count": 1}),
+        "{hello}"
+    );
+    assert_eq!(gw.metric("ws_notify_resumes_total"), 2.0);
+    assert_eq!(gw.metric("ws_notify_resume_replayed_messages_total"), 51.0);
+    assert_eq!(gw.metric("ws_notify_resumes_incomplete_total"), 0.0);
+}
+
+#[test]
+fn live_messages_published_during_resumes_are_neither_lost_nor_duplicated() {
+    const CLIENTS: usize = 50;
+    let (redis, gw) = setup_history(10_000, &[]);
+    let redis = Arc::new(redis);
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (redis, stop) = (Arc::clone(&redis), Arc::clone(&stop));
+        thread::spawn(move || {
+            let mut con = redis.connection().expect("redis");
+            let mut n = 0;
+            while !stop.load(Ordering::Acquire) {
+                fcall(&mut con, "racer", &seq_message(n));
+                n += 1;
+                thread::sleep(ms(1));
+            }
+            fcall(&mut con, "racer", r#"{"type":"end","payload":null}"#);
+            n
+        })
+    };
+    let resumed = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (port, token, resumed) = (gw.port, gw.token("racer"), Arc::clone(&resumed));
+            thread::spawn(move || {
+                let ws = ws_connect(port, &token).expect("connect");
+                let (mut ws, _) = expect_connected(ws);
+                // Each client leaves after a different number of messages.
+                let mut seqs = Vec::new();
+                let mut last_id = String::new();
+                for _ in 0..(1 + i % 7) {
+                    let msg = recv_json(&mut ws, PROMPT);
+                    seqs.push(msg["payload"].as_u64().expect("seq"));
+                    last_id = id_of(&msg);
+                }
+                close_ws(&mut ws);
+                let url = format!("/ws?token={token}&since={last_id}");
+                let (mut ws, hello) =
+                    expect_connected(ws_connect_with(port, &url, &[]).expect("resume"));
+                resumed.fetch_add(1, Ordering::AcqRel);
+                if hello["recovery"]["complete"] != true {
+                    return Err(format!("not complete: {hello}"));
+                }
+                loop {
+                    let msg = recv_json(&mut ws, PROMPT);
+                    if msg["type"] == "end" {
+                        return Ok(seqs);
+                    }
+                    seqs.push(msg["payload"].as_u64().expect("seq"));
+                }
+            })
+        })
+        .collect();
+    wait_until(secs(60), "every client resumed", || {
+        resumed.load(Ordering::Acquire) == CLIENTS
+    });
+    stop.store(true, Ordering::Release);
+    let published = publisher.join().expect("publisher");
+    for (i, client) in clients.into_iter().enumerate() {
+        let seqs = client
+            .join()
+            .unwrap_or_else(|_| panic!("client {i} failed"))
+            .unwrap_or_else(|e| panic!("client {i}: {e}\n{}", gw.logs()));
+        let first = seqs[0];
+        let expected: Vec<u64> = (first..published).collect();
+        assert_eq!(seqs, expected, "client {i}: a gap or a duplicate");
+    }
+}
+
+#[test]
+fn a_gap_longer_than_the_history_is_incomplete_and_gets_the_retained_tail() {
+    // Approximate trimming removes whole stream nodes (100 entries each), so the
+    // gap is well past one node.
+    let (redis, gw) = setup_history(10, &[]);
+    let mut con = redis.connection().expect("redis");
+    let first = fcall(&mut con, "dave", &seq_message(0));
+    for n in 1..300 {
+        fcall(&mut con, "dave", &seq_message(n));
+    }
+    let (mut ws, hello) = open_since(&gw, "dave", Some(&first));
+    assert_eq!(
+        hello["recovery"],
+        json!({"complete": false, "count": 10}),
+        "{hello}"
+    );
+    for n in 290..300 {
+        assert_eq!(recv_json(&mut ws, PROMPT)["payload"], n);
+    }
+    // `0-0` (nothing seen yet) can never be proven complete: the stream may have
+    // expired or been lost before the entries it holds now.
+    let (_ws, hello) = open_since(&gw, "dave", Some("0-0"));
+    assert_eq!(hello["recovery"]["complete"], false, "{hello}");
+    assert_eq!(gw.metric("ws_notify_resumes_incomplete_total"), 2.0);
+}
+
+#[test]
+fn a_redis_restarted_without_persistence_gives_complete_false_and_service_recovers() {
+    let (mut redis, gw) = setup_history(100, &[]);
+    let mut con = redis.connection().expect("redis");
+    let seen = fcall(&mut con, "erin", &seq_message(0));
+    fcall(&mut con, "erin", &seq_message(1));
+    let (_ws, hello) = open_since(&gw, "erin", Some(&seen));
+    assert_eq!(hello["recovery"], json!({"complete": true, "count": 1}));
+    drop(_ws);
+
+    redis.restart();
+    gw.wait_redis_connected(secs(30));
+    // The gateway loads the library again into the empty Redis.
+    wait_function_loaded(&redis);
+    let mut con = redis.connection().expect("redis");
+    let after = fcall(&mut con, "erin", &seq_message(2));
+    let (mut ws, hello) = open_since(&gw, "erin", Some(&seen));
+    assert_eq!(
+        hello["recovery"],
+        json!({"complete": false, "count": 1}),
+        "{hello}"
+    );
+    let msg = recv_json(&mut ws, PROMPT);
+    assert_eq!(msg["id"], after.as_str(), "{msg}");
+    fcall(&mut con, "erin", &seq_message(3));
+    assert_eq!(recv_json(&mut ws, PROMPT)["payload"], 3);
+}
+
+#[test]
+fn with_history_off_a_resume_is_incomplete() {
+    let (redis, gw) = setup(&[]);
+    let (mut ws, hello) = open_since(&gw, "frank", Some("1764680000000-0"));
+    assert_eq!(
+        hello["recovery"],
+        json!({"complete": false, "count": 0}),
+        "{hello}"
+    );
+    assert!(hello.get("position").is_none(), "{hello}");
+    let (_ws, hello) = open_since(&gw, "frank", None);
+    assert!(
+        hello.get("position").is_none() && hello.get("recovery").is_none(),
+        "{hello}"
+    );
+    redis.notify("frank", r#"{"type":"plain","payload":1}"#);
+    assert_message(&recv_json(&mut ws, PROMPT), "plain");
+    assert_eq!(gw.metric("ws_notify_resumes_incomplete_total"), 1.0);
+}
+
+#[test]
+fn an_invalid_since_is_refused_with_400() {
+    let (_redis, gw) = setup(&[("WS_HISTORY_SIZE", "10")]);
+    let token = gw.token("gina");
+    for since in [
+        "abc",
+        "",
+        "1-",
+        "-1",
+        "1-2-3",
+        "%31-0",
+        "99999999999999999999",
+    ] {
+        let url = format!("/ws?token={token}&since={since}");
+        let (status, body) = refused(ws_connect_with(gw.port, &url, &[]));
+        assert_eq!(status, 400, "since={since:?}: {body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap(),
+            json!({"error": "invalid since"}),
+            "since={since:?}"
+        );
+    }
+    // The millisecond-only form is a stream id.
+    let (_ws, hello) = open_since(&gw, "gina", Some("1764680000000"));
+    assert_eq!(hello["recovery"]["complete"], false, "{hello}");
+}
+
+#[test]
+fn with_redis_down_a_resume_gets_connected_incomplete_within_a_bound() {
+    let (mut redis, gw) = setup_history(100, &[]);
+    redis.kill();
+    // The bound is the history connection's timeout (about a second), far under
+    // the wait here; without it the client would wait for ever.
+    let started = Instant::now();
+    let (_ws, hello) = open_since(&gw, "hank", Some("1764680000000-0"));
+    assert_eq!(
+        hello["recovery"],
+        json!({"complete": false, "count": 0}),
+        "{hello}"
+    );
+    assert!(hello.get("position").is_none(), "{hello}");
+    let (_ws2, hello) = open_since(&gw, "hank", None);
+    assert!(hello.get("position").is_none(), "{hello}");
+    assert!(started.elapsed() < PROMPT * 2);
+}
