@@ -409,3 +409,98 @@ fn with_redis_down_a_resume_gets_connected_incomplete_within_a_bound() {
     assert!(hello.get("position").is_none(), "{hello}");
     assert!(started.elapsed() < PROMPT * 2);
 }
+
+/// The DESIGN budget's reconnect storm, measured rather than asserted (timings
+/// are not asserted in tests): 10,000 users, one client each, each resuming
+/// with 10 missed messages at once. Run it on a release build:
+/// `cargo test --release --test history -- --ignored --nocapture storm`.
+#[test]
+#[ignore]
+fn storm_of_10000_resuming_clients_with_10_missed_messages_each() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    const CLIENTS: usize = 10_000;
+    const MISSED: usize = 10;
+    raise_own_nofile_limit();
+    let (redis, gw) = setup_history(100, &[("WS_MAX_CONNECTIONS", "12000")]);
+    let mut con = redis.connection().expect("redis");
+    let user = |i: usize| format!("storm{i}");
+    let mut since = Vec::with_capacity(CLIENTS);
+    for round in 0..=MISSED {
+        let mut pipe = redis::pipe();
+        for i in 0..CLIENTS {
+            pipe.cmd("FCALL")
+                .arg("ws_notify_publish")
+                .arg(1)
+                .arg(format!("user_noti:{}", user(i)))
+                .arg(seq_message(round as u64));
+        }
+        let ids: Vec<String> = pipe.query(&mut con).expect("publish");
+        if round == 0 {
+            since = ids;
+        }
+    }
+    let requests: Vec<String> = (0..CLIENTS)
+        .map(|i| {
+            upgrade_request(
+                &format!("/ws?token={}&since={}", gw.token(&user(i)), since[i]),
+                &[],
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    let mut sockets: Vec<TcpStream> = requests
+        .iter()
+        .map(|request| {
+            let mut socket = TcpStream::connect(("127.0.0.1", gw.port)).expect("connect");
+            socket.write_all(request.as_bytes()).expect("send");
+            socket
+        })
+        .collect();
+    let sent = started.elapsed();
+    // Each answer: the 101 head, `connected`, then MISSED text frames.
+    let mut replayed = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    for socket in &mut sockets {
+        socket.set_read_timeout(Some(secs(30))).unwrap();
+        let mut data = Vec::new();
+        let mut frames = 0;
+        while frames < 1 + MISSED {
+            let n = socket.read(&mut buf).expect("read");
+            assert!(n > 0, "closed early");
+            data.extend_from_slice(&buf[..n]);
+            let Some(head_end) = data.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let mut at = head_end + 4;
+            frames = 0;
+            while at + 2 <= data.len() {
+                let (len, header) = match data[at + 1] & 0x7f {
+                    126 if at + 4 <= data.len() => (
+                        usize::from(u16::from_be_bytes([data[at + 2], data[at + 3]])),
+                        4,
+                    ),
+                    126 | 127 => break,
+                    len => (usize::from(len), 2),
+                };
+                if at + header + len > data.len() {
+                    break;
+                }
+                if data[at] == 0x81 {
+                    frames += 1;
+                }
+                at += header + len;
+            }
+        }
+        replayed += frames - 1;
+    }
+    let all = started.elapsed();
+    assert_eq!(replayed, CLIENTS * MISSED);
+    assert_eq!(gw.metric("ws_notify_resumes_incomplete_total"), 0.0);
+    println!(
+        "{CLIENTS} clients resumed with {MISSED} missed messages each: requests sent in {sent:?}, \
+         everything received after {all:?} ({:.0} resumes/s, {:.0} replayed messages/s)",
+        CLIENTS as f64 / all.as_secs_f64(),
+        (CLIENTS * MISSED) as f64 / all.as_secs_f64()
+    );
+}
