@@ -222,6 +222,52 @@ fn a_resume_replays_the_missed_messages_in_order_then_live_ones() {
 }
 
 #[test]
+fn fresh_and_resuming_connections_at_once_each_get_their_own_answer() {
+    // Read in one batch, their replies must not be mixed up.
+    const CLIENTS: usize = 60;
+    let (redis, gw) = setup_history(100, &[]);
+    let mut con = redis.connection().expect("redis");
+    let ids: Vec<String> = (0..4)
+        .map(|n| fcall(&mut con, "ivy", &seq_message(n)))
+        .collect();
+    let barrier = Arc::new(std::sync::Barrier::new(CLIENTS));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (port, token, barrier) = (gw.port, gw.token("ivy"), Arc::clone(&barrier));
+            let since = ids[0].clone();
+            thread::spawn(move || {
+                let url = if i % 2 == 0 {
+                    format!("/ws?token={token}")
+                } else {
+                    format!("/ws?token={token}&since={since}")
+                };
+                barrier.wait();
+                let ws = ws_connect_with(port, &url, &[]).expect("connect");
+                let (mut ws, hello) = expect_connected(ws);
+                let replayed: Vec<Value> = (0..hello["recovery"]["count"].as_u64().unwrap_or(0))
+                    .map(|_| recv_json(&mut ws, PROMPT)["payload"].clone())
+                    .collect();
+                (i, hello, replayed)
+            })
+        })
+        .collect();
+    for client in clients {
+        let (i, hello, replayed) = client.join().expect("client");
+        assert_eq!(hello["position"], ids[3].as_str(), "client {i}: {hello}");
+        if i % 2 == 0 {
+            assert!(hello.get("recovery").is_none(), "client {i}: {hello}");
+        } else {
+            assert_eq!(
+                hello["recovery"],
+                json!({"complete": true, "count": 3}),
+                "client {i}: {hello}"
+            );
+            assert_eq!(replayed, vec![json!(1), json!(2), json!(3)], "client {i}");
+        }
+    }
+}
+
+#[test]
 fn live_messages_published_during_resumes_are_neither_lost_nor_duplicated() {
     const CLIENTS: usize = 50;
     let (redis, gw) = setup_history(10_000, &[]);

@@ -372,6 +372,34 @@ mod tests {
     }
 
     #[test]
+    fn since_is_a_stream_id_or_refused() {
+        let since_of = |query: &str| {
+            let head = upgrade_head(&format!("/ws?token={}&{query}", token("alice")), "");
+            match decide(head.as_bytes(), &[], &NO_LOAD) {
+                Decision::Upgrade(upgrade) => Ok(upgrade.since),
+                Decision::Reject(rejection) => Err(rejection),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(since_of("since=17-3"), Ok(StreamId::parse("17-3")));
+        assert_eq!(since_of("since=17"), Ok(StreamId::parse("17-0")));
+        assert_eq!(since_of("x=1"), Ok(None));
+        // The first one counts.
+        assert_eq!(since_of("since=5-1&since=junk"), Ok(StreamId::parse("5-1")));
+        for bad in [
+            "since=",
+            "since=abc",
+            "since=1-",
+            "since=%35-1",
+            "since=1-2-3",
+        ] {
+            assert_eq!(since_of(bad), Err(Rejection::InvalidSince), "{bad}");
+        }
+        assert_eq!(Rejection::InvalidSince.status(), 400);
+        assert_eq!(Rejection::InvalidSince.message(), "invalid since");
+    }
+
+    #[test]
     fn a_head_in_pieces_needs_more_until_complete() {
         let head = upgrade_head(&format!("/ws?token={}", token("bob")), "");
         for cut in [0, 1, 10, head.len() - 1] {
