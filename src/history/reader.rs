@@ -280,10 +280,18 @@ impl ReaderThread {
     fn serve(&mut self, batch: &[Request]) -> Vec<Answer> {
         let mut values = None;
         for _ in 0..2 {
-            if values.is_some() || !self.connect() {
+            if !self.connect() {
                 break;
             }
-            values = self.read(batch);
+            match self.read(batch) {
+                Ok(read) => {
+                    values = Some(read);
+                    break;
+                }
+                // A slow Redis is not waited for twice.
+                Err(ReadFailed::TimedOut) => break,
+                Err(ReadFailed::Broken) => {}
+            }
         }
         let Some(values) = values else {
             return batch
@@ -321,9 +329,11 @@ impl ReaderThread {
             .collect()
     }
 
-    /// Sends the batch's pipeline; None (and the connection dropped) on failure.
-    fn read(&mut self, batch: &[Request]) -> Option<Vec<Value>> {
-        let con = self.connection.as_mut()?;
+    /// Sends the batch's pipeline; on failure the connection is dropped.
+    fn read(&mut self, batch: &[Request]) -> Result<Vec<Value>, ReadFailed> {
+        let Some(con) = self.connection.as_mut() else {
+            return Err(ReadFailed::Broken);
+        };
         let mut pipe = redis::pipe();
         // One user's WRONGTYPE must not fail everyone's read.
         pipe.ignore_errors();
@@ -351,14 +361,16 @@ impl ReaderThread {
         match pipe.query::<Vec<Value>>(con) {
             Ok(values) => {
                 debug!("history read for {} connections", batch.len());
-                Some(values)
+                Ok(values)
             }
             Err(e) => {
-                warn!(
-                    "history reader: Redis read failed: {e}; resuming clients get complete:false"
-                );
+                warn!("history reader: Redis read failed: {e}");
                 self.connection = None;
-                None
+                Err(if e.is_timeout() {
+                    ReadFailed::TimedOut
+                } else {
+                    ReadFailed::Broken
+                })
             }
         }
     }
@@ -408,6 +420,15 @@ impl ReaderThread {
         }
         Some(recovered)
     }
+}
+
+/// Why a batch's read failed.
+enum ReadFailed {
+    /// Redis did not answer within `IO_WAIT`.
+    TimedOut,
+    /// The connection broke (Redis restarted, or was never connected): worth
+    /// one new connection at once.
+    Broken,
 }
 
 fn answer(request: &Request, outcome: Outcome) -> Answer {
