@@ -570,10 +570,11 @@ impl<S: Stream> Connection<S> {
     }
 
     /// Queues `count` pong messages for `{"type":"ping"}` requests; returns how many
-    /// were dropped for a full queue.
+    /// were dropped for a full queue. (Like published messages, they wait behind
+    /// a `connected` that waits for history.)
     pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
         (0..count)
-            .filter(|_| self.queue_message(pong.clone(), limit, now) == Queued::Dropped)
+            .filter(|_| self.queue_published(pong.clone(), None, limit, now) == Queued::Dropped)
             .count()
     }
 
@@ -1649,6 +1650,8 @@ mod tests {
             conn.queue_published(frame("P"), None, 8, start),
             Queued::Again
         );
+        // A pong too waits for `connected`.
+        assert_eq!(conn.queue_pongs(&frame("G"), 1, 8, start), 0);
         let _ = conn.settle(&LIMITS, start);
         assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\n");
         // The read covered up to 9-3: held 9-2 was replayed.
@@ -1675,7 +1678,7 @@ mod tests {
             Queued::Again
         );
         let _ = conn.settle(&LIMITS, start);
-        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCR1R2PL4L5");
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCR1R2PGL4L5");
         // Only once: finishing again does nothing.
         assert_eq!(
             conn.finish_history(frame("C"), Vec::new(), None, start),
