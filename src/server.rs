@@ -703,6 +703,9 @@ impl Server {
                 (Some(read.position), read.replay, read.complete)
             }
         };
+        // Live messages dropped while held (a client publishing faster than the
+        // read) are gone for this connection: not complete.
+        let complete = complete && conn.held_dropped() == 0;
         let recovery = answer.since.map(|_| Recovery {
             complete,
             count: replay.len(),

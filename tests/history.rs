@@ -315,7 +315,11 @@ fn a_replayed_message_whose_pub_sub_copy_arrives_late_is_not_sent_twice() {
 #[test]
 fn live_messages_published_during_resumes_are_neither_lost_nor_duplicated() {
     const CLIENTS: usize = 50;
-    let (redis, gw) = setup_history(10_000, &[]);
+    // Live messages held during a resume, and queued after, are bounded by
+    // WS_SEND_BUFFER; a client thread starved of CPU on a loaded machine must
+    // not see drops here (they are another subject: counted, and a resume whose
+    // held messages were dropped is complete:false).
+    let (redis, gw) = setup_history(10_000, &[("WS_SEND_BUFFER", "100000")]);
     let redis = Arc::new(redis);
     let stop = Arc::new(AtomicBool::new(false));
     let publisher = {
@@ -376,8 +380,21 @@ fn live_messages_published_during_resumes_are_neither_lost_nor_duplicated() {
             .unwrap_or_else(|_| panic!("client {i} failed"))
             .unwrap_or_else(|e| panic!("client {i}: {e}\n{}", gw.logs()));
         let first = seqs[0];
-        let expected: Vec<u64> = (first..published).collect();
-        assert_eq!(seqs, expected, "client {i}: a gap or a duplicate");
+        for (at, pair) in seqs.windows(2).enumerate() {
+            assert_eq!(
+                pair[1],
+                pair[0] + 1,
+                "client {i}: a gap or a duplicate at {at}: {:?}; {}",
+                &seqs[at.saturating_sub(3)..(at + 4).min(seqs.len())],
+                gw.metrics_text()
+            );
+        }
+        assert_eq!(
+            seqs.last(),
+            Some(&(published - 1)),
+            "client {i}: the last ones"
+        );
+        assert!(first < published, "client {i}");
     }
 }
 

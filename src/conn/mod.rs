@@ -181,6 +181,9 @@ struct Session {
     /// messages that arrived meanwhile, with their ids, held back so that
     /// `connected` and the replay go first (README: "History and resume").
     held: Option<Vec<(Frame, Option<StreamId>)>>,
+    /// Live messages dropped while held (the hold is bounded like the queue):
+    /// the resume cannot be complete.
+    held_dropped: usize,
     /// After the history read: the newest id it covered. A live message with an
     /// id up to it was already replayed (or precedes the client's position): the
     /// pub/sub copy can arrive after the read's answer, so it is skipped here
@@ -479,6 +482,7 @@ impl<S: Stream> Connection<S> {
             last_seen: session.now,
             next_ping: session.now + session.ping_interval,
             held,
+            held_dropped: 0,
             replayed_through: None,
         }));
     }
@@ -497,6 +501,7 @@ impl<S: Stream> Connection<S> {
         if let State::Open(session) = &mut self.state {
             if let Some(held) = &mut session.held {
                 if held.len() >= limit {
+                    session.held_dropped += 1;
                     return Queued::Dropped;
                 }
                 held.push((frame, id));
@@ -510,6 +515,15 @@ impl<S: Stream> Connection<S> {
             }
         }
         self.queue_message(frame, limit, now)
+    }
+
+    /// Live messages dropped while waiting for the history read (a resume is
+    /// then incomplete: they were published after the read's position).
+    pub fn held_dropped(&self) -> usize {
+        match &self.state {
+            State::Open(session) => session.held_dropped,
+            _ => 0,
+        }
     }
 
     /// The history read is done: queues `connected`, the replayed messages in
@@ -1684,5 +1698,27 @@ mod tests {
             conn.finish_history(frame("C"), Vec::new(), None, start),
             None
         );
+        // The hold is bounded like the queue; what it drops is counted.
+        let mut conn = handshaking(b"", start);
+        conn.open_awaiting_history(
+            b"",
+            0,
+            SessionParams {
+                user_id: Rc::from("alice"),
+                expires_at: start + SESSION_LIFE,
+                now: start,
+                ping_interval: LIMITS.ping_interval,
+                ws_config: websocket_config(512),
+            },
+        );
+        assert_eq!(
+            conn.queue_published(frame("A"), id(5), 1, start),
+            Queued::Again
+        );
+        assert_eq!(
+            conn.queue_published(frame("B"), id(6), 1, start),
+            Queued::Dropped
+        );
+        assert_eq!(conn.held_dropped(), 1);
     }
 }
