@@ -18,6 +18,7 @@
 //! (`FUNCTION LOAD REPLACE`): a Redis restarted without persistence has lost it.
 
 use std::io;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -200,7 +201,18 @@ impl ReaderThread {
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             batch.extend(self.requests.try_iter().take(MAX_BATCH - 1));
-            let answers = self.serve(&batch);
+            // A panic (a bug) must not leave these connections without `connected`.
+            let answers = match panic::catch_unwind(AssertUnwindSafe(|| self.serve(&batch))) {
+                Ok(answers) => answers,
+                Err(_) => {
+                    warn!("history reader: a read panicked; answering the batch complete:false");
+                    self.connection = None;
+                    batch
+                        .iter()
+                        .map(|request| answer(request, Outcome::Unavailable))
+                        .collect()
+                }
+            };
             let count = answers.len();
             for answer in answers {
                 if self.answers.send(answer).is_err() {
