@@ -400,6 +400,148 @@ fn live_messages_published_during_resumes_are_neither_lost_nor_duplicated() {
 }
 
 #[test]
+fn a_rolling_restart_loses_nothing_when_clients_resume_on_the_other_instance() {
+    // Two instances behind one Redis, clients split between them, a publisher
+    // sending to every user throughout; SIGTERM one instance: its clients get
+    // 1001 and resume on the other with `since` (or the `position` they were
+    // given, if they had no message yet). Every client must end with every
+    // message exactly once, in order.
+    const CLIENTS: usize = 100;
+    let (redis, mut gw_a) = setup_history(10_000, &[("WS_SEND_BUFFER", "100000")]);
+    let gw_b = Gateway::start(
+        redis.port,
+        &[
+            ("WS_HISTORY_SIZE", "10000"),
+            ("WS_SEND_BUFFER", "100000"),
+            ("JWT_SECRET_KEY", gw_a.secret.as_str()),
+        ],
+    );
+    gw_b.wait_redis_connected(PROMPT);
+    let user = |i: usize| format!("roll{i}");
+    let mut con = redis.connection().expect("redis");
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut rounds = 0;
+            while !stop.load(Ordering::Acquire) {
+                let mut pipe = redis::pipe();
+                for i in 0..CLIENTS {
+                    pipe.cmd("FCALL")
+                        .arg("ws_notify_publish")
+                        .arg(1)
+                        .arg(format!("user_noti:{}", user(i)))
+                        .arg(seq_message(rounds))
+                        .ignore();
+                }
+                pipe.query::<()>(&mut con).expect("publish");
+                rounds += 1;
+                thread::sleep(ms(5));
+            }
+            for i in 0..CLIENTS {
+                fcall(&mut con, &user(i), r#"{"type":"end","payload":null}"#);
+            }
+            rounds
+        })
+    };
+    let resumed = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let first_port = if i % 2 == 0 { gw_a.port } else { gw_b.port };
+            let (other_port, token) = (gw_b.port, gw_a.token(&user(i)));
+            let resumed = Arc::clone(&resumed);
+            thread::spawn(move || -> Result<Vec<u64>, String> {
+                let url = format!("/ws?token={token}");
+                let ws = ws_connect_with(first_port, &url, &[]).map_err(|e| e.to_string())?;
+                let (mut ws, hello) = expect_connected(ws);
+                let mut last_id = hello["position"].as_str().unwrap_or_default().to_string();
+                let mut seqs = Vec::new();
+                loop {
+                    match recv_message(&mut ws, secs(30)) {
+                        Some(tungstenite::Message::Text(text)) => {
+                            let msg: Value =
+                                serde_json::from_str(text.as_str()).map_err(|e| e.to_string())?;
+                            if msg["type"] == "end" {
+                                return Ok(seqs);
+                            }
+                            if msg["type"] == "connected" {
+                                continue;
+                            }
+                            seqs.push(msg["payload"].as_u64().ok_or("no seq")?);
+                            last_id = id_of(&msg);
+                        }
+                        Some(tungstenite::Message::Close(frame)) => {
+                            let code = frame.map(|f| u16::from(f.code));
+                            if code != Some(1001) {
+                                return Err(format!("closed with {code:?}"));
+                            }
+                            // Answer the close (so the instance need not wait for
+                            // it); an error only means the socket is already gone.
+                            let _ = ws.close(None);
+                            // Resume on the other instance.
+                            let url = format!("/ws?token={token}&since={last_id}");
+                            let again = ws_connect_with(other_port, &url, &[])
+                                .map_err(|e| e.to_string())?;
+                            let (again, hello) = expect_connected(again);
+                            if hello["recovery"]["complete"] != true {
+                                return Err(format!("incomplete: {hello}"));
+                            }
+                            resumed.fetch_add(1, Ordering::AcqRel);
+                            ws = again;
+                        }
+                        Some(_) => {}
+                        None => return Err("nothing for 30 s".to_string()),
+                    }
+                }
+            })
+        })
+        .collect();
+    gw_a.wait_active_connections((CLIENTS / 2) as u64);
+    gw_b.wait_active_connections((CLIENTS / 2) as u64);
+    // Let messages flow, then stop instance A.
+    wait_until(PROMPT, "messages flow", || {
+        gw_a.metric("ws_notify_messages_delivered_total") >= (10 * CLIENTS / 2) as f64
+    });
+    gw_a.signal(libc::SIGTERM);
+    assert!(
+        gw_a.wait_exit(secs(30)).is_some(),
+        "instance A did not stop"
+    );
+    wait_until(secs(60), "A's clients resumed on B", || {
+        resumed.load(Ordering::Acquire) == CLIENTS / 2
+    });
+    gw_b.wait_active_connections(CLIENTS as u64);
+    // More messages after the move, then the end.
+    let after = gw_b.metric("ws_notify_messages_delivered_total");
+    wait_until(PROMPT, "messages flow on B", || {
+        gw_b.metric("ws_notify_messages_delivered_total") >= after + (10 * CLIENTS) as f64
+    });
+    stop.store(true, Ordering::Release);
+    let rounds = publisher.join().expect("publisher");
+    for (i, client) in clients.into_iter().enumerate() {
+        let seqs = client
+            .join()
+            .unwrap_or_else(|_| panic!("client {i} panicked"))
+            .unwrap_or_else(|e| panic!("client {i}: {e}"));
+        let first = *seqs
+            .first()
+            .unwrap_or_else(|| panic!("client {i}: nothing"));
+        let expected: Vec<u64> = (first..rounds).collect();
+        if seqs != expected {
+            let at = seqs
+                .iter()
+                .zip(&expected)
+                .position(|(a, b)| a != b)
+                .unwrap_or(seqs.len().min(expected.len()));
+            panic!(
+                "client {i}: a gap or a duplicate at {at}: {:?} (expected {first}..{rounds})",
+                &seqs[at.saturating_sub(3)..(at + 3).min(seqs.len())]
+            );
+        }
+    }
+}
+
+#[test]
 fn a_gap_longer_than_the_history_is_incomplete_and_gets_the_retained_tail() {
     // Approximate trimming removes whole stream nodes (100 entries each), so the
     // gap is well past one node.
