@@ -640,10 +640,14 @@ fn decode_server_frame(frame: &[u8]) -> (bool, u8, bool, &[u8]) {
     )
 }
 
-/// The three keys of a client message, borrowed raw.
+/// The keys of a client message, borrowed raw (`id` only for a message
+/// published with history).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ClientMessage<'a> {
+    #[serde(borrow)]
+    #[allow(dead_code)]
+    id: Option<&'a RawValue>,
     #[serde(rename = "type", borrow)]
     kind: &'a RawValue,
     #[serde(borrow)]
@@ -705,7 +709,17 @@ pub fn redis_message(data: &[u8]) {
                 .filter(|(k, _)| k == "payload")
                 .map(|(_, v)| &**v)
                 .collect();
-            if kinds.len() > 1 || payloads.len() > 1 {
+            let ids: Vec<&RawValue> = entries
+                .iter()
+                .filter(|(k, _)| k == "id")
+                .map(|(_, v)| &**v)
+                .collect();
+            // A string `id` (added by the history function) goes first; any other is ignored.
+            let id_member = ids
+                .first()
+                .filter(|id| id.get().starts_with('"'))
+                .map_or(String::new(), |id| format!(r#""id":{},"#, id.get()));
+            if kinds.len() > 1 || payloads.len() > 1 || ids.len() > 1 {
                 Err("not_json")
             } else if kinds.is_empty() {
                 Err("missing_type")
@@ -713,7 +727,7 @@ pub fn redis_message(data: &[u8]) {
                 Err("type_not_string")
             } else {
                 Ok(format!(
-                    r#"{{"type":{},"payload":{},"timestamp":"{ts}"}}"#,
+                    r#"{{{id_member}"type":{},"payload":{},"timestamp":"{ts}"}}"#,
                     kinds[0].get(),
                     payloads.first().map_or("null", |p| p.get()),
                 ))

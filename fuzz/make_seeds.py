@@ -148,6 +148,11 @@ def handshake_seeds():
     w("safari_upgrade", 0x07, head(SAFARI))
     w("python_websockets_bearer", 0x00, head(PYTHON_WEBSOCKETS))
     w("gorilla_bearer_hs512", 0x09, head(GORILLA))
+    # A resume: `since` is a stream id, or 400 `invalid since`.
+    w("chromium_upgrade_since", 0x00,
+      head([CHROMIUM[0].replace(" HTTP/1.1", "&since=1764680000000-3 HTTP/1.1")] + CHROMIUM[1:]))
+    w("chromium_upgrade_bad_since", 0x00,
+      head([CHROMIUM[0].replace(" HTTP/1.1", "&since=17x HTTP/1.1")] + CHROMIUM[1:]))
     # A first frame pipelined right after the head.
     w("upgrade_with_pipelined_frame", 0x02,
       head(PYTHON_WEBSOCKETS) + masked(0x1, b'{"type":"ping"}', b"\x37\xfa\x21\x3d"))
@@ -283,6 +288,9 @@ def redis_message_seeds():
     w("null_payload", u, '{"type":"refresh","payload":null}')
     w("extra_keys", u, '{"id":"evt_01","type":"chat.message","version":2,'
       '"payload":{"from":"bob","text":"hi"},"meta":{"trace":"abc"}}')
+    w("history_id", u, '{"id":"1764680000000-0","type":"invoice_paid","payload":{"invoice":"INV-7"}}')
+    w("history_id_twice", u, '{"id":"1-1","type":"t","id":"1-2"}')
+    w("id_not_a_string", u, '{"id":7,"type":"t","payload":1}')
     w("nested", u, '{"type":"report","payload":{"a":[1,[2,[3,[4,{"b":{"c":[true,false,null]}}]]]]}}')
     w("unicode", b"user_noti:\xc3\xa9lodie", '{"type":"\u901a\u77e5","payload":{"text":'
       '"caf\\u00e9 \\ud83d\\ude00 \u2603","emoji":"\U0001F680"}}')

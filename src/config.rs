@@ -49,6 +49,12 @@ pub struct Config {
     /// `WS_SEND_BUFFER_BYTES`, default 1 MiB: bytes of messages queued per
     /// connection (a larger message still goes out on an empty queue).
     pub send_buffer_bytes: usize,
+    /// `WS_HISTORY_SIZE`, default 0 (history off): messages kept per user for
+    /// clients that resume (README: "History and resume").
+    pub history_size: usize,
+    /// `WS_HISTORY_TTL`, default 24h: a user's history expires this long after
+    /// its last message.
+    pub history_ttl: Duration,
     /// `WS_ALLOWED_ORIGINS`: exact origins; empty = any origin. A request without
     /// `Origin` (not a browser) is always let through; a cookie token needs a
     /// listed one, so `JWT_COOKIE_NAME` requires this list.
@@ -198,6 +204,8 @@ pub const VARIABLES: &[&str] = &[
     "WS_SEND_BUFFER",
     "WS_TOKEN_EXPIRY_NOTICE",
     "WS_SEND_BUFFER_BYTES",
+    "WS_HISTORY_SIZE",
+    "WS_HISTORY_TTL",
     "WS_ALLOWED_ORIGINS",
     "WS_LOOP_NICE",
     "SHUTDOWN_TIMEOUT",
@@ -307,6 +315,8 @@ impl Config {
             send_buffer: env.parse("WS_SEND_BUFFER", 256, parse_count)?,
             token_expiry_notice: env.parse("WS_TOKEN_EXPIRY_NOTICE", secs(60), parse_duration)?,
             send_buffer_bytes: env.parse("WS_SEND_BUFFER_BYTES", 1 << 20, parse_byte_size)?,
+            history_size: env.parse("WS_HISTORY_SIZE", 0, parse_history_size)?,
+            history_ttl: env.parse("WS_HISTORY_TTL", secs(24 * 3600), parse_interval)?,
             allowed_origins,
             loop_nice: env.parse("WS_LOOP_NICE", 10, parse_nice)?,
             shutdown_timeout: env.parse("SHUTDOWN_TIMEOUT", secs(30), parse_interval)?,
@@ -450,6 +460,19 @@ fn parse_byte_size(text: &str) -> Result<usize, String> {
 fn parse_count_or_zero(text: &str) -> Result<usize, String> {
     text.parse::<usize>()
         .map_err(|_| format!("{text:?} is not a whole number (0 = no limit)"))
+}
+
+/// Most messages kept per user: a resume replays up to this many, in one read.
+const MAX_HISTORY_SIZE: usize = 100_000;
+
+/// `WS_HISTORY_SIZE`: 0 (off) up to `MAX_HISTORY_SIZE`.
+fn parse_history_size(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n <= MAX_HISTORY_SIZE => Ok(n),
+        _ => Err(format!(
+            "{text:?} is not a whole number from 0 (history off) to {MAX_HISTORY_SIZE}"
+        )),
+    }
 }
 
 /// A nice increment: 0 (none) to 19 (the lowest priority there is).
@@ -798,6 +821,8 @@ impl fmt::Debug for Config {
             .field("send_buffer", &self.send_buffer)
             .field("token_expiry_notice", &self.token_expiry_notice)
             .field("send_buffer_bytes", &self.send_buffer_bytes)
+            .field("history_size", &self.history_size)
+            .field("history_ttl", &self.history_ttl)
             .field("allowed_origins", &self.allowed_origins)
             .field("loop_nice", &self.loop_nice)
             .field("shutdown_timeout", &self.shutdown_timeout)
@@ -914,6 +939,8 @@ mod tests {
         assert_eq!(config.send_buffer, 256);
         assert_eq!(config.token_expiry_notice, secs(60));
         assert_eq!(config.send_buffer_bytes, 1 << 20);
+        assert_eq!(config.history_size, 0);
+        assert_eq!(config.history_ttl, secs(24 * 3600));
         assert_eq!(config.loop_nice, 10);
         assert!(config.allowed_origins.is_empty());
         assert_eq!(config.shutdown_timeout, secs(30));
@@ -1108,6 +1135,9 @@ mod tests {
             ("WS_SEND_BUFFER_BYTES", "MiB"),
             ("WS_SEND_BUFFER_BYTES", "-1"),
             ("WS_SEND_BUFFER_BYTES", "99999999999GiB"),
+            ("WS_HISTORY_SIZE", "-1"),
+            ("WS_HISTORY_SIZE", "100001"),
+            ("WS_HISTORY_TTL", "0s"),
             ("WS_LOOP_NICE", "-1"),
             ("WS_LOOP_NICE", "20"),
             ("WS_LOOP_NICE", "low"),

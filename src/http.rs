@@ -19,10 +19,11 @@ pub enum Rejection {
     MethodNotAllowed,
     HeadTooLarge,
     NotFound,
+    InvalidSince,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Rejection::MissingToken,
         Rejection::InvalidToken,
         Rejection::OriginNotAllowed,
@@ -35,6 +36,7 @@ impl Rejection {
         Rejection::MethodNotAllowed,
         Rejection::HeadTooLarge,
         Rejection::NotFound,
+        Rejection::InvalidSince,
     ];
 
     /// HTTP status code.
@@ -44,7 +46,7 @@ impl Rejection {
             Rejection::OriginNotAllowed => 403,
             Rejection::ConnectionLimit => 503,
             Rejection::UserLimit => 429,
-            Rejection::BadRequest | Rejection::BadKey => 400,
+            Rejection::BadRequest | Rejection::BadKey | Rejection::InvalidSince => 400,
             Rejection::UnsupportedVersion | Rejection::UpgradeRequired => 426,
             Rejection::MethodNotAllowed => 405,
             Rejection::HeadTooLarge => 431,
@@ -67,6 +69,7 @@ impl Rejection {
             Rejection::MethodNotAllowed => "method not allowed",
             Rejection::HeadTooLarge => "request header too large",
             Rejection::NotFound => "not found",
+            Rejection::InvalidSince => "invalid since",
         }
     }
 
@@ -85,6 +88,7 @@ impl Rejection {
             Rejection::MethodNotAllowed => "method_not_allowed",
             Rejection::HeadTooLarge => "header_too_large",
             Rejection::NotFound => "not_found",
+            Rejection::InvalidSince => "invalid_since",
         }
     }
 

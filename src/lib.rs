@@ -14,6 +14,9 @@
 //! Three threads: the event loop owns every socket and all per-connection
 //! state; the Redis reader owns the Redis connection and only hands raw
 //! messages over; `log-writer` writes the log lines the other two buffer.
+//! With history on (`WS_HISTORY_SIZE`), a fourth, `history-reader`, reads
+//! users' streams for resuming connections on its own Redis connection and
+//! answers through the same waker (`history::reader`).
 //! Messages cross through `handover` (one queue, one wake per batch); health
 //! state crosses in atomics (`redis_status::RedisStatus`). The whole picture is
 //! in docs/ARCHITECTURE.md.
@@ -24,6 +27,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod handover;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod logging;

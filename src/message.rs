@@ -16,6 +16,7 @@ use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 
 use crate::clock::Timestamp;
+use crate::history::StreamId;
 
 /// A complete server-to-client WebSocket frame (header + payload), encoded once
 /// and shared by every connection it goes to.
@@ -107,15 +108,40 @@ impl MessageEncoder {
         published: &[u8],
         timestamp: &Timestamp,
     ) -> Result<Frame, InvalidMessage> {
+        self.encode_published_with_id(published, timestamp)
+            .map(|(frame, _)| frame)
+    }
+
+    /// [`MessageEncoder::encode_published`], and the message's history id: a
+    /// string `id` member (added by the `ws_notify_publish` Redis function) is
+    /// sent first, `{"id":..,"type":..}`, copied as published; it is returned
+    /// parsed when it is a stream id (a resuming connection skips messages it
+    /// already replayed by it). An `id` that is not a string is ignored.
+    pub fn encode_published_with_id(
+        &mut self,
+        published: &[u8],
+        timestamp: &Timestamp,
+    ) -> Result<(Frame, Option<StreamId>), InvalidMessage> {
         let parsed = parse_published(published)?;
         self.begin();
         let out = &mut self.scratch;
-        out.extend_from_slice(b"{\"type\":");
+        let mut id = None;
+        if let Some(token) = parsed.id {
+            out.extend_from_slice(b"{\"id\":");
+            out.extend_from_slice(token.as_bytes());
+            out.extend_from_slice(b",\"type\":");
+            id = token
+                .strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .and_then(StreamId::parse);
+        } else {
+            out.extend_from_slice(b"{\"type\":");
+        }
         out.extend_from_slice(parsed.kind.as_bytes());
         out.extend_from_slice(b",\"payload\":");
         out.extend_from_slice(parsed.payload.unwrap_or("null").as_bytes());
         push_timestamp_and_close(out, timestamp);
-        Ok(self.finish())
+        Ok((self.finish(), id))
     }
 
     /// `{"type":"connected","payload":{"user_id":"<id>","connection_id":"<id>"},"timestamp":..}`
@@ -132,6 +158,42 @@ impl MessageEncoder {
         out.extend_from_slice(b",\"connection_id\":\"");
         push_u64(out, connection_id);
         out.extend_from_slice(b"\"}");
+        push_timestamp_and_close(out, timestamp);
+        self.finish()
+    }
+
+    /// `connected` with history on or a `since`: `position` (the newest stored
+    /// message's id) when known, and for a resume
+    /// `"recovery":{"complete":..,"count":..}` (README: "History and resume").
+    pub fn encode_connected_with_history(
+        &mut self,
+        user_id: &str,
+        connection_id: u64,
+        history: &ConnectedHistory,
+        timestamp: &Timestamp,
+    ) -> Frame {
+        self.begin();
+        let out = &mut self.scratch;
+        out.extend_from_slice(b"{\"type\":\"connected\",\"payload\":{\"user_id\":");
+        push_json_str(out, user_id);
+        out.extend_from_slice(b",\"connection_id\":\"");
+        push_u64(out, connection_id);
+        out.push(b'"');
+        if let Some(position) = history.position {
+            out.extend_from_slice(b",\"position\":\"");
+            push_u64(out, position.ms);
+            out.push(b'-');
+            push_u64(out, position.seq);
+            out.push(b'"');
+        }
+        if let Some(recovery) = &history.recovery {
+            out.extend_from_slice(b",\"recovery\":{\"complete\":");
+            out.extend_from_slice(if recovery.complete { b"true" } else { b"false" });
+            out.extend_from_slice(b",\"count\":");
+            push_u64(out, recovery.count as u64);
+            out.push(b'}');
+        }
+        out.push(b'}');
         push_timestamp_and_close(out, timestamp);
         self.finish()
     }
@@ -162,6 +224,25 @@ impl MessageEncoder {
         self.scratch[start..MAX_HEADER_LEN].copy_from_slice(&header[..header_len]);
         Frame::from(&self.scratch[start..])
     }
+}
+
+/// What `connected` says about history (see `encode_connected_with_history`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectedHistory {
+    /// The id of the user's newest stored message; None when history is off or
+    /// Redis could not be read.
+    pub position: Option<StreamId>,
+    /// Present when the client asked to resume (`since`).
+    pub recovery: Option<Recovery>,
+}
+
+/// The outcome of a resume, as `connected` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// True only when nothing after `since` can be missing.
+    pub complete: bool,
+    /// Messages replayed after `connected`.
+    pub count: usize,
 }
 
 /// Checks a published payload without encoding it (for messages that reach no
@@ -278,6 +359,8 @@ struct ParsedPublished<'a> {
     kind: &'a str,
     /// The `payload` value's JSON text, or None when the key is missing.
     payload: Option<&'a str>,
+    /// The `id` value as a JSON string token, when it is a string.
+    id: Option<&'a str>,
 }
 
 fn parse_published(published: &[u8]) -> Result<ParsedPublished<'_>, InvalidMessage> {
@@ -293,6 +376,7 @@ fn parse_published(published: &[u8]) -> Result<ParsedPublished<'_>, InvalidMessa
         Shape::Object {
             kind,
             payload,
+            id,
             duplicate_key,
         } => {
             if duplicate_key {
@@ -303,7 +387,8 @@ fn parse_published(published: &[u8]) -> Result<ParsedPublished<'_>, InvalidMessa
                 return Err(InvalidMessage::TypeNotString);
             }
             let payload = payload.map(RawValue::get);
-            Ok(ParsedPublished { kind, payload })
+            let id = id.map(RawValue::get).filter(|id| id.starts_with('"'));
+            Ok(ParsedPublished { kind, payload, id })
         }
         Shape::NotAnObject => Err(InvalidMessage::NotAnObject),
     }
@@ -317,6 +402,7 @@ enum Shape<'de> {
     Object {
         kind: Option<&'de RawValue>,
         payload: Option<&'de RawValue>,
+        id: Option<&'de RawValue>,
         duplicate_key: bool,
     },
     NotAnObject,
@@ -327,6 +413,7 @@ enum Shape<'de> {
 enum Field {
     Type,
     Payload,
+    Id,
     #[serde(other)]
     Other,
 }
@@ -343,6 +430,7 @@ impl<'de> Visitor<'de> for TopLevel {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape<'de>, A::Error> {
         let mut kind: Option<&'de RawValue> = None;
         let mut payload: Option<&'de RawValue> = None;
+        let mut id: Option<&'de RawValue> = None;
         let mut duplicate_key = false;
         while let Some(field) = map.next_key::<Field>()? {
             match field {
@@ -354,6 +442,10 @@ impl<'de> Visitor<'de> for TopLevel {
                     let value = map.next_value::<&'de RawValue>()?;
                     duplicate_key |= payload.replace(value).is_some();
                 }
+                Field::Id => {
+                    let value = map.next_value::<&'de RawValue>()?;
+                    duplicate_key |= id.replace(value).is_some();
+                }
                 Field::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -362,6 +454,7 @@ impl<'de> Visitor<'de> for TopLevel {
         Ok(Shape::Object {
             kind,
             payload,
+            id,
             duplicate_key,
         })
     }
@@ -565,6 +658,63 @@ mod tests {
                 "missing_type",
                 "type_not_string"
             ]
+        );
+    }
+
+    #[test]
+    fn an_id_goes_first_and_the_rest_is_unchanged() {
+        let mut enc = MessageEncoder::new();
+        let published = br#"{"id":"1764680000000-2","type":"t","payload":{"b":1, "a":[1.50]}}"#;
+        let (frame, id) = enc.encode_published_with_id(published, &ts()).unwrap();
+        assert_eq!(
+            json_of(&frame),
+            r#"{"id":"1764680000000-2","type":"t","payload":{"b":1, "a":[1.50]},"timestamp":"2026-11-28T03:30:23.123Z"}"#
+        );
+        assert_eq!(id, StreamId::parse("1764680000000-2"));
+        // Wherever the id is in the object, it is sent first.
+        let (frame, id) = enc
+            .encode_published_with_id(br#"{"type":"t","id":"5-1"}"#, &ts())
+            .unwrap();
+        assert!(json_of(&frame).starts_with(r#"{"id":"5-1","type":"t","payload":null"#));
+        assert_eq!(id, StreamId::parse("5-1"));
+        // A string that is not a stream id is carried but does not count as one.
+        let (frame, id) = enc
+            .encode_published_with_id(br#"{"id":"abc","type":"t"}"#, &ts())
+            .unwrap();
+        assert!(json_of(&frame).starts_with(r#"{"id":"abc","type":"t""#));
+        assert_eq!(id, None);
+        // An id that is not a string is ignored.
+        let (frame, id) = enc
+            .encode_published_with_id(br#"{"id":7,"type":"t"}"#, &ts())
+            .unwrap();
+        assert!(json_of(&frame).starts_with(r#"{"type":"t""#));
+        assert_eq!(id, None);
+        // Two ids: refused like two types.
+        assert_eq!(
+            enc.encode_published(br#"{"id":"1-1","id":"1-2","type":"t"}"#, &ts()),
+            Err(InvalidMessage::NotJson)
+        );
+    }
+
+    #[test]
+    fn connected_with_history() {
+        let mut enc = MessageEncoder::new();
+        let history = ConnectedHistory {
+            position: StreamId::parse("17-3"),
+            recovery: Some(Recovery {
+                complete: false,
+                count: 12,
+            }),
+        };
+        let frame = enc.encode_connected_with_history("u", 7, &history, &ts());
+        assert_eq!(
+            json_of(&frame),
+            r#"{"type":"connected","payload":{"user_id":"u","connection_id":"7","position":"17-3","recovery":{"complete":false,"count":12}},"timestamp":"2026-11-28T03:30:23.123Z"}"#
+        );
+        let frame = enc.encode_connected_with_history("u", 7, &ConnectedHistory::default(), &ts());
+        assert_eq!(
+            json_of(&frame),
+            json_of(&enc.encode_connected("u", 7, &ts()))
         );
     }
 

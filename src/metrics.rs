@@ -51,6 +51,12 @@ pub struct Metrics {
     pub accept_fd_exhausted: u64,
     /// Token refresh requests, by `refresh::Outcome::index`.
     pub refreshes: [u64; Outcome::LABELS.len()],
+    /// Connections that asked to resume (`since`).
+    pub resumes: u64,
+    /// Messages sent to resuming connections from the history.
+    pub resume_replayed: u64,
+    /// Resumes answered `complete:false`.
+    pub resumes_incomplete: u64,
 }
 
 /// Point-in-time numbers that are not counters.
@@ -243,6 +249,24 @@ impl Metrics {
             "counter",
             "Token refresh requests from clients, by result.",
             &borrowed(&refreshes),
+        );
+        metric(
+            "resumes_total",
+            "counter",
+            "Connections that asked to resume with since.",
+            &[("", self.resumes)],
+        );
+        metric(
+            "resume_replayed_messages_total",
+            "counter",
+            "Messages replayed from the history to resuming connections.",
+            &[("", self.resume_replayed)],
+        );
+        metric(
+            "resumes_incomplete_total",
+            "counter",
+            "Resumes answered complete:false (history off, trimmed, expired or unreadable).",
+            &[("", self.resumes_incomplete)],
         );
         metric(
             "accept_fd_exhausted_total",

@@ -37,10 +37,14 @@ use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
 use crate::conn::refresh::{self, Outcome};
 use crate::conn::{Connection, Ended, Limits, Next, Queued, SessionParams, Step, websocket_config};
 use crate::handover::{Inbox, Published};
+use crate::history::StreamId;
+use crate::history::reader::{
+    Answer, HistoryReader, HistorySettings, Outcome as HistoryOutcome, Request,
+};
 use crate::http::{self, Rejection};
 use crate::hub::Hub;
 use crate::logging::RateLimited;
-use crate::message::{self, InvalidMessage, MessageEncoder};
+use crate::message::{self, ConnectedHistory, InvalidMessage, MessageEncoder, Recovery};
 use crate::metrics::{self, Gauges, Metrics, ProcessFigures, ProcessSampler};
 use crate::redis_reader::RedisReader;
 use crate::redis_status::RedisStatus;
@@ -86,6 +90,10 @@ pub struct Server {
     /// Reused buffer for one batch of Redis messages.
     inbound: Vec<Published>,
     reader: RedisReader,
+    /// Reads users' history off the loop; None when history is off.
+    history: Option<HistoryReader>,
+    /// Reused buffer for the history reader's answers.
+    history_answers: Vec<Answer>,
     redis: Arc<RedisStatus>,
     authenticator: Authenticator,
     config: Config,
@@ -142,6 +150,17 @@ impl Server {
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
 
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
+        // One waker per poll: the history reader shares it (the loop checks both queues).
+        let history = if config.history_size > 0 {
+            let settings = HistorySettings {
+                redis: config.redis.clone(),
+                size: config.history_size,
+                ttl: config.history_ttl,
+            };
+            Some(HistoryReader::spawn(settings, Arc::clone(&waker))?)
+        } else {
+            None
+        };
         let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
 
         let max_connections = connection_limit_for(
@@ -174,6 +193,8 @@ impl Server {
             inbox,
             inbound: Vec::with_capacity(INBOX_BATCH),
             reader,
+            history,
+            history_answers: Vec::new(),
             redis,
             authenticator,
             config,
@@ -230,6 +251,13 @@ impl Server {
             self.read_leftovers(now);
             if self.inbox.has_waiting() {
                 self.deliver_inbox(now);
+            }
+            if self
+                .history
+                .as_ref()
+                .is_some_and(HistoryReader::answers_waiting)
+            {
+                self.deliver_history(now);
             }
             self.flush_touched(now);
             self.fire_timers(now);
@@ -540,9 +568,33 @@ impl Server {
             Decision::Upgrade(upgrade) => {
                 self.metrics.connections_accepted += 1;
                 let user_id = self.hub.add(&upgrade.user_id, key);
-                let connected =
-                    self.encoder
-                        .encode_connected(&upgrade.user_id, conn.id(), &Timestamp::now());
+                let connected = if self.history.is_some() {
+                    // Sent once the history read is done (`finish_history`).
+                    None
+                } else if upgrade.since.is_some() {
+                    // History off: nothing can be proven about the gap.
+                    self.metrics.resumes += 1;
+                    self.metrics.resumes_incomplete += 1;
+                    let history = ConnectedHistory {
+                        position: None,
+                        recovery: Some(Recovery {
+                            complete: false,
+                            count: 0,
+                        }),
+                    };
+                    Some(self.encoder.encode_connected_with_history(
+                        &upgrade.user_id,
+                        conn.id(),
+                        &history,
+                        &Timestamp::now(),
+                    ))
+                } else {
+                    Some(self.encoder.encode_connected(
+                        &upgrade.user_id,
+                        conn.id(),
+                        &Timestamp::now(),
+                    ))
+                };
                 let expires_at =
                     refresh::expiry_instant(upgrade.expires_at, self.config.jwt.leeway, now);
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
@@ -551,23 +603,27 @@ impl Server {
                     upgrade.user_id,
                     conn.id()
                 );
-                conn.open(
-                    &http::switching_protocols(&upgrade.accept_key),
-                    connected,
-                    upgrade.head_len,
-                    SessionParams {
-                        user_id,
-                        expires_at,
-                        token_exp: upgrade.expires_at,
-                        expiry_notice: self.config.token_expiry_notice,
-                        now,
-                        ping_interval: self.config.ping_interval,
-                        ws_config: self.ws_config,
-                        send_buffer_bytes: self.config.send_buffer_bytes,
-                    },
-                );
+                let answer = http::switching_protocols(&upgrade.accept_key);
+                let session = SessionParams {
+                    user_id,
+                    expires_at,
+                    token_exp: upgrade.expires_at,
+                    expiry_notice: self.config.token_expiry_notice,
+                    now,
+                    ping_interval: self.config.ping_interval,
+                    ws_config: self.ws_config,
+                    send_buffer_bytes: self.config.send_buffer_bytes,
+                };
+                let awaits_history = connected.is_none();
+                match connected {
+                    Some(connected) => conn.open(&answer, connected, upgrade.head_len, session),
+                    None => conn.open_awaiting_history(&answer, upgrade.head_len, session),
+                }
                 // Frames that came with the request head are already buffered: read them now.
                 let step = conn.read(&self.limits, now);
+                if awaits_history {
+                    self.request_history(key, upgrade.user_id, upgrade.since, now);
+                }
                 self.carry_out(key, step, now);
             }
         }
@@ -615,11 +671,11 @@ impl Server {
                 }
                 continue;
             };
-            let frame = match self
+            let (frame, id) = match self
                 .encoder
-                .encode_published(published.payload(), &received_at)
+                .encode_published_with_id(published.payload(), &received_at)
             {
-                Ok(frame) => frame,
+                Ok(encoded) => encoded,
                 Err(invalid) => {
                     self.invalid_message(&published, invalid, now);
                     continue;
@@ -634,18 +690,113 @@ impl Server {
                 let Some(conn) = self.conns.get_mut(key) else {
                     continue;
                 };
-                match conn.queue_message(frame.clone(), self.config.send_buffer, now) {
+                match conn.queue_published(frame.clone(), id, self.config.send_buffer, now) {
                     Queued::First => {
                         self.metrics.queued += 1;
                         self.to_flush.push(key);
                     }
                     Queued::Again => self.metrics.queued += 1,
                     Queued::Dropped => self.metrics.dropped_buffer_full += 1,
+                    // The client got it in its resume's replay: delivered.
+                    Queued::Duplicate => {
+                        self.metrics.queued += 1;
+                        self.metrics.delivered += 1;
+                    }
                 }
             }
         }
         // Keep the buffer's capacity for the next batch.
         self.inbound = inbound;
+    }
+
+    /// Asks the history reader for a connection's history (its position, and the
+    /// messages after `since`); a reader that is gone answers at once.
+    fn request_history(
+        &mut self,
+        key: usize,
+        user_id: String,
+        since: Option<StreamId>,
+        now: Instant,
+    ) {
+        let Some(history) = &self.history else {
+            return;
+        };
+        let Some(conn) = self.conns.get(key) else {
+            return;
+        };
+        let request = Request {
+            key,
+            connection_id: conn.id(),
+            user_id,
+            since,
+        };
+        if let Err(request) = history.request(request) {
+            warn!("history reader is gone: resuming clients get complete:false");
+            self.finish_history(request.unavailable(), now);
+        }
+    }
+
+    /// Sends every connection whose history read is done its `connected`, its
+    /// replay, then the live messages held meanwhile.
+    fn deliver_history(&mut self, now: Instant) {
+        let Some(history) = &self.history else {
+            return;
+        };
+        let mut answers = std::mem::take(&mut self.history_answers);
+        history.drain_answers(&mut answers);
+        for answer in answers.drain(..) {
+            self.finish_history(answer, now);
+        }
+        self.history_answers = answers;
+    }
+
+    fn finish_history(&mut self, answer: Answer, now: Instant) {
+        let Some(conn) = self.conns.get_mut(answer.key) else {
+            return;
+        };
+        if conn.id() != answer.connection_id {
+            return; // the connection closed; its slot was reused
+        }
+        let (position, replay, complete) = match answer.outcome {
+            // Held messages up to `since` are ones the client already has.
+            HistoryOutcome::Unavailable => (None, Vec::new(), false),
+            HistoryOutcome::Read(read) => {
+                self.metrics.dropped_invalid += read.invalid as u64;
+                (Some(read.position), read.replay, read.complete)
+            }
+        };
+        // Live messages dropped while held (a client publishing faster than the
+        // read) are gone for this connection: not complete.
+        let complete = complete && conn.held_dropped() == 0;
+        let recovery = answer.since.map(|_| Recovery {
+            complete,
+            count: replay.len(),
+        });
+        if let Some(recovery) = recovery {
+            self.metrics.resumes += 1;
+            self.metrics.resume_replayed += recovery.count as u64;
+            self.metrics.resumes_incomplete += u64::from(!recovery.complete);
+        }
+        let history = ConnectedHistory { position, recovery };
+        let connected = self.encoder.encode_connected_with_history(
+            &answer.user_id,
+            answer.connection_id,
+            &history,
+            &Timestamp::now(),
+        );
+        // Everything up to the read's position was in the read (or is older than
+        // the client's position); without a read, what precedes `since`.
+        let seen = position.or(answer.since);
+        if let Some(skipped) = conn.finish_history(connected, replay, seen, now) {
+            // Held live messages the replay already carried: delivered (they were
+            // counted as queued when held).
+            self.metrics.delivered += skipped as u64;
+            debug!(
+                "history sent user_id={} connection_id={} recovery={recovery:?} duplicates_skipped={skipped}",
+                answer.user_id, answer.connection_id
+            );
+            self.settle(answer.key, now);
+        }
     }
 
     /// Counts and (rate-limited) logs a published message that is not valid.

@@ -5,6 +5,7 @@
 //! - `token`: sign a development JWT with `JWT_SECRET_KEY` ([`token`]);
 //! - `listen`: a debugging WebSocket client that prints messages as JSON lines ([`listen`]);
 //! - `publish`: publish a test notification to the configured Redis ([`publish`]);
+//! - `history-function`: print the Redis function library for history ([`history_function`]);
 //! - `healthcheck`: GET `/health`, exit 0 on 200 (the image's `HEALTHCHECK`) ([`healthcheck`]).
 //!
 //! Arguments are parsed by hand (a dozen options do not need a parser crate).
@@ -20,6 +21,7 @@ use std::fmt;
 use std::process::ExitCode;
 
 pub mod healthcheck;
+pub mod history_function;
 pub mod listen;
 pub mod publish;
 pub mod serve;
@@ -44,6 +46,7 @@ Usage:
   ws-notify listen [--url ws://127.0.0.1:8081/ws] [--token <jwt>]
                                                        connect and print every message as a JSON line
   ws-notify publish <user> <type> [<json-payload>]     publish a notification to the configured Redis
+  ws-notify history-function                           print the Redis function library that keeps history
   ws-notify healthcheck [--url http://127.0.0.1:8081/health]
                                                        exit 0 if /health answers 200, 1 otherwise
   ws-notify help [<command>]   -h, --help   -V, --version
@@ -57,6 +60,7 @@ pub enum Command {
     Token,
     Listen,
     Publish,
+    HistoryFunction,
     Healthcheck,
 }
 
@@ -67,6 +71,7 @@ impl Command {
             "token" => Command::Token,
             "listen" => Command::Listen,
             "publish" => Command::Publish,
+            "history-function" => Command::HistoryFunction,
             "healthcheck" => Command::Healthcheck,
             _ => return None,
         })
@@ -79,6 +84,7 @@ impl Command {
             Command::Token => "token",
             Command::Listen => "listen",
             Command::Publish => "publish",
+            Command::HistoryFunction => "history-function",
             Command::Healthcheck => "healthcheck",
         }
     }
@@ -90,6 +96,7 @@ impl Command {
             Command::Token => token::USAGE,
             Command::Listen => listen::USAGE,
             Command::Publish => publish::USAGE,
+            Command::HistoryFunction => history_function::USAGE,
             Command::Healthcheck => healthcheck::USAGE,
         }
     }
@@ -108,6 +115,7 @@ pub enum Invocation {
     Token(token::TokenArgs),
     Listen(listen::ListenArgs),
     Publish(publish::PublishArgs),
+    HistoryFunction,
     Healthcheck(healthcheck::HealthcheckArgs),
 }
 
@@ -159,6 +167,7 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> ExitCode {
         Invocation::Token(args) => token::run(&args),
         Invocation::Listen(args) => listen::run(&args),
         Invocation::Publish(args) => publish::run(&args),
+        Invocation::HistoryFunction => history_function::run(),
         Invocation::Healthcheck(args) => healthcheck::run(&args),
     }
 }
@@ -217,6 +226,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, Usa
                 Command::Token => token::parse(&mut parser).map(Invocation::Token),
                 Command::Listen => listen::parse(&mut parser).map(Invocation::Listen),
                 Command::Publish => publish::parse(&mut parser).map(Invocation::Publish),
+                Command::HistoryFunction => {
+                    history_function::parse(&mut parser).map(|()| Invocation::HistoryFunction)
+                }
                 Command::Healthcheck => {
                     healthcheck::parse(&mut parser).map(Invocation::Healthcheck)
                 }

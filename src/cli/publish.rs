@@ -1,7 +1,10 @@
 //! `ws-notify publish`: publishes `{"type":..,"payload":..}` to
 //! `<REDIS_CHANNEL_PREFIX><user>` on the Redis the server is configured for
 //! (the same `REDIS_*` variables, TLS and CA file included), after checking
-//! that the payload is JSON. The payload's bytes are sent as given.
+//! that the payload is JSON. The payload's bytes are sent as given. With
+//! `WS_HISTORY_SIZE` set, it publishes through the Redis function
+//! `ws_notify_publish` (loading the library if Redis lacks it), so that the
+//! message is kept for resuming clients, and prints the message's id.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -10,6 +13,7 @@ use serde_json::value::RawValue;
 
 use super::{Arg, EXIT_FAILURE, EXIT_USAGE, ParseStop, Parser};
 use crate::config::Config;
+use crate::history::library_code;
 use crate::message::validate_published;
 use crate::redis_reader::build_client;
 
@@ -20,7 +24,10 @@ Publishes {\"type\":<type>,\"payload\":<json-payload>} to the channel
 <REDIS_CHANNEL_PREFIX><user> (default user_noti:<user>) on the Redis configured
 by REDIS_URL or REDIS_HOST/REDIS_PORT/... (as the server reads them), and prints
 the number of Redis subscribers that received it: gateway instances, not
-WebSocket clients. The payload must be JSON (default null); put -- before
+WebSocket clients. With WS_HISTORY_SIZE set (history on), it publishes with
+the Redis function ws_notify_publish instead (loading the function library
+with WS_HISTORY_SIZE and WS_HISTORY_TTL if Redis lacks it) and prints the
+message's id. The payload must be JSON (default null); put -- before
 arguments that start with '-'.
 
 Example: ws-notify publish alice order_shipped '{\"order_id\":42}'
@@ -77,17 +84,21 @@ pub fn message(args: &PublishArgs) -> String {
     format!(r#"{{"type":{kind},"payload":{}}}"#, args.payload.trim())
 }
 
-pub fn run(args: &PublishArgs) -> ExitCode {
-    // Only the Redis settings matter here; the JWT settings the server
-    // requires are filled in so that a publisher's environment needs none.
-    let config = Config::from_lookup(|name| {
+/// The configuration as the server reads it; only the Redis and history
+/// settings matter to a publisher, so the JWT settings the server requires are
+/// filled in and a publisher's environment needs none.
+pub fn publisher_config() -> Result<Config, crate::config::ConfigError> {
+    Config::from_lookup(|name| {
         let value = super::env_var(name);
         if name == "JWT_SECRET_KEY" && value.is_none() {
             return Some("unused-by-publish".to_string());
         }
         value
-    });
-    let config = match config {
+    })
+}
+
+pub fn run(args: &PublishArgs) -> ExitCode {
+    let config = match publisher_config() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("ws-notify publish: invalid configuration: {e}");
@@ -114,14 +125,23 @@ pub fn run(args: &PublishArgs) -> ExitCode {
             con.set_read_timeout(Some(REDIS_TIMEOUT))
                 .and_then(|()| con.set_write_timeout(Some(REDIS_TIMEOUT)))
                 .map_err(|e| format!("connect: {e}"))?;
+            if config.history_size > 0 {
+                return publish_with_history(&mut con, &config, &channel, &message)
+                    .map(Published::Id);
+            }
             redis::cmd("PUBLISH")
                 .arg(&channel)
                 .arg(&message)
                 .query::<i64>(&mut con)
+                .map(Published::Receivers)
                 .map_err(|e| format!("PUBLISH: {e}"))
         });
     match result {
-        Ok(receivers) => {
+        Ok(Published::Id(id)) => {
+            println!("{id}");
+            ExitCode::SUCCESS
+        }
+        Ok(Published::Receivers(receivers)) => {
             println!("{receivers}");
             if receivers == 0 {
                 eprintln!(
@@ -134,6 +154,47 @@ pub fn run(args: &PublishArgs) -> ExitCode {
             eprintln!("ws-notify publish: Redis {target}: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// What Redis answered.
+enum Published {
+    /// PUBLISH: the number of subscribers (gateway instances) that got it.
+    Receivers(i64),
+    /// FCALL ws_notify_publish: the message's stream id.
+    Id(String),
+}
+
+/// `FCALL ws_notify_publish 1 <channel> <message>`; when Redis lacks the
+/// function (a fresh or restarted Redis, no gateway with history started yet),
+/// loads the library with this configuration's size and TTL and calls again.
+fn publish_with_history(
+    con: &mut redis::Connection,
+    config: &Config,
+    channel: &str,
+    message: &str,
+) -> Result<String, String> {
+    let fcall = |con: &mut redis::Connection| {
+        redis::cmd("FCALL")
+            .arg("ws_notify_publish")
+            .arg(1)
+            .arg(channel)
+            .arg(message)
+            .query::<String>(con)
+    };
+    match fcall(con) {
+        Ok(id) => Ok(id),
+        Err(e) if e.to_string().contains("Function not found") => {
+            let library = library_code(config.history_size, config.history_ttl);
+            redis::cmd("FUNCTION")
+                .arg("LOAD")
+                .arg("REPLACE")
+                .arg(&library)
+                .query::<String>(con)
+                .map_err(|e| format!("FUNCTION LOAD (Redis 7.0+ is needed): {e}"))?;
+            fcall(con).map_err(|e| format!("FCALL ws_notify_publish: {e}"))
+        }
+        Err(e) => Err(format!("FCALL ws_notify_publish: {e}")),
     }
 }
 

@@ -6,6 +6,7 @@
 //! fuzz target runs the very same function.
 
 use crate::auth::{Authenticator, Identity, TokenSource, TokenSources, token_candidates};
+use crate::history::StreamId;
 use crate::http::Rejection;
 
 /// Largest request head we accept (RFC 6455 servers commonly use 8 KiB, like nginx).
@@ -56,6 +57,8 @@ pub struct Upgrade {
     pub user_id: String,
     /// The token's `exp`, unix seconds.
     pub expires_at: u64,
+    /// `?since=<stream id>`: the client resumes after this message.
+    pub since: Option<StreamId>,
 }
 
 /// Parses `buf` (everything read so far) and decides.
@@ -161,6 +164,10 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
             listed
         }
     };
+    let since = match since_parameter(query) {
+        Ok(since) => since,
+        Err(rejection) => return Decision::Reject(rejection),
+    };
     // Checked before the token so that a storm of connections costs no signature checks.
     if counts.open_connections() >= rules.max_connections {
         return Decision::Reject(Rejection::ConnectionLimit);
@@ -180,7 +187,24 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
         accept_key: tungstenite::handshake::derive_accept_key(key),
         user_id: identity.user_id,
         expires_at: identity.expires_at,
+        since,
     })
+}
+
+/// The first `since` query parameter, a stream id (`ms-seq` or `ms`; both are
+/// digits and `-` only, so there is nothing to percent-decode). Present but not
+/// a stream id: 400 `invalid since`.
+pub fn since_parameter(query: Option<&str>) -> Result<Option<StreamId>, Rejection> {
+    let Some(value) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("since="))
+    else {
+        return Ok(None);
+    };
+    StreamId::parse(value)
+        .map(Some)
+        .ok_or(Rejection::InvalidSince)
 }
 
 /// The first token that validates, trying the sources in the documented order
@@ -345,6 +369,34 @@ mod tests {
             }
             other => panic!("expected an upgrade, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn since_is_a_stream_id_or_refused() {
+        let since_of = |query: &str| {
+            let head = upgrade_head(&format!("/ws?token={}&{query}", token("alice")), "");
+            match decide(head.as_bytes(), &[], &NO_LOAD) {
+                Decision::Upgrade(upgrade) => Ok(upgrade.since),
+                Decision::Reject(rejection) => Err(rejection),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(since_of("since=17-3"), Ok(StreamId::parse("17-3")));
+        assert_eq!(since_of("since=17"), Ok(StreamId::parse("17-0")));
+        assert_eq!(since_of("x=1"), Ok(None));
+        // The first one counts.
+        assert_eq!(since_of("since=5-1&since=junk"), Ok(StreamId::parse("5-1")));
+        for bad in [
+            "since=",
+            "since=abc",
+            "since=1-",
+            "since=%35-1",
+            "since=1-2-3",
+        ] {
+            assert_eq!(since_of(bad), Err(Rejection::InvalidSince), "{bad}");
+        }
+        assert_eq!(Rejection::InvalidSince.status(), 400);
+        assert_eq!(Rejection::InvalidSince.message(), "invalid since");
     }
 
     #[test]

@@ -48,6 +48,7 @@ use mio::net::TcpStream;
 use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
+use crate::history::StreamId;
 use crate::message::Frame;
 pub use outbound::Deliveries;
 use outbound::{FlushResult, FrameLimit, OutboundQueue};
@@ -187,6 +188,18 @@ struct Session {
     last_seen: Instant,
     /// When the next ping frame is due.
     next_ping: Instant,
+    /// While the session waits for its history read (history on): the live
+    /// messages that arrived meanwhile, with their ids, held back so that
+    /// `connected` and the replay go first (README: "History and resume").
+    held: Option<Vec<(Frame, Option<StreamId>)>>,
+    /// Live messages dropped while held (the hold is bounded like the queue):
+    /// the resume cannot be complete.
+    held_dropped: usize,
+    /// After the history read: the newest id it covered. A live message with an
+    /// id up to it was already replayed (or precedes the client's position): the
+    /// pub/sub copy can arrive after the read's answer, so it is skipped here
+    /// until the first newer id shows every later one is new.
+    replayed_through: Option<StreamId>,
 }
 
 /// A session waiting for the client to answer the server's close frame.
@@ -286,6 +299,8 @@ pub enum Queued {
     /// `WS_SEND_BUFFER` frames or `WS_SEND_BUFFER_BYTES` bytes are already
     /// waiting: dropped.
     Dropped,
+    /// Already sent from the history on resume: skipped.
+    Duplicate,
 }
 
 /// One client connection.
@@ -457,6 +472,27 @@ impl<S: Stream> Connection<S> {
         head_len: usize,
         session: SessionParams,
     ) {
+        self.open_session(answer, Some(connected), head_len, session);
+    }
+
+    /// Completes the upgrade like `open`, but `connected` waits for the user's
+    /// history read: live messages are held until `finish_history`.
+    pub fn open_awaiting_history(
+        &mut self,
+        answer: &[u8],
+        head_len: usize,
+        session: SessionParams,
+    ) {
+        self.open_session(answer, None, head_len, session);
+    }
+
+    fn open_session(
+        &mut self,
+        answer: &[u8],
+        connected: Option<Frame>,
+        head_len: usize,
+        session: SessionParams,
+    ) {
         let State::Handshake { head, .. } = std::mem::replace(&mut self.state, State::Done) else {
             debug_assert!(false, "open outside the handshake");
             return;
@@ -467,9 +503,15 @@ impl<S: Stream> Connection<S> {
         let rest = head.get(head_len..).unwrap_or_default().to_vec();
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
         self.queue_control(answer, session.now);
-        // The first message is always accepted: the queue is empty.
-        self.out.push_reply(connected, FrameLimit::NONE);
         self.send_buffer_bytes = session.send_buffer_bytes;
+        let held = match connected {
+            Some(connected) => {
+                // The first message is always accepted: the queue is empty.
+                self.out.push_reply(connected, FrameLimit::NONE);
+                None
+            }
+            None => Some(Vec::new()),
+        };
         self.state = State::Open(Box::new(Session {
             ws,
             user_id: session.user_id,
@@ -477,7 +519,98 @@ impl<S: Stream> Connection<S> {
             token: refresh::TokenState::new(session.token_exp, session.expiry_notice, session.now),
             last_seen: session.now,
             next_ping: session.now + session.ping_interval,
+            held,
+            held_dropped: 0,
+            replayed_through: None,
         }));
+    }
+
+    /// Queues a published message like `queue_message`; while the session waits
+    /// for its history read the message is held instead (up to `limit`, counted
+    /// as queued: `Queued::Again`, nothing to flush yet), and one the history
+    /// read already covered is skipped (`Queued::Duplicate`).
+    pub fn queue_published(
+        &mut self,
+        frame: Frame,
+        id: Option<StreamId>,
+        limit: usize,
+        now: Instant,
+    ) -> Queued {
+        if let State::Open(session) = &mut self.state {
+            if let Some(held) = &mut session.held {
+                if held.len() >= limit {
+                    session.held_dropped += 1;
+                    return Queued::Dropped;
+                }
+                held.push((frame, id));
+                return Queued::Again;
+            }
+            if let (Some(id), Some(through)) = (id, session.replayed_through) {
+                if id <= through {
+                    return Queued::Duplicate;
+                }
+                session.replayed_through = None;
+            }
+        }
+        self.queue_message(frame, limit, now)
+    }
+
+    /// Whether the session still waits for its history read (nothing but the
+    /// 101 has been sent).
+    fn awaits_history(&self) -> bool {
+        matches!(&self.state, State::Open(session) if session.held.is_some())
+    }
+
+    /// Live messages dropped while waiting for the history read (a resume is
+    /// then incomplete: they were published after the read's position).
+    pub fn held_dropped(&self) -> usize {
+        match &self.state {
+            State::Open(session) => session.held_dropped,
+            _ => 0,
+        }
+    }
+
+    /// The history read is done: queues `connected`, the replayed messages in
+    /// order, then the held live messages except those with an id up to
+    /// `seen` (the newest id the read covered: already replayed, or older than
+    /// the client's position). Returns how many held messages were skipped, or
+    /// None when the session is not waiting for history (closed meanwhile).
+    /// The loop settles the connection afterwards.
+    pub fn finish_history(
+        &mut self,
+        connected: Frame,
+        replay: Vec<(StreamId, Frame)>,
+        seen: Option<StreamId>,
+        now: Instant,
+    ) -> Option<usize> {
+        let State::Open(session) = &mut self.state else {
+            return None;
+        };
+        let held = session.held.take()?;
+        session.replayed_through = seen;
+        if self.out.is_empty() {
+            self.last_write_progress = now;
+        }
+        // Bounded by the history size and the send buffer: always accepted.
+        // `connected` and the replay are the server's own answer to this
+        // connection (the replay is counted as such), not deliveries of messages
+        // read from Redis; the held live messages are deliveries.
+        self.out.push_reply(connected, FrameLimit::NONE);
+        for (_, frame) in replay {
+            self.out.push_reply(frame, FrameLimit::NONE);
+        }
+        let mut skipped = 0;
+        for (frame, id) in held {
+            if let (Some(id), Some(seen)) = (id, session.replayed_through) {
+                if id <= seen {
+                    skipped += 1;
+                    continue;
+                }
+                session.replayed_through = None;
+            }
+            self.out.push_message(frame, FrameLimit::NONE);
+        }
+        Some(skipped)
     }
 
     /// Queues a published message's frame (a delivery), unless `limit` frames or
@@ -518,8 +651,12 @@ impl<S: Stream> Connection<S> {
     }
 
     /// Queues `count` pong messages for `{"type":"ping"}` requests (replies, not
-    /// deliveries); returns how many were dropped for a full queue.
+    /// deliveries); returns how many were dropped for a full queue. While the
+    /// session waits for its history read none are sent: `connected` comes first.
     pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
+        if self.awaits_history() {
+            return count;
+        }
         (0..count)
             .filter(|_| !self.queue_reply(pong.clone(), limit, now))
             .count()
@@ -1974,5 +2111,96 @@ mod tests {
             Some(CloseReason::ConnectionLost)
         );
         assert!(conn.abort(start).is_none());
+    }
+
+    #[test]
+    fn a_resume_sends_connected_the_replay_then_new_live_messages_once() {
+        let start = Instant::now();
+        let mut conn = handshaking(b"", start);
+        conn.open_awaiting_history(
+            b"HTTP/1.1 101\r\n\r\n",
+            0,
+            SessionParams {
+                user_id: Rc::from("alice"),
+                expires_at: start + SESSION_LIFE,
+                token_exp: u64::MAX / 2000,
+                expiry_notice: Duration::ZERO,
+                now: start,
+                ping_interval: LIMITS.ping_interval,
+                ws_config: websocket_config(512),
+                send_buffer_bytes: 1 << 20,
+            },
+        );
+        let id = |seq| Some(StreamId { ms: 9, seq });
+        let frame = |text: &str| -> Frame { Arc::from(text.as_bytes()) };
+        // Live messages while the read is in flight are held, not written.
+        assert_eq!(
+            conn.queue_published(frame("L2"), id(2), 8, start),
+            Queued::Again
+        );
+        assert_eq!(
+            conn.queue_published(frame("P"), None, 8, start),
+            Queued::Again
+        );
+        // A `{"type":"ping"}` before `connected` is not answered (counted dropped):
+        // `connected` comes first, and a held pong would count as a delivery.
+        assert_eq!(conn.queue_pongs(&frame("G"), 1, 8, start), 1);
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\n");
+        // The read covered up to 9-3: held 9-2 was replayed.
+        let replay = vec![
+            (StreamId { ms: 9, seq: 1 }, frame("R1")),
+            (StreamId { ms: 9, seq: 2 }, frame("R2")),
+        ];
+        assert_eq!(
+            conn.finish_history(frame("C"), replay, id(3), start),
+            Some(1)
+        );
+        // The pub/sub copy of a replayed message can arrive after the read: skipped;
+        // from the first newer id on, everything is new.
+        assert_eq!(
+            conn.queue_published(frame("L3"), id(3), 8, start),
+            Queued::Duplicate
+        );
+        assert_eq!(
+            conn.queue_published(frame("L4"), id(4), 8, start),
+            Queued::First
+        );
+        assert_eq!(
+            conn.queue_published(frame("L5"), id(5), 8, start),
+            Queued::Again
+        );
+        let _ = conn.settle(&LIMITS, start);
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCR1R2PL4L5");
+        // Only once: finishing again does nothing.
+        assert_eq!(
+            conn.finish_history(frame("C"), Vec::new(), None, start),
+            None
+        );
+        // The hold is bounded like the queue; what it drops is counted.
+        let mut conn = handshaking(b"", start);
+        conn.open_awaiting_history(
+            b"",
+            0,
+            SessionParams {
+                user_id: Rc::from("alice"),
+                expires_at: start + SESSION_LIFE,
+                token_exp: u64::MAX / 2000,
+                expiry_notice: Duration::ZERO,
+                now: start,
+                ping_interval: LIMITS.ping_interval,
+                ws_config: websocket_config(512),
+                send_buffer_bytes: 1 << 20,
+            },
+        );
+        assert_eq!(
+            conn.queue_published(frame("A"), id(5), 1, start),
+            Queued::Again
+        );
+        assert_eq!(
+            conn.queue_published(frame("B"), id(6), 1, start),
+            Queued::Dropped
+        );
+        assert_eq!(conn.held_dropped(), 1);
     }
 }
