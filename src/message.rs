@@ -122,16 +122,16 @@ impl MessageEncoder {
     pub fn encode_connected(
         &mut self,
         user_id: &str,
-        connection_id: u64,
+        connection_id: &str,
         timestamp: &Timestamp,
     ) -> Frame {
         self.begin();
         let out = &mut self.scratch;
         out.extend_from_slice(b"{\"type\":\"connected\",\"payload\":{\"user_id\":");
         push_json_str(out, user_id);
-        out.extend_from_slice(b",\"connection_id\":\"");
-        push_u64(out, connection_id);
-        out.extend_from_slice(b"\"}");
+        out.extend_from_slice(b",\"connection_id\":");
+        push_json_str(out, connection_id);
+        out.extend_from_slice(b"}");
         push_timestamp_and_close(out, timestamp);
         self.finish()
     }
@@ -256,20 +256,6 @@ pub(crate) fn for_each_json_escaped<E>(
         plain_from = i + 1;
     }
     put(&bytes[plain_from..])
-}
-
-fn push_u64(out: &mut Vec<u8>, mut value: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 /// A validated published message: both fields borrow the published bytes.
@@ -571,19 +557,19 @@ mod tests {
     #[test]
     fn connected_and_pong() {
         let mut enc = MessageEncoder::new();
-        let frame = enc.encode_connected("user:42", 7, &ts());
+        let frame = enc.encode_connected("user:42", "k3f9a2-7", &ts());
         assert_eq!(
             json_of(&frame),
-            r#"{"type":"connected","payload":{"user_id":"user:42","connection_id":"7"},"timestamp":"2026-11-28T03:30:23.123Z"}"#
+            r#"{"type":"connected","payload":{"user_id":"user:42","connection_id":"k3f9a2-7"},"timestamp":"2026-11-28T03:30:23.123Z"}"#
         );
         let tricky = "q\"b\\s\n\u{1}\u{1f}\té😀";
-        let frame = enc.encode_connected(tricky, u64::MAX, &ts());
+        let frame = enc.encode_connected(tricky, "0a0b0c-18446744073709551615", &ts());
         let back: serde_json::Value = serde_json::from_str(json_of(&frame)).unwrap();
         assert_eq!(back["payload"]["user_id"], tricky);
-        assert_eq!(back["payload"]["connection_id"], u64::MAX.to_string());
-        let frame = enc.encode_connected("u", 0, &ts());
-        let back: serde_json::Value = serde_json::from_str(json_of(&frame)).unwrap();
-        assert_eq!(back["payload"]["connection_id"], "0");
+        assert_eq!(
+            back["payload"]["connection_id"],
+            "0a0b0c-18446744073709551615"
+        );
 
         let frame = enc.encode_pong(&ts());
         assert_eq!(
