@@ -246,7 +246,7 @@ fn hundreds_of_stale_cookies_cost_two_token_checks() {
     assert_eq!(expect_connected(ws).1["user_id"], "many-cookies");
     // The refusals are logged (debug) before the connect line.
     wait_until(PROMPT, "the connect line", || {
-        gw.logs().contains("user_id=many-cookies")
+        gw.logs().contains(r#""user_id":"many-cookies""#)
     });
     let refused = gw.logs().matches("(from cookie)").count();
     assert_eq!(refused, 2, "cookie tokens checked:\n{}", gw.logs());
