@@ -101,11 +101,17 @@ fn log_startup(config: &Config) {
     let jwt = &config.jwt;
     let redis = &config.redis;
     let algorithm = jwt.algorithm.map(|a| format!("{a:?}"));
+    let path = |p: &Option<std::path::PathBuf>| {
+        p.as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let (public_key_file, tls_ca_file) = (path(&jwt.public_key_file), path(&redis.tls_ca_file));
     log::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = config.listen_addr_text().as_str(),
         jwt_secret_key = if jwt.secret.is_some() { "***" } else { "" },
-        jwt_public_key_file:? = jwt.public_key_file,
+        jwt_public_key_file = public_key_file.as_str(),
         jwt_algorithm = algorithm.as_deref().unwrap_or("inferred"),
         jwt_user_claim = jwt.user_claim.as_str(),
         jwt_issuer = jwt.issuer.as_deref().unwrap_or(""),
@@ -118,7 +124,7 @@ fn log_startup(config: &Config) {
         redis_password = if redis.password.is_some() { "***" } else { "" },
         redis_db = redis.db,
         redis_use_tls = redis.use_tls,
-        redis_tls_ca_file:? = redis.tls_ca_file,
+        redis_tls_ca_file = tls_ca_file.as_str(),
         redis_channel_prefix = redis.channel_prefix.as_str(),
         redis_ping_interval:? = redis.ping_interval,
         redis_reconnect_max:? = redis.reconnect_max,
