@@ -335,9 +335,8 @@ impl Server {
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if (self.inbox.has_waiting() && self.limits.shutdown_deadline.is_none())
-            || !self.read_again.is_empty()
-        {
+        let delivering = self.limits.shutdown_deadline.is_none() || self.drain.is_some();
+        if (self.inbox.has_waiting() && delivering) || !self.read_again.is_empty() {
             return Some(Duration::ZERO);
         }
         let next = [
@@ -451,10 +450,11 @@ impl Server {
         self.begin_shutdown(now);
     }
 
-    /// Graceful shutdown (README, Operations): stop accepting, stop the Redis
-    /// reader, send 1001 to every client (at once, or spread over
-    /// `SHUTDOWN_DRAIN`), and wait for their close replies up to
-    /// `SHUTDOWN_TIMEOUT` after the last one.
+    /// Graceful shutdown (README, Operations): stop accepting, send 1001 to every
+    /// client (at once, or spread over `SHUTDOWN_DRAIN`), stop the Redis reader
+    /// once the last one is sent (the clients still waiting in a drain get their
+    /// messages meanwhile), and wait for the close replies up to
+    /// `SHUTDOWN_TIMEOUT` after that.
     fn begin_shutdown(&mut self, now: Instant) {
         let drain = self.config.shutdown_drain;
         let deadline = now + drain + self.config.shutdown_timeout;
@@ -469,7 +469,6 @@ impl Server {
             // The listener is dropped (closed) right after; a failed deregister changes nothing.
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        self.reader.stop();
         let keys: Vec<(usize, u64)> = self.conns.iter().map(|(key, c)| (key, c.id())).collect();
         self.drain = Some(Drain {
             started: now,
@@ -491,6 +490,7 @@ impl Server {
         let batch = drain.keys[from..drain.closed].to_vec();
         if drain.closed >= drain.keys.len() {
             self.drain = None;
+            self.reader.stop();
         }
         for (key, id) in batch {
             if let Some(conn) = self.conns.get_mut(key)

@@ -350,3 +350,33 @@ fn a_drain_spreads_the_closes_over_its_window() {
         "{early} of 1000 closes in the first half of {spread:?}: not spread evenly"
     );
 }
+
+/// During a drain the clients not yet closed are still served: Redis is read
+/// until the last 1001 is sent.
+#[test]
+fn clients_waiting_in_a_drain_still_get_their_messages() {
+    let (redis, mut gw) = setup(&[
+        ("SHUTDOWN_DRAIN", "20s"),
+        ("SHUTDOWN_TIMEOUT", NEVER),
+        ("LOGGER_LEVEL", "warn"),
+    ]);
+    let (mut first, _) = ws_open(gw.port, &gw.token("first"));
+    let (mut second, _) = ws_open(gw.port, &gw.token("second"));
+    gw.wait_active_connections(2);
+    gw.signal(libc::SIGTERM);
+    // The first is closed at once; the second only halfway through the window.
+    assert_eq!(expect_close(&mut first, PROMPT).0, 1001);
+    // A reader told to stop leaves Redis within 250 ms; give it four times that
+    // to show it was not told (the second client is closed only at 10 s).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        redis.notify("second", r#"{"type":"while_draining","payload":1}"#),
+        1,
+        "the reader stopped before the drain ended"
+    );
+    assert_message(&recv_json(&mut second, PROMPT), "while_draining");
+    // A second signal ends the wait (README: exits at once with 1).
+    gw.signal(libc::SIGTERM);
+    let status = gw.wait_exit(PROMPT).expect("exit after a second signal");
+    assert_eq!(status.code(), Some(1));
+}
