@@ -898,6 +898,7 @@ mod tests {
         assert_eq!(config.loop_nice, 10);
         assert!(config.allowed_origins.is_empty());
         assert_eq!(config.shutdown_timeout, secs(30));
+        assert_eq!(config.shutdown_drain, Duration::ZERO);
         assert_eq!(config.log_level, LevelFilter::Info);
         assert_eq!(config.log_encoding, LogEncoding::Json);
     }
@@ -1087,6 +1088,8 @@ mod tests {
             ("WS_LOOP_NICE", "low"),
             ("SHUTDOWN_TIMEOUT", "0s"),
             ("SHUTDOWN_TIMEOUT", "30"),
+            ("SHUTDOWN_DRAIN", "30"),
+            ("SHUTDOWN_DRAIN", "soon"),
             ("LOGGER_LEVEL", "trace"),
             ("LOGGER_LEVEL", "verbose"),
             ("LOGGER_ENCODING", "text"),

@@ -315,6 +315,17 @@ fn configuration_errors_in_the_chosen_encoding() {
         "{out}"
     );
 
+    // Found after logging is set up (the token rules): the same shape.
+    let (code, out) = Gateway::run_expect_exit(&[("JWT_LEEWAY", "48h")]);
+    assert_eq!(code, Some(2), "{out}");
+    let errors: Vec<Value> = json_lines(&out)
+        .into_iter()
+        .filter(|v| v["level"] == "error")
+        .collect();
+    assert_eq!(errors.len(), 1, "{out}");
+    assert_eq!(errors[0]["message"], "invalid configuration");
+    assert_eq!(errors[0]["variable"], "JWT_LEEWAY");
+
     let (code, out) =
         Gateway::run_expect_exit(&[("SHUTDOWN_DRAIN", "soon"), ("LOGGER_ENCODING", "console")]);
     assert_eq!(code, Some(2), "{out}");

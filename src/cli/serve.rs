@@ -43,18 +43,22 @@ pub fn run() -> ExitCode {
     let authenticator = match Authenticator::new(&config.jwt) {
         Ok(authenticator) => authenticator,
         Err(e) => {
-            log::error!(error:% = e; "invalid configuration");
+            // Logged (stderr, in the chosen encoding) like the errors found earlier.
+            log::error!(
+                variable = e.variable,
+                error:% = e;
+                "invalid configuration"
+            );
             logging::flush();
-            eprintln!("ws-notify: invalid configuration: {e}");
             return ExitCode::from(EXIT_USAGE);
         }
     };
     // Checked before binding, so that an unusable REDIS_TLS_CA_FILE is reported
     // as the configuration error it is rather than as a failure to listen.
     if let Err(e) = redis_reader::build_client(&config.redis) {
+        // The message names the variable (REDIS_TLS_CA_FILE, or the address's).
         log::error!(error:% = e; "invalid configuration");
         logging::flush();
-        eprintln!("ws-notify: invalid configuration: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
     let listen = config.listen_addr_text();
