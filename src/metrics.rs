@@ -290,6 +290,7 @@ pub fn render_redis_ping_and_handover(
             micros as f64 / 1e6
         );
     }
+    // Writing to a String cannot fail.
     let _ = writeln!(
         out,
         "# HELP ws_notify_handover_queue_depth Messages read from Redis waiting for the event loop.\n\

@@ -156,9 +156,9 @@ impl Drain {
 /// start, a dash and the connection's counter (`k3f9a2-17`), so ids do not
 /// collide across instances and restarts.
 #[derive(Clone, Copy)]
-pub struct ConnectionName<'a> {
-    pub instance: &'a str,
-    pub id: u64,
+struct ConnectionName<'a> {
+    instance: &'a str,
+    id: u64,
 }
 
 impl fmt::Display for ConnectionName<'_> {
