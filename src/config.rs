@@ -62,8 +62,12 @@ pub struct Config {
     /// `WS_LOOP_NICE`, default 10 (0-19): how much lower than the Redis reader the
     /// event loop runs, so the reader keeps pace with Redis under CPU contention.
     pub loop_nice: i32,
-    /// `SHUTDOWN_TIMEOUT`, default 30s.
+    /// `SHUTDOWN_TIMEOUT`, default 30s: the wait for close replies, counted from
+    /// the end of the drain.
     pub shutdown_timeout: Duration,
+    /// `SHUTDOWN_DRAIN`, default 0s (every client at once): the window over which
+    /// the 1001 closes are spread on shutdown.
+    pub shutdown_drain: Duration,
     /// `LOGGER_LEVEL`, default info.
     pub log_level: LevelFilter,
     /// `LOGGER_ENCODING`, default json.
@@ -209,6 +213,7 @@ pub const VARIABLES: &[&str] = &[
     "WS_ALLOWED_ORIGINS",
     "WS_LOOP_NICE",
     "SHUTDOWN_TIMEOUT",
+    "SHUTDOWN_DRAIN",
     "LOGGER_LEVEL",
     "LOGGER_ENCODING",
 ];
@@ -320,6 +325,7 @@ impl Config {
             allowed_origins,
             loop_nice: env.parse("WS_LOOP_NICE", 10, parse_nice)?,
             shutdown_timeout: env.parse("SHUTDOWN_TIMEOUT", secs(30), parse_interval)?,
+            shutdown_drain: env.parse("SHUTDOWN_DRAIN", Duration::ZERO, parse_duration)?,
             log_level: env.parse("LOGGER_LEVEL", LevelFilter::Info, parse_log_level)?,
             log_encoding: env.parse("LOGGER_ENCODING", LogEncoding::Json, parse_log_encoding)?,
         })
@@ -826,6 +832,7 @@ impl fmt::Debug for Config {
             .field("allowed_origins", &self.allowed_origins)
             .field("loop_nice", &self.loop_nice)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("shutdown_drain", &self.shutdown_drain)
             .field("log_level", &self.log_level)
             .field("log_encoding", &self.log_encoding)
             .finish()
@@ -944,6 +951,7 @@ mod tests {
         assert_eq!(config.loop_nice, 10);
         assert!(config.allowed_origins.is_empty());
         assert_eq!(config.shutdown_timeout, secs(30));
+        assert_eq!(config.shutdown_drain, Duration::ZERO);
         assert_eq!(config.log_level, LevelFilter::Info);
         assert_eq!(config.log_encoding, LogEncoding::Json);
     }
@@ -1143,6 +1151,8 @@ mod tests {
             ("WS_LOOP_NICE", "low"),
             ("SHUTDOWN_TIMEOUT", "0s"),
             ("SHUTDOWN_TIMEOUT", "30"),
+            ("SHUTDOWN_DRAIN", "30"),
+            ("SHUTDOWN_DRAIN", "soon"),
             ("LOGGER_LEVEL", "trace"),
             ("LOGGER_LEVEL", "verbose"),
             ("LOGGER_ENCODING", "text"),

@@ -2,8 +2,10 @@
 //! per module by `RUST_LOG`), one line per record, either a JSON object
 //! (`LOGGER_ENCODING=json`, the default, shaped like the Go service's Zap lines) or
 //! plain text for a terminal (`console`, with control characters escaped so that
-//! no value from outside can start a line of its own). Also [`RateLimited`], for
-//! warnings that could otherwise repeat once per message.
+//! no value from outside can start a line of its own). Facts travel as the `log`
+//! crate's key-values (`info!(user_id = id; "client connected")`): JSON members
+//! beside a short `message`, or `key=value` after the message on a console. Also
+//! [`RateLimited`], for warnings that could otherwise repeat once per message.
 //!
 //! Writing never blocks the thread that logs: a record is formatted on that thread
 //! and appended to a bounded buffer, which the `log-writer` thread drains to
@@ -19,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use log::kv::{self, Key, Value, VisitSource};
 use log::{LevelFilter, Log, Metadata, Record};
 
 use crate::clock::Timestamp;
@@ -224,10 +227,13 @@ impl LogSink {
 /// Writes one log line (with its trailing newline) for `record` to `out`.
 /// The logger and the tests both go through here.
 ///
-/// JSON: `{"time":"…","level":"info","target":"ws_notify::server","message":"…"}`.
-/// Console: `2026-11-28T03:30:23.123Z INFO  ws_notify::server message`, with every
-/// control character escaped (`\n`, `\u{1b}`, ...), so a value from outside (a user
-/// id, a channel, an origin) cannot forge a line or drive a terminal.
+/// JSON: `{"time":"…","level":"info","target":"ws_notify::server","message":"…"}`
+/// followed by one member per key-value of the record (numbers and booleans as
+/// JSON numbers and booleans, anything else as a string).
+/// Console: `2026-11-28T03:30:23.123Z INFO  ws_notify::server message key=value`,
+/// a value with a space, `"` or `=` in quotes, and every control character
+/// escaped (`\n`, `\u{1b}`, ...), so a value from outside (a user id, a channel,
+/// an origin) cannot forge a line or drive a terminal.
 pub(crate) fn write_record(
     out: &mut impl Write,
     encoding: LogEncoding,
@@ -245,7 +251,9 @@ pub(crate) fn write_record(
             out.write_all(b"\",\"message\":\"")?;
             // The message is formatted straight into the escaper: no String per record.
             write_escaped(out, Escape::Json, *record.args())?;
-            out.write_all(b"\"}\n")
+            out.write_all(b"\"")?;
+            write_key_values(out, encoding, record)?;
+            out.write_all(b"}\n")
         }
         LogEncoding::Console => {
             write_escaped(
@@ -259,8 +267,106 @@ pub(crate) fn write_record(
                     record.args()
                 ),
             )?;
+            write_key_values(out, encoding, record)?;
             out.write_all(b"\n")
         }
+    }
+}
+
+/// Writes the record's key-values in `encoding`, each after the ones before it.
+fn write_key_values(
+    out: &mut impl Write,
+    encoding: LogEncoding,
+    record: &Record<'_>,
+) -> io::Result<()> {
+    let mut writer = PairWriter {
+        out,
+        encoding,
+        error: None,
+    };
+    match record.key_values().visit(&mut writer) {
+        Ok(()) => Ok(()),
+        Err(_) => Err(writer
+            .error
+            .unwrap_or_else(|| io::Error::other("formatting a log line failed"))),
+    }
+}
+
+/// A `VisitSource` that writes each pair as a JSON member or a console `key=value`.
+struct PairWriter<'a, W: Write> {
+    out: &'a mut W,
+    encoding: LogEncoding,
+    error: Option<io::Error>,
+}
+
+impl<'kvs, W: Write> VisitSource<'kvs> for PairWriter<'_, W> {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
+        let written = match self.encoding {
+            LogEncoding::Json => write_json_pair(self.out, key.as_str(), &value),
+            LogEncoding::Console => write_console_pair(self.out, key.as_str(), &value),
+        };
+        written.map_err(|error| {
+            self.error = Some(error);
+            kv::Error::msg("writing a log line failed")
+        })
+    }
+}
+
+/// `,"key":value`: integers, finite floats and booleans bare, the rest a string.
+fn write_json_pair(out: &mut impl Write, key: &str, value: &Value<'_>) -> io::Result<()> {
+    out.write_all(b",\"")?;
+    write_escaped(out, Escape::Json, key)?;
+    out.write_all(b"\":")?;
+    if let Some(flag) = value.to_bool() {
+        out.write_all(if flag { b"true" } else { b"false" })
+    } else if let Some(n) = value.to_u64() {
+        write!(out, "{n}")
+    } else if let Some(n) = value.to_i64() {
+        write!(out, "{n}")
+    } else if let Some(x) = value.to_f64().filter(|x| x.is_finite()) {
+        write!(out, "{x}")
+    } else {
+        out.write_all(b"\"")?;
+        write_escaped(out, Escape::Json, value)?;
+        out.write_all(b"\"")
+    }
+}
+
+/// ` key=value`, the value quoted (Rust string syntax) when it is empty or holds
+/// a space, `"` or `=`, so the pairs of a line can be told apart.
+fn write_console_pair(out: &mut impl Write, key: &str, value: &Value<'_>) -> io::Result<()> {
+    // Console lines are for people at a terminal, not the hot path: a String is fine.
+    let text = value.to_string();
+    let quote = text.is_empty() || text.contains([' ', '"', '=']);
+    if quote {
+        write_escaped(out, Escape::Console, format_args!(" {key}={text:?}"))
+    } else {
+        write_escaped(out, Escape::Console, format_args!(" {key}={text}"))
+    }
+}
+
+/// Prints a configuration error as one JSON line on stderr, the way the logger
+/// would (the logger is not installed yet when the configuration is read):
+/// `{"level":"error","message":"invalid configuration","variable":..,"error":..}`.
+pub fn print_config_error_json(variable: &str, error: &str) {
+    let pairs = [("variable", variable), ("error", error)];
+    let record = Record::builder()
+        .level(log::Level::Error)
+        .target("ws_notify::config")
+        .args(format_args!("invalid configuration"))
+        .key_values(&pairs)
+        .build();
+    let mut line = Vec::new();
+    if write_record(
+        &mut line,
+        LogEncoding::Json,
+        Timestamp::now().as_str(),
+        &record,
+    )
+    .is_ok()
+    {
+        // Nowhere else to report a failed write to stderr.
+        let _ = io::stderr().write_all(&line);
     }
 }
 
@@ -441,6 +547,60 @@ mod tests {
         assert_eq!(
             text,
             "{\"time\":\"2026-11-28T03:30:23.123Z\",\"level\":\"warn\",\"target\":\"ws_notify::hub\",\"message\":\"x\"}\n"
+        );
+    }
+
+    fn line_with_pairs(encoding: LogEncoding, pairs: &dyn log::kv::Source) -> String {
+        let record = Record::builder()
+            .level(Level::Info)
+            .target("ws_notify::server")
+            .args(format_args!("client connected"))
+            .key_values(pairs)
+            .build();
+        let mut out = Vec::new();
+        write_record(&mut out, encoding, TIME, &record).unwrap();
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn key_values_are_json_members() {
+        let remote = std::net::SocketAddr::from(([127, 0, 0, 1], 5555));
+        let text = {
+            let pairs: [(&str, log::kv::Value<'_>); 6] = [
+                ("user_id", log::kv::Value::from("al\"ice\n")),
+                ("connection_id", log::kv::Value::from("k3f9a2-7")),
+                ("remote", log::kv::Value::from_display(&remote)),
+                ("duration_ms", log::kv::Value::from(1500u64)),
+                ("delta", log::kv::Value::from(-3i64)),
+                ("tls", log::kv::Value::from(true)),
+            ];
+            line_with_pairs(LogEncoding::Json, &pairs)
+        };
+        assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["message"], "client connected");
+        assert_eq!(value["user_id"], "al\"ice\n");
+        assert_eq!(value["connection_id"], "k3f9a2-7");
+        assert_eq!(value["remote"], "127.0.0.1:5555");
+        assert_eq!(value["duration_ms"], 1500);
+        assert_eq!(value["delta"], -3);
+        assert_eq!(value["tls"], true);
+        assert_eq!(value.as_object().unwrap().len(), 10, "{value}");
+    }
+
+    #[test]
+    fn key_values_on_a_console_line() {
+        let pairs: [(&str, log::kv::Value<'_>); 4] = [
+            ("user_id", log::kv::Value::from("evil\nINFO forged")),
+            ("reason", log::kv::Value::from("client_closed")),
+            ("origin", log::kv::Value::from("a b=\"c\"")),
+            ("duration_ms", log::kv::Value::from(12u64)),
+        ];
+        let text = line_with_pairs(LogEncoding::Console, &pairs);
+        assert_eq!(
+            text,
+            "2026-11-28T03:30:23.123Z INFO  ws_notify::server client connected \
+             user_id=\"evil\\nINFO forged\" reason=client_closed origin=\"a b=\\\"c\\\"\" duration_ms=12\n"
         );
     }
 

@@ -148,18 +148,15 @@ impl MessageEncoder {
     pub fn encode_connected(
         &mut self,
         user_id: &str,
-        connection_id: u64,
+        connection_id: &str,
         timestamp: &Timestamp,
     ) -> Frame {
-        self.begin();
-        let out = &mut self.scratch;
-        out.extend_from_slice(b"{\"type\":\"connected\",\"payload\":{\"user_id\":");
-        push_json_str(out, user_id);
-        out.extend_from_slice(b",\"connection_id\":\"");
-        push_u64(out, connection_id);
-        out.extend_from_slice(b"\"}");
-        push_timestamp_and_close(out, timestamp);
-        self.finish()
+        self.encode_connected_with_history(
+            user_id,
+            connection_id,
+            &ConnectedHistory::default(),
+            timestamp,
+        )
     }
 
     /// `connected` with history on or a `since`: `position` (the newest stored
@@ -168,7 +165,7 @@ impl MessageEncoder {
     pub fn encode_connected_with_history(
         &mut self,
         user_id: &str,
-        connection_id: u64,
+        connection_id: &str,
         history: &ConnectedHistory,
         timestamp: &Timestamp,
     ) -> Frame {
@@ -176,9 +173,8 @@ impl MessageEncoder {
         let out = &mut self.scratch;
         out.extend_from_slice(b"{\"type\":\"connected\",\"payload\":{\"user_id\":");
         push_json_str(out, user_id);
-        out.extend_from_slice(b",\"connection_id\":\"");
-        push_u64(out, connection_id);
-        out.push(b'"');
+        out.extend_from_slice(b",\"connection_id\":");
+        push_json_str(out, connection_id);
         if let Some(position) = history.position {
             out.extend_from_slice(b",\"position\":\"");
             push_u64(out, position.ms);
@@ -339,6 +335,7 @@ pub(crate) fn for_each_json_escaped<E>(
     put(&bytes[plain_from..])
 }
 
+/// Decimal digits of `value`, without allocating.
 fn push_u64(out: &mut Vec<u8>, mut value: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
@@ -706,34 +703,35 @@ mod tests {
                 count: 12,
             }),
         };
-        let frame = enc.encode_connected_with_history("u", 7, &history, &ts());
+        let frame = enc.encode_connected_with_history("u", "7", &history, &ts());
         assert_eq!(
             json_of(&frame),
             r#"{"type":"connected","payload":{"user_id":"u","connection_id":"7","position":"17-3","recovery":{"complete":false,"count":12}},"timestamp":"2026-11-28T03:30:23.123Z"}"#
         );
-        let frame = enc.encode_connected_with_history("u", 7, &ConnectedHistory::default(), &ts());
+        let frame =
+            enc.encode_connected_with_history("u", "7", &ConnectedHistory::default(), &ts());
         assert_eq!(
             json_of(&frame),
-            json_of(&enc.encode_connected("u", 7, &ts()))
+            json_of(&enc.encode_connected("u", "7", &ts()))
         );
     }
 
     #[test]
     fn connected_and_pong() {
         let mut enc = MessageEncoder::new();
-        let frame = enc.encode_connected("user:42", 7, &ts());
+        let frame = enc.encode_connected("user:42", "k3f9a2-7", &ts());
         assert_eq!(
             json_of(&frame),
-            r#"{"type":"connected","payload":{"user_id":"user:42","connection_id":"7"},"timestamp":"2026-11-28T03:30:23.123Z"}"#
+            r#"{"type":"connected","payload":{"user_id":"user:42","connection_id":"k3f9a2-7"},"timestamp":"2026-11-28T03:30:23.123Z"}"#
         );
         let tricky = "q\"b\\s\n\u{1}\u{1f}\té😀";
-        let frame = enc.encode_connected(tricky, u64::MAX, &ts());
+        let frame = enc.encode_connected(tricky, "0a0b0c-18446744073709551615", &ts());
         let back: serde_json::Value = serde_json::from_str(json_of(&frame)).unwrap();
         assert_eq!(back["payload"]["user_id"], tricky);
-        assert_eq!(back["payload"]["connection_id"], u64::MAX.to_string());
-        let frame = enc.encode_connected("u", 0, &ts());
-        let back: serde_json::Value = serde_json::from_str(json_of(&frame)).unwrap();
-        assert_eq!(back["payload"]["connection_id"], "0");
+        assert_eq!(
+            back["payload"]["connection_id"],
+            "0a0b0c-18446744073709551615"
+        );
 
         let frame = enc.encode_pong(&ts());
         assert_eq!(

@@ -352,6 +352,32 @@ impl Metrics {
     }
 }
 
+/// Gauges the loop reads on a scrape: the last Redis ping round trip (left out
+/// until the first ping) and the messages waiting in the hand-over queue.
+pub fn render_redis_ping_and_handover(
+    out: &mut String,
+    redis: &RedisStatus,
+    handover_queued: usize,
+) {
+    if let Some(micros) = redis.ping_micros() {
+        // Writing to a String cannot fail.
+        let _ = writeln!(
+            out,
+            "# HELP ws_notify_redis_ping_seconds Round trip of the last PING to Redis.\n\
+             # TYPE ws_notify_redis_ping_seconds gauge\n\
+             ws_notify_redis_ping_seconds {}",
+            micros as f64 / 1e6
+        );
+    }
+    // Writing to a String cannot fail.
+    let _ = writeln!(
+        out,
+        "# HELP ws_notify_handover_queue_depth Messages read from Redis waiting for the event loop.\n\
+         # TYPE ws_notify_handover_queue_depth gauge\n\
+         ws_notify_handover_queue_depth {handover_queued}"
+    );
+}
+
 /// The process metrics under the names every Prometheus client library uses
 /// (`process_*`), so stock dashboards and alerts work; the figures that could
 /// not be read are left out.

@@ -344,9 +344,11 @@ impl ReaderThread {
                 .delay(backoff_cap(attempt, self.config.reconnect_max));
             if let Some(suppressed) = self.warn_connection.check(Instant::now()) {
                 warn!(
-                    "Redis {}: {error}; reconnecting in {} ms ({suppressed} similar warnings suppressed)",
-                    self.addr,
-                    delay.as_millis()
+                    redis = self.addr.as_str(),
+                    error:% = error,
+                    retry_in_ms = delay.as_millis() as u64,
+                    suppressed;
+                    "Redis unavailable; reconnecting"
                 );
             }
             attempt = attempt.saturating_add(1);
@@ -377,7 +379,11 @@ impl ReaderThread {
                 self.status.set_subscribed(false);
                 self.status.count_reader_restart();
                 self.lost_subscription();
-                error!("Redis reader at {}: {error}; reconnecting", self.addr);
+                error!(
+                    redis = self.addr.as_str(),
+                    error = error.as_str();
+                    "Redis reader failed; reconnecting"
+                );
                 SessionEnd::Lost(error)
             }
         }
@@ -429,7 +435,7 @@ impl ReaderThread {
         // for the replies (its `impl Drop`); keep that wait short on a
         // connection we are abandoning anyway.
         if let Err(e) = pubsub.set_read_timeout(Some(TEARDOWN_WAIT)) {
-            debug!("Redis teardown: {e}");
+            debug!(error:% = e; "Redis teardown failed");
         }
         drop(pubsub);
         end
@@ -440,15 +446,17 @@ impl ReaderThread {
     fn subscribed(&mut self) {
         match std::mem::replace(&mut self.subscription, Subscription::Active) {
             Subscription::Never => info!(
-                "subscribed to Redis at {} (pattern {:?})",
-                self.addr, self.pattern
+                redis = self.addr.as_str(),
+                pattern = self.pattern.as_str();
+                "subscribed to Redis"
             ),
             Subscription::Lost { since, attempts } => {
                 self.status.count_reconnect();
                 info!(
-                    "re-subscribed to Redis at {} after {:.1} s, {attempts} attempts",
-                    self.addr,
-                    since.elapsed().as_secs_f64()
+                    redis = self.addr.as_str(),
+                    down_ms = since.elapsed().as_millis() as u64,
+                    attempts;
+                    "re-subscribed to Redis"
                 );
             }
             Subscription::Active => {}
@@ -626,8 +634,10 @@ impl ReaderThread {
             if let Some(suppressed) = self.warn_bad_channel.check(Instant::now()) {
                 let channel: Vec<u8> = msg.get_channel().unwrap_or_default();
                 warn!(
-                    "dropping Redis message on channel {:?}: no user id after prefix {prefix:?} ({suppressed} similar warnings suppressed)",
-                    String::from_utf8_lossy(&channel)
+                    channel:% = String::from_utf8_lossy(&channel),
+                    prefix,
+                    suppressed;
+                    "Redis message dropped: no user id after the channel prefix"
                 );
             }
             return None;

@@ -17,6 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::fmt;
 use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -70,6 +71,8 @@ const HANDSHAKE_HEADROOM: usize = 1024;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Time to write an HTTP answer and see the client go.
 const RESPOND_WAIT: Duration = Duration::from_secs(5);
+/// One "request refused" line per reason per period; the rest are counted in the next.
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(5);
 
 /// The event loop and everything it owns.
 pub struct Server {
@@ -113,6 +116,79 @@ pub struct Server {
     accept_paused_until: Option<Instant>,
     invalid_warnings: RateLimited,
     accept_warnings: RateLimited,
+    /// One limiter per refusal reason (indexed by `Rejection as usize`).
+    refusal_lines: [RateLimited; Rejection::ALL.len()],
+    /// This process's connection id prefix (see [`ConnectionName`]).
+    instance: String,
+    /// The clients still to close while a `SHUTDOWN_DRAIN` runs.
+    drain: Option<Drain>,
+}
+
+/// A gentle drain (`SHUTDOWN_DRAIN`): the connections open when shutdown began,
+/// closed a few per turn so the closes spread evenly over the window. The quota
+/// comes from the time elapsed since the start, so no timer per connection.
+struct Drain {
+    started: Instant,
+    window: Duration,
+    /// (slab key, connection id) of every connection at the start.
+    keys: Vec<(usize, u64)>,
+    /// How many of `keys` are closed so far.
+    closed: usize,
+}
+
+impl Drain {
+    /// How many connections should be closed by `now`: the first at once, then
+    /// evenly, so the last one goes at about `window * (n - 1) / n`.
+    fn due(&self, now: Instant) -> usize {
+        let total = self.keys.len() as u128;
+        let window = self.window.as_nanos();
+        if window == 0 {
+            return self.keys.len();
+        }
+        let elapsed = now.saturating_duration_since(self.started).as_nanos();
+        (total * elapsed / window + 1).min(total) as usize
+    }
+
+    /// When the next close is due (None when all are closed).
+    fn next_at(&self) -> Option<Instant> {
+        if self.closed >= self.keys.len() {
+            return None;
+        }
+        let total = self.keys.len() as u128;
+        let offset = self.window.as_nanos() * self.closed as u128 / total;
+        Some(self.started + Duration::from_nanos(u64::try_from(offset).unwrap_or(u64::MAX)))
+    }
+}
+
+/// A connection id as clients and logs see it: the instance prefix drawn at
+/// start, a dash and the connection's counter (`k3f9a2-17`), so ids do not
+/// collide across instances and restarts.
+#[derive(Clone, Copy)]
+struct ConnectionName<'a> {
+    instance: &'a str,
+    id: u64,
+}
+
+impl fmt::Display for ConnectionName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.instance, self.id)
+    }
+}
+
+/// Six random hex characters (from getrandom(2); the pid and the clock if that
+/// fails), drawn once per process.
+fn draw_instance_prefix() -> String {
+    let mut bytes = [0u8; 3];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the array.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled != bytes.len() as isize {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mixed = nanos ^ std::process::id().rotate_left(12);
+        bytes.copy_from_slice(&mixed.to_le_bytes()[..3]);
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl ConnectionCounts for Hub {
@@ -210,7 +286,18 @@ impl Server {
             accept_paused_until: None,
             invalid_warnings: RateLimited::new(Duration::from_secs(10)),
             accept_warnings: RateLimited::new(Duration::from_secs(10)),
+            refusal_lines: std::array::from_fn(|_| RateLimited::new(REFUSAL_LOG_PERIOD)),
+            instance: draw_instance_prefix(),
+            drain: None,
         })
+    }
+
+    /// The name of connection `id` in logs and in the `connected` message.
+    fn connection_name(&self, id: u64) -> ConnectionName<'_> {
+        ConnectionName {
+            instance: &self.instance,
+            id,
+        }
     }
 
     /// The address the listener is bound to.
@@ -222,7 +309,7 @@ impl Server {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         lower_loop_priority(self.config.loop_nice);
-        info!("listening on {}", self.local_addr);
+        info!(address:% = self.local_addr, instance = self.instance.as_str(); "listening");
         loop {
             // From here on a push wakes the poll below (while messages wait, the
             // poll does not block and pushes cost no wake).
@@ -261,6 +348,7 @@ impl Server {
             }
             self.flush_touched(now);
             self.fire_timers(now);
+            self.drain_some(now);
             if self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.accept_paused_until = None;
                 self.accept(now);
@@ -270,25 +358,22 @@ impl Server {
             {
                 let open = self.conns.len();
                 let unsent = self.drop_all(now);
-                info!(
-                    "shutdown complete ({open} connections still open were dropped, \
-                     with {unsent} messages queued for them)"
-                );
+                info!(dropped = open, unsent_messages = unsent; "shutdown complete");
                 return Ok(());
             }
         }
     }
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if (self.inbox.has_waiting() && self.limits.shutdown_deadline.is_none())
-            || !self.read_again.is_empty()
-        {
+        let delivering = self.limits.shutdown_deadline.is_none() || self.drain.is_some();
+        if (self.inbox.has_waiting() && delivering) || !self.read_again.is_empty() {
             return Some(Duration::ZERO);
         }
         let next = [
             self.timers.peek().map(|Reverse((at, _, _))| *at),
             self.accept_paused_until,
             self.limits.shutdown_deadline,
+            self.drain.as_ref().and_then(Drain::next_at),
         ]
         .into_iter()
         .flatten()
@@ -320,7 +405,7 @@ impl Server {
                             .registry()
                             .register(&mut socket, Token(key), Interest::READABLE)
                     {
-                        warn!("cannot register an accepted socket: {e}");
+                        warn!(error:% = e; "cannot register an accepted socket");
                         continue;
                     }
                     let id = self.next_connection_id;
@@ -347,7 +432,10 @@ impl Server {
                     }
                     if let Some(suppressed) = self.accept_warnings.check(now) {
                         warn!(
-                            "accept failed, pausing accepts for {ACCEPT_PAUSE:?}: {e} ({suppressed} similar suppressed)"
+                            error:% = e,
+                            pause_ms = ACCEPT_PAUSE.as_millis() as u64,
+                            suppressed;
+                            "accept failed, pausing accepts"
                         );
                     }
                     self.accept_paused_until = Some(now + ACCEPT_PAUSE);
@@ -370,8 +458,9 @@ impl Server {
                         match i32::from(signal) {
                             libc::SIGINT | libc::SIGTERM => stops += 1,
                             signal => info!(
-                                "{} ignored (SIGINT or SIGTERM stops the gateway)",
-                                signal_hook::low_level::signal_name(signal).unwrap_or("signal")
+                                signal = signal_hook::low_level::signal_name(signal)
+                                    .unwrap_or("unknown");
+                                "signal ignored (SIGINT or SIGTERM stops the gateway)"
                             ),
                         }
                     }
@@ -391,29 +480,56 @@ impl Server {
         self.begin_shutdown(now);
     }
 
-    /// Graceful shutdown (README, Operations): stop accepting, stop the Redis
-    /// reader, send 1001 to every client, and wait for their close replies up to
-    /// `SHUTDOWN_TIMEOUT`.
+    /// Graceful shutdown (README, Operations): stop accepting, send 1001 to every
+    /// client (at once, or spread over `SHUTDOWN_DRAIN`), stop the Redis reader
+    /// once the last one is sent (the clients still waiting in a drain get their
+    /// messages meanwhile), and wait for the close replies up to
+    /// `SHUTDOWN_TIMEOUT` after that.
     fn begin_shutdown(&mut self, now: Instant) {
-        let deadline = now + self.config.shutdown_timeout;
+        let drain = self.config.shutdown_drain;
+        let deadline = now + drain + self.config.shutdown_timeout;
         self.limits.shutdown_deadline = Some(deadline);
         info!(
-            "shutting down: closing {} connections (timeout {:?})",
-            self.conns.len(),
-            self.config.shutdown_timeout
+            connections = self.conns.len(),
+            drain_ms = drain.as_millis() as u64,
+            timeout_ms = self.config.shutdown_timeout.as_millis() as u64;
+            "shutting down"
         );
         if let Some(mut listener) = self.listener.take() {
             // The listener is dropped (closed) right after; a failed deregister changes nothing.
             let _ = self.poll.registry().deregister(&mut listener);
         }
-        self.reader.stop();
-        let keys: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
-        for key in keys {
-            if let Some(conn) = self.conns.get_mut(key) {
+        let keys: Vec<(usize, u64)> = self.conns.iter().map(|(key, c)| (key, c.id())).collect();
+        self.drain = Some(Drain {
+            started: now,
+            window: drain,
+            keys,
+            closed: 0,
+        });
+        self.drain_some(now);
+    }
+
+    /// Closes the connections of a running drain that are due by `now`.
+    fn drain_some(&mut self, now: Instant) {
+        let Some(drain) = &mut self.drain else {
+            return;
+        };
+        let due = drain.due(now);
+        let from = drain.closed;
+        drain.closed = due.max(from);
+        let batch = drain.keys[from..drain.closed].to_vec();
+        if drain.closed >= drain.keys.len() {
+            self.drain = None;
+            self.reader.stop();
+        }
+        for (key, id) in batch {
+            if let Some(conn) = self.conns.get_mut(key)
+                && conn.id() == id
+            {
                 let step = conn.shut_down(&self.limits, now);
                 self.carry_out(key, step, now);
+                self.settle(key, now);
             }
-            self.settle(key, now);
         }
     }
 
@@ -460,7 +576,10 @@ impl Server {
             Step::Ended(ended) => self.report_end(key, ended),
             Step::HandshakeTimedOut { connection_id } => {
                 self.metrics.handshake_timeouts += 1;
-                debug!("handshake timeout (connection_id={connection_id})");
+                debug!(
+                    connection_id:% = self.connection_name(connection_id);
+                    "handshake timeout"
+                );
             }
         }
     }
@@ -476,7 +595,10 @@ impl Server {
             leeway: self.config.jwt.leeway,
             notice: self.config.token_expiry_notice,
         };
-        let connection_id = conn.id();
+        let connection_id = ConnectionName {
+            instance: &self.instance,
+            id: conn.id(),
+        };
         let metrics = &mut self.metrics;
         conn.answer_refreshes(
             requests,
@@ -490,11 +612,12 @@ impl Server {
                 }
                 match outcome {
                     Outcome::Invalid(error) => {
-                        debug!("refresh refused (connection_id={connection_id}): {error}")
+                        debug!(connection_id:% = connection_id, error:% = error; "refresh refused")
                     }
                     outcome => debug!(
-                        "refresh {} (connection_id={connection_id})",
-                        Outcome::LABELS[outcome.index()]
+                        connection_id:% = connection_id,
+                        outcome = Outcome::LABELS[outcome.index()];
+                        "refresh answered"
                     ),
                 }
             },
@@ -523,27 +646,36 @@ impl Server {
                     && let Some(suppressed) = self.limit_warnings.check(now)
                 {
                     warn!(
-                        "connection limit reached ({} connections): new clients get 503 \
-                         ({suppressed} similar suppressed)",
-                        self.max_connections
+                        max_connections = self.max_connections,
+                        suppressed;
+                        "connection limit reached: new clients get 503"
                     );
                 }
-                debug!(
-                    "request refused: {} {} (connection_id={})",
-                    rejection.status(),
-                    rejection.label(),
-                    conn.id()
-                );
+                if let Some(suppressed) = self.refusal_lines[rejection as usize].check(now) {
+                    let remote = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+                    info!(
+                        status = rejection.status(),
+                        reason = rejection.label(),
+                        connection_id:% = ConnectionName { instance: &self.instance, id: conn.id() },
+                        remote = remote.as_str(),
+                        suppressed;
+                        "request refused"
+                    );
+                }
                 conn.respond(&rejection.response(), now, respond_deadline);
             }
-            Decision::Health => {
+            Decision::Health { head_only } => {
                 // O(1): counts the loop keeps, no /proc listing.
                 let (status, body) = metrics::render_health(
                     &gauges(&self.hub, self.started, None),
                     &self.redis,
                     &Timestamp::now(),
                 );
-                let answer = http::response(status, "application/json", "", body.as_bytes());
+                let mut answer = http::response(status, "application/json", "", body.as_bytes());
+                if head_only {
+                    // HEAD: the same head (Content-Length included), no body.
+                    answer.truncate(answer.len() - body.len());
+                }
                 conn.respond(&answer, now, respond_deadline);
             }
             Decision::Metrics { json } => {
@@ -555,7 +687,12 @@ impl Server {
                         .render_json(&gauges, &self.redis, &Timestamp::now());
                     http::response(200, "application/json", "", body.as_bytes())
                 } else {
-                    let body = self.metrics.render_prometheus(&gauges, &self.redis);
+                    let mut body = self.metrics.render_prometheus(&gauges, &self.redis);
+                    metrics::render_redis_ping_and_handover(
+                        &mut body,
+                        &self.redis,
+                        self.inbox.queued(),
+                    );
                     http::response(
                         200,
                         "text/plain; version=0.0.4; charset=utf-8",
@@ -568,6 +705,11 @@ impl Server {
             Decision::Upgrade(upgrade) => {
                 self.metrics.connections_accepted += 1;
                 let user_id = self.hub.add(&upgrade.user_id, key);
+                let name = ConnectionName {
+                    instance: &self.instance,
+                    id: conn.id(),
+                }
+                .to_string();
                 let connected = if self.history.is_some() {
                     // Sent once the history read is done (`finish_history`).
                     None
@@ -584,24 +726,24 @@ impl Server {
                     };
                     Some(self.encoder.encode_connected_with_history(
                         &upgrade.user_id,
-                        conn.id(),
+                        &name,
                         &history,
                         &Timestamp::now(),
                     ))
                 } else {
-                    Some(self.encoder.encode_connected(
-                        &upgrade.user_id,
-                        conn.id(),
-                        &Timestamp::now(),
-                    ))
+                    Some(
+                        self.encoder
+                            .encode_connected(&upgrade.user_id, &name, &Timestamp::now()),
+                    )
                 };
                 let expires_at =
                     refresh::expiry_instant(upgrade.expires_at, self.config.jwt.leeway, now);
                 let peer = conn.peer_addr().map(|a| a.to_string()).unwrap_or_default();
                 info!(
-                    "client connected user_id={} connection_id={} remote={peer}",
-                    upgrade.user_id,
-                    conn.id()
+                    user_id = upgrade.user_id.as_str(),
+                    connection_id = name.as_str(),
+                    remote = peer.as_str();
+                    "client connected"
                 );
                 let answer = http::switching_protocols(&upgrade.accept_key);
                 let session = SessionParams {
@@ -778,9 +920,14 @@ impl Server {
             self.metrics.resumes_incomplete += u64::from(!recovery.complete);
         }
         let history = ConnectedHistory { position, recovery };
+        let name = ConnectionName {
+            instance: &self.instance,
+            id: answer.connection_id,
+        }
+        .to_string();
         let connected = self.encoder.encode_connected_with_history(
             &answer.user_id,
-            answer.connection_id,
+            &name,
             &history,
             &Timestamp::now(),
         );
@@ -803,11 +950,16 @@ impl Server {
     fn invalid_message(&mut self, published: &Published, invalid: InvalidMessage, now: Instant) {
         self.metrics.dropped_invalid += 1;
         if let Some(suppressed) = self.invalid_warnings.check(now) {
-            warn!(
-                "invalid message on channel {}{} dropped: {} ({suppressed} similar suppressed)",
+            let channel = format!(
+                "{}{}",
                 self.config.redis.channel_prefix,
-                published.user_id(),
-                invalid.as_str()
+                published.user_id()
+            );
+            warn!(
+                channel = channel.as_str(),
+                reason = invalid.as_str(),
+                suppressed;
+                "invalid message dropped"
             );
         }
     }
@@ -850,11 +1002,11 @@ impl Server {
         };
         log::log!(
             level,
-            "client disconnected user_id={} connection_id={} reason={} duration_ms={}",
-            ended.user_id,
-            ended.connection_id,
-            ended.reason.label(),
-            ended.lived.as_millis()
+            user_id = ended.user_id.as_ref(),
+            connection_id:% = self.connection_name(ended.connection_id),
+            reason = ended.reason.label(),
+            duration_ms = ended.lived.as_millis() as u64;
+            "client disconnected"
         );
     }
 
@@ -994,11 +1146,13 @@ fn lower_loop_priority(steps: i32) {
     };
     match lowered {
         Some(target) => info!(
-            "event loop at nice {target}, Redis reader at nice {process_nice} (WS_LOOP_NICE={steps})"
+            loop_nice = target,
+            reader_nice = process_nice;
+            "event loop priority lowered (WS_LOOP_NICE)"
         ),
         None => warn!(
-            "cannot lower the event loop's priority: {}",
-            io::Error::last_os_error()
+            error:% = io::Error::last_os_error();
+            "cannot lower the event loop's priority"
         ),
     }
 }
@@ -1039,8 +1193,10 @@ pub fn raise_open_file_limit(max_connections: usize) -> u64 {
     let effective = connection_limit_for(soft, max_connections);
     if effective < max_connections {
         warn!(
-            "open-file limit {soft} cannot hold WS_MAX_CONNECTIONS={max_connections}: \
-             at most {effective} connections will be accepted (the rest get 503); \
+            open_file_limit = soft,
+            max_connections,
+            effective_max_connections = effective;
+            "the open-file limit cannot hold WS_MAX_CONNECTIONS: the rest get 503; \
              raise the limit (ulimit -n, LimitNOFILE) to use the configured value"
         );
     }
@@ -1064,6 +1220,46 @@ pub fn connection_limit_for(soft_limit: u64, max_connections: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_spreads_the_closes_over_its_window() {
+        let started = Instant::now();
+        let mut drain = Drain {
+            started,
+            window: Duration::from_secs(2),
+            keys: (0..1000).map(|k| (k, k as u64)).collect(),
+            closed: 0,
+        };
+        let at = |ms: u64| started + Duration::from_millis(ms);
+        assert_eq!(drain.due(at(0)), 1, "the first goes at once");
+        assert_eq!(drain.due(at(1000)), 501);
+        assert_eq!(drain.due(at(1998)), 1000);
+        assert_eq!(drain.due(at(5000)), 1000);
+        drain.closed = 500;
+        assert_eq!(drain.next_at(), Some(at(1000)));
+        drain.closed = 1000;
+        assert_eq!(drain.next_at(), None);
+
+        let at_once = Drain {
+            started,
+            window: Duration::ZERO,
+            keys: vec![(1, 1), (2, 2)],
+            closed: 0,
+        };
+        assert_eq!(at_once.due(started), 2);
+    }
+
+    #[test]
+    fn connection_names_carry_the_instance_prefix() {
+        let prefix = draw_instance_prefix();
+        assert_eq!(prefix.len(), 6);
+        assert!(prefix.bytes().all(|b| b.is_ascii_hexdigit()), "{prefix}");
+        let name = ConnectionName {
+            instance: &prefix,
+            id: 17,
+        };
+        assert_eq!(name.to_string(), format!("{prefix}-17"));
+    }
 
     #[test]
     fn the_connection_limit_fits_the_open_file_limit() {

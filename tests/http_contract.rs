@@ -246,7 +246,7 @@ fn hundreds_of_stale_cookies_cost_two_token_checks() {
     assert_eq!(expect_connected(ws).1["user_id"], "many-cookies");
     // The refusals are logged (debug) before the connect line.
     wait_until(PROMPT, "the connect line", || {
-        gw.logs().contains("user_id=many-cookies")
+        gw.logs().contains(r#""user_id":"many-cookies""#)
     });
     let refused = gw.logs().matches("(from cookie)").count();
     assert_eq!(refused, 2, "cookie tokens checked:\n{}", gw.logs());
@@ -715,5 +715,56 @@ fn metrics_json_has_the_go_shape() {
     assert!(
         metrics_json(gw.port)["messages"]["failed"].is_u64(),
         "{body}"
+    );
+}
+
+#[test]
+fn head_health_answers_like_get_without_a_body() {
+    let (_redis, gw) = setup(&[]);
+    let get = http_get(gw.port, "/health", &[]);
+    assert_eq!(get.status, 200);
+    let mut stream = TcpStream::connect(("127.0.0.1", gw.port)).expect("connect");
+    stream
+        .write_all(b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        .expect("write");
+    stream.set_read_timeout(Some(PROMPT)).expect("timeout");
+    let mut answer = Vec::new();
+    // The server closes the connection after its answer (Connection: close).
+    std::io::Read::read_to_end(&mut stream, &mut answer).expect("read to EOF");
+    let answer = String::from_utf8(answer).expect("UTF-8");
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\n"),
+        "a body after the head: {answer:?}"
+    );
+    let length: usize = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Content-Length: {answer}"));
+    assert!(length > 0, "the GET body's length is announced: {answer}");
+}
+
+#[test]
+fn metrics_show_the_redis_round_trip_and_the_hand_over_depth() {
+    let (_redis, gw) = setup(&[("REDIS_PING_INTERVAL", "200ms")]);
+    wait_until(PROMPT, "a Redis ping round trip in /metrics", || {
+        metric_value(&gw.metrics_text(), "ws_notify_redis_ping_seconds").is_some()
+    });
+    let text = gw.metrics_text();
+    let ping = metric_value(&text, "ws_notify_redis_ping_seconds").unwrap();
+    assert!(ping > 0.0 && ping < 5.0, "{ping}");
+    assert!(
+        text.contains("# TYPE ws_notify_redis_ping_seconds gauge"),
+        "{text}"
+    );
+    assert_eq!(
+        metric_value(&text, "ws_notify_handover_queue_depth"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE ws_notify_handover_queue_depth gauge"),
+        "{text}"
     );
 }

@@ -281,3 +281,102 @@ fn join(holders: Vec<thread::JoinHandle<(Vec<u16>, Vec<RawWs>)>>) -> Vec<(Vec<u1
         .map(|h| h.join().expect("client thread"))
         .collect()
 }
+
+/// `SHUTDOWN_DRAIN=2s` with 1,000 clients: the 1001 closes are spread over the
+/// window (as the clients see them: first and last at least a second apart,
+/// where without a drain they all come at once) and the exit is 0.
+#[test]
+fn a_drain_spreads_the_closes_over_its_window() {
+    const THREADS: usize = 2;
+    const PER_THREAD: usize = 500;
+    check_nofile(THREADS * PER_THREAD);
+    let (_redis, mut gw) = setup(&[
+        ("SHUTDOWN_DRAIN", "2s"),
+        ("SHUTDOWN_TIMEOUT", NEVER),
+        ("LOGGER_LEVEL", "warn"),
+    ]);
+    let tokens: Vec<String> = (0..100).map(|i| gw.token(&format!("user{i}"))).collect();
+    let ready = Arc::new(Barrier::new(THREADS + 1));
+    let holders: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (port, tokens, ready) = (gw.port, tokens.clone(), ready.clone());
+            thread::spawn(move || {
+                let mut sessions = open_sessions(port, &tokens, PER_THREAD);
+                ready.wait();
+                // Sessions are closed in the order they were accepted, which is the
+                // order this thread opened them: reading in order sees each close
+                // when it comes.
+                let mut closes = Vec::with_capacity(sessions.len());
+                for raw in sessions.iter_mut() {
+                    let (code, _) = raw.expect_close(DEADLINE);
+                    closes.push((code, Instant::now()));
+                    // The server may have finished with this socket already.
+                    let _ = raw.send_masked(0x88, &code.to_be_bytes());
+                }
+                closes
+            })
+        })
+        .collect();
+    ready.wait();
+    gw.wait_active_connections((THREADS * PER_THREAD) as u64);
+
+    gw.signal(libc::SIGTERM);
+    let closes: Vec<(u16, Instant)> = holders
+        .into_iter()
+        .flat_map(|h| h.join().expect("client thread"))
+        .collect();
+    let status = gw
+        .wait_exit(DEADLINE)
+        .unwrap_or_else(|| panic!("still running {DEADLINE:?} after SIGTERM"));
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert_eq!(closes.len(), THREADS * PER_THREAD);
+    assert!(
+        closes.iter().all(|(code, _)| *code == 1001),
+        "a close other than 1001"
+    );
+    let first = closes.iter().map(|(_, at)| *at).min().expect("closes");
+    let last = closes.iter().map(|(_, at)| *at).max().expect("closes");
+    let spread = last - first;
+    // Half of the closes come in the first half of the spread, give or take.
+    let halfway = first + spread / 2;
+    let early = closes.iter().filter(|(_, at)| *at <= halfway).count();
+    eprintln!("1000 closes over {spread:?}; {early} in the first half");
+    assert!(
+        spread >= Duration::from_secs(1),
+        "the closes came within {spread:?}: not spread over SHUTDOWN_DRAIN=2s"
+    );
+    assert!(
+        (200..=800).contains(&early),
+        "{early} of 1000 closes in the first half of {spread:?}: not spread evenly"
+    );
+}
+
+/// During a drain the clients not yet closed are still served: Redis is read
+/// until the last 1001 is sent.
+#[test]
+fn clients_waiting_in_a_drain_still_get_their_messages() {
+    let (redis, mut gw) = setup(&[
+        ("SHUTDOWN_DRAIN", "20s"),
+        ("SHUTDOWN_TIMEOUT", NEVER),
+        ("LOGGER_LEVEL", "warn"),
+    ]);
+    let (mut first, _) = ws_open(gw.port, &gw.token("first"));
+    let (mut second, _) = ws_open(gw.port, &gw.token("second"));
+    gw.wait_active_connections(2);
+    gw.signal(libc::SIGTERM);
+    // The first is closed at once; the second only halfway through the window.
+    assert_eq!(expect_close(&mut first, PROMPT).0, 1001);
+    // A reader told to stop leaves Redis within 250 ms; give it four times that
+    // to show it was not told (the second client is closed only at 10 s).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        redis.notify("second", r#"{"type":"while_draining","payload":1}"#),
+        1,
+        "the reader stopped before the drain ended"
+    );
+    assert_message(&recv_json(&mut second, PROMPT), "while_draining");
+    // A second signal ends the wait (README: exits at once with 1).
+    gw.signal(libc::SIGTERM);
+    let status = gw.wait_exit(PROMPT).expect("exit after a second signal");
+    assert_eq!(status.code(), Some(1));
+}

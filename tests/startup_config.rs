@@ -94,7 +94,7 @@ fn weak_secrets_are_warned_about_without_showing_them() {
     let gw = Gateway::start(redis.port, &[]);
     assert_eq!(gw.secret.len(), 32);
     wait_until(PROMPT, "the listening line", || {
-        gw.logs().contains("listening on")
+        gw.logs().contains(r#""message":"listening""#)
     });
     assert!(!gw.logs().contains("JWT_SECRET_KEY"), "{}", gw.logs());
 }

@@ -40,8 +40,8 @@ pub enum Decision {
     NeedMore,
     /// Answer with an error and close.
     Reject(Rejection),
-    /// `GET /health`.
-    Health,
+    /// `GET /health`, or `HEAD /health` (`head_only`: the same answer without its body).
+    Health { head_only: bool },
     /// `GET /metrics`; `json` when `?format=json`.
     Metrics { json: bool },
     /// A valid, authenticated WebSocket upgrade.
@@ -89,10 +89,14 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
     };
     match path {
         "/ws" => {}
+        "/health" if method == "GET" || method == "HEAD" => {
+            return Decision::Health {
+                head_only: method == "HEAD",
+            };
+        }
         "/health" | "/metrics" if method != "GET" => {
             return Decision::Reject(Rejection::MethodNotAllowed);
         }
-        "/health" => return Decision::Health,
         "/metrics" => {
             let json = query.is_some_and(|q| q.split('&').any(|pair| pair == "format=json"));
             return Decision::Metrics { json };
@@ -414,7 +418,11 @@ mod tests {
     fn plain_endpoints() {
         assert_eq!(
             decide(b"GET /health HTTP/1.1\r\n\r\n", &[], &NO_LOAD),
-            Decision::Health
+            Decision::Health { head_only: false }
+        );
+        assert_eq!(
+            decide(b"HEAD /health HTTP/1.1\r\n\r\n", &[], &NO_LOAD),
+            Decision::Health { head_only: true }
         );
         assert_eq!(
             decide(b"GET /metrics?format=json HTTP/1.1\r\n\r\n", &[], &NO_LOAD),
