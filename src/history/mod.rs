@@ -4,7 +4,7 @@
 //! event loop.
 //!
 //! With `WS_HISTORY_SIZE` > 0, publishers call the Redis function
-//! `ws_notify_publish` (the library is `redis/ws_notify.lua`): it appends the
+//! `ws_notify_publish` (the library is `src/history/ws_notify.lua`): it appends the
 //! message to a stream whose key is the user's channel name, and publishes it
 //! with `"id":"<stream id>"` spliced in as its first member. A client that
 //! reconnects with `?since=<id>` gets what it missed from that stream.
@@ -15,7 +15,7 @@ use std::fmt;
 use std::time::Duration;
 
 /// The Redis Functions library as shipped, with the default size and TTL.
-pub const LIBRARY_TEMPLATE: &str = include_str!("../../redis/ws_notify.lua");
+pub const LIBRARY_TEMPLATE: &str = include_str!("ws_notify.lua");
 /// The lines of the template that `library_code` replaces.
 const SIZE_LINE: &str = "local HISTORY_SIZE = 100\n";
 const TTL_LINE: &str = "local HISTORY_TTL_SECONDS = 86400\n";
