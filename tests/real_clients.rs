@@ -899,6 +899,12 @@ fn browser_client_resumes_across_a_gateway_restart_with_every_message_once() {
     let connected = browser.eval(&tab, "window.received[0]");
     assert_message(&connected, "connected");
     assert_eq!(connected["payload"]["position"], "0-0", "{connected}");
+    // A plain PUBLISH is delivered live only; an `id` string of its own that
+    // is not a stream id is the application's and does not move the resume
+    // point (nor break the client's id comparison).
+    assert_eq!(redis.notify("kim", r#"{"type":"plain","id":"order-7"}"#), 1);
+    browser.wait_eval(&tab, PROMPT, "window.received.length", |v| *v == 2);
+    assert_eq!(browser.eval(&tab, "window.received[1].id"), "order-7");
 
     // A steady publisher through the history function, then an end marker.
     let mut con = redis.connection().expect("redis");

@@ -48,7 +48,7 @@ function connectNotifications({ url, getToken, onMessage, onGap, onClose, minDel
     socket = ws;
     ws.onmessage = (event) => {
       const message = JSON.parse(event.data);
-      if (message.id) {
+      if (/^\d+-\d+$/.test(message.id)) { // a stream id (history on; plain PUBLISH has none)
         if (lastId && !isNewer(message.id, lastId)) return; // had it already
         lastId = message.id;
       } else if (message.type === "connected") {
