@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -758,14 +758,54 @@ fn browser_receives_messages_and_closing_the_tab_is_a_client_close() {
 }
 
 #[test]
-fn browser_client_refreshes_its_token_on_4001_and_backs_off_on_other_closes() {
-    let test = "browser_client_refreshes_its_token_on_4001_and_backs_off_on_other_closes";
+fn browser_client_refreshes_its_token_in_place_when_warned() {
+    let test = "browser_client_refreshes_its_token_in_place_when_warned";
     let Some(exe) = chromium(test) else { return };
     let (redis, pages, gw, mut browser) = browser_setup(&exe);
-    // The first token expires in 2 s; the page asks for the next one on 4001.
+    // The first token expires in 3 s, inside WS_TOKEN_EXPIRY_NOTICE (60 s):
+    // the gateway warns at once and the client sends the next token.
+    let short_exp = now_secs() + 3;
+    let short = token(&gw.secret, "lou", 3);
+    let long = gw.token("lou");
+    let tab = browser.open(&page_url(&pages, &gw, &[&short, &long]));
+
+    let refreshed = "window.received.filter(m => m.type === 'refreshed').length";
+    browser.wait_eval(&tab, PROMPT, refreshed, |v| *v == 1);
+    let types = browser.eval(&tab, "window.received.map(m => m.type)");
+    assert_eq!(
+        types,
+        json!(["connected", "token_expiring", "refreshed"]),
+        "{types}"
+    );
+    assert_eq!(browser.eval(&tab, "window.tokenRequests"), 2);
+    // The connection outlives the first token: no 4001 after its exp.
+    wait_until(secs(10), "the first token's exp has passed", || {
+        now_secs() > short_exp + 1
+    });
+    assert_eq!(redis.notify("lou", r#"{"type":"still_here"}"#), 1);
+    let count = "window.received.filter(m => m.type === 'still_here').length";
+    browser.wait_eval(&tab, PROMPT, count, |v| *v == 1);
+    assert_eq!(browser.eval(&tab, "window.closes.length"), 0);
+    let connected_count = "window.received.filter(m => m.type === 'connected').length";
+    assert_eq!(browser.eval(&tab, connected_count), 1);
+    assert_eq!(
+        gw.metric(r#"ws_notify_disconnects_total{reason="token_expired"}"#),
+        0.0
+    );
+}
+
+#[test]
+fn browser_client_reconnects_with_a_new_token_on_4001_and_backs_off_on_other_closes() {
+    let test = "browser_client_reconnects_with_a_new_token_on_4001_and_backs_off_on_other_closes";
+    let Some(exe) = chromium(test) else { return };
+    let (redis, pages, gw, mut browser) = browser_setup(&exe);
+    // The first token expires in 2 s. Warned at once, the page's getToken
+    // gives the same token again, which the client does not send (a refresh
+    // that does not move the expiry is warned about again); the gateway
+    // closes with 4001 at exp and the client connects with the third token.
     let short = token(&gw.secret, "jo", 2);
     let long = gw.token("jo");
-    let tab = browser.open(&page_url(&pages, &gw, &[&short, &long]));
+    let tab = browser.open(&page_url(&pages, &gw, &[&short, &short, &long]));
 
     let connected_count = "window.received.filter(m => m.type === 'connected').length";
     browser.wait_eval(&tab, PROMPT, connected_count, |v| *v == 1);
@@ -774,11 +814,16 @@ fn browser_client_refreshes_its_token_on_4001_and_backs_off_on_other_closes() {
         browser.eval(&tab, "window.closes[0]"),
         json!({"code": 4001, "reason": "token expired", "wasClean": true})
     );
-    assert_eq!(browser.eval(&tab, "window.tokenRequests"), 2);
+    let first = "window.received.slice(0, 3).map(m => m.type)";
+    assert_eq!(
+        browser.eval(&tab, first),
+        json!(["connected", "token_expiring", "connected"])
+    );
+    assert_eq!(browser.eval(&tab, "window.tokenRequests"), 3);
     gw.wait_active_connections(1);
 
     // A frame over WS_MAX_MESSAGE_SIZE: the server closes with 1009 and the
-    // client reconnects after a (jittered, short) backoff, reusing its token.
+    // client reconnects after a (jittered, short) backoff, asking getToken again.
     browser.eval(&tab, "window.client.send('x'.repeat(2000)); true");
     browser.wait_eval(&tab, PROMPT, connected_count, |v| *v == 3);
     // The server sends close 1009 and then drops the connection at once
@@ -787,7 +832,7 @@ fn browser_client_refreshes_its_token_on_4001_and_backs_off_on_other_closes() {
     // Chromium sometimes sees before the close frame and reports as 1006.
     let code = browser.eval(&tab, "window.closes[1].code");
     assert!(code == 1009 || code == 1006, "close code {code}");
-    assert_eq!(browser.eval(&tab, "window.tokenRequests"), 3);
+    assert_eq!(browser.eval(&tab, "window.tokenRequests"), 4);
     gw.wait_active_connections(1);
 
     // One live connection: a message arrives once.
@@ -804,6 +849,144 @@ fn browser_client_refreshes_its_token_on_4001_and_backs_off_on_other_closes() {
     browser.kill();
     gw.wait_active_connections(0);
     gw.wait_metric_at_least(lost, before + 1.0);
+}
+
+/// Waits until a gateway with history on has loaded the `ws_notify` library.
+fn wait_function_loaded(redis: &RedisServer) {
+    wait_until(PROMPT, "the ws_notify library is loaded", || {
+        redis
+            .connection()
+            .and_then(|mut c| {
+                redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg("ws_notify")
+                    .query::<Vec<redis::Value>>(&mut c)
+            })
+            .is_ok_and(|libraries| !libraries.is_empty())
+    });
+}
+
+/// Publishes through the history function; returns the message's id.
+fn fcall(con: &mut redis::Connection, user: &str, message: &str) -> String {
+    redis::cmd("FCALL")
+        .arg("ws_notify_publish")
+        .arg(1)
+        .arg(format!("user_noti:{user}"))
+        .arg(message)
+        .query::<String>(con)
+        .unwrap_or_else(|e| panic!("FCALL ws_notify_publish {message}: {e}"))
+}
+
+#[test]
+fn browser_client_resumes_across_a_gateway_restart_with_every_message_once() {
+    let test = "browser_client_resumes_across_a_gateway_restart_with_every_message_once";
+    let Some(exe) = chromium(test) else { return };
+    const N: usize = 300;
+    let redis = RedisServer::start();
+    let pages = PageServer::start();
+    let origin = pages.origin();
+    let env = [
+        ("WS_ALLOWED_ORIGINS", origin.as_str()),
+        ("WS_HISTORY_SIZE", "1000"),
+    ];
+    let mut gw = Gateway::start(redis.port, &env);
+    gw.wait_redis_connected(PROMPT);
+    wait_function_loaded(&redis);
+    let mut browser = Browser::launch(&exe);
+    let tab = browser.open(&page_url(&pages, &gw, &[&gw.token("kim")]));
+    browser.wait_eval(&tab, PROMPT, "window.received.length", |v| *v == 1);
+    let connected = browser.eval(&tab, "window.received[0]");
+    assert_message(&connected, "connected");
+    assert_eq!(connected["payload"]["position"], "0-0", "{connected}");
+    // A plain PUBLISH is delivered live only; an `id` string of its own that
+    // is not a stream id is the application's and does not move the resume
+    // point (nor break the client's id comparison).
+    assert_eq!(redis.notify("kim", r#"{"type":"plain","id":"order-7"}"#), 1);
+    browser.wait_eval(&tab, PROMPT, "window.received.length", |v| *v == 2);
+    assert_eq!(browser.eval(&tab, "window.received[1].id"), "order-7");
+
+    // A steady publisher through the history function, then an end marker.
+    let mut con = redis.connection().expect("redis");
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let published = Arc::clone(&published);
+        thread::spawn(move || {
+            let mut ids = Vec::with_capacity(N);
+            for n in 0..N {
+                ids.push(fcall(
+                    &mut con,
+                    "kim",
+                    &format!(r#"{{"type":"seq","payload":{n}}}"#),
+                ));
+                published.store(n + 1, Ordering::Release);
+                thread::sleep(ms(20));
+            }
+            fcall(&mut con, "kim", r#"{"type":"end"}"#);
+            ids
+        })
+    };
+
+    // Midway, restart the gateway in place: SIGTERM (the page gets 1001),
+    // then a new instance on the same port. Redis keeps the history.
+    let seqs = "window.received.filter(m => m.type === 'seq').length";
+    browser.wait_eval(&tab, secs(30), seqs, |v| v.as_u64() >= Some(N as u64 / 3));
+    gw.signal(libc::SIGTERM);
+    assert!(gw.wait_exit(secs(30)).is_some(), "the gateway did not stop");
+    let at_restart = published.load(Ordering::Acquire);
+    assert!(
+        at_restart < N,
+        "the publisher had finished before the restart"
+    );
+    let gw = Gateway::start_on_port(gw.port, redis.port, &gw.secret, &env);
+
+    let ids = publisher.join().expect("publisher");
+    let ended = "window.received.some(m => m.type === 'end')";
+    browser.wait_eval(&tab, secs(60), ended, |v| *v == true);
+    gw.wait_active_connections(1);
+
+    // Every message exactly once, in order, with the ids Redis gave them.
+    let got = browser.eval(
+        &tab,
+        "window.received.filter(m => m.type === 'seq').map(m => [m.id, m.payload])",
+    );
+    let expected: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| json!([id, n]))
+        .collect();
+    let got = got.as_array().expect("an array");
+    if *got != expected {
+        let at = got
+            .iter()
+            .zip(&expected)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(expected.len()));
+        panic!(
+            "the page got {} messages for {N}; first difference at {at}: got {:?}, expected {:?}",
+            got.len(),
+            got.get(at),
+            expected.get(at)
+        );
+    }
+    // The page reconnected after the 1001 and resumed with nothing missing.
+    let closes = browser.eval(&tab, "window.closes.map(c => c.code)");
+    assert_eq!(closes[0], 1001, "{closes}");
+    let connects = browser.eval(
+        &tab,
+        "window.received.filter(m => m.type === 'connected').map(m => m.payload)",
+    );
+    let connects = connects.as_array().expect("an array");
+    assert!(connects.len() >= 2, "no reconnect: {connects:?}");
+    for resumed in &connects[1..] {
+        assert_eq!(resumed["recovery"]["complete"], true, "{resumed}");
+    }
+    assert_eq!(browser.eval(&tab, "window.gaps"), 0);
+    eprintln!(
+        "restart after {at_restart} of {N} messages; {} resume(s), replayed {}",
+        connects.len() - 1,
+        connects[1]["recovery"]["count"]
+    );
 }
 
 #[test]

@@ -101,63 +101,89 @@ impl Gateway {
         let secret = random_hex(2);
         let mut last = String::new();
         for _ in 0..3 {
-            let port = free_port();
-            let mut cmd = build_command(port, redis_port, &secret, extra_env);
-            if let Some((soft, hard)) = nofile {
-                use std::os::unix::process::CommandExt;
-                // SAFETY: setrlimit is async-signal-safe; nothing else runs in the
-                // child between fork and exec.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        let rl = libc::rlimit {
-                            rlim_cur: soft as libc::rlim_t,
-                            rlim_max: hard as libc::rlim_t,
-                        };
-                        if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-            }
-            let (child, logs) = spawn_captured(cmd);
-            let mut gw = Gateway {
-                port,
-                redis_port,
-                secret: secret.clone(),
-                child,
-                logs,
-                exit: None,
-            };
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                if let Ok(Some(status)) = gw.child.try_wait() {
-                    gw.exit = Some(status);
-                    last = format!(
-                        "ws-notify exited with {status} before answering /health; output:\n{}",
-                        gw.logs()
-                    );
-                    break;
-                }
-                if try_http(
-                    port,
-                    b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n",
-                    Duration::from_secs(2),
-                )
-                .is_ok()
-                {
-                    return gw;
-                }
-                if Instant::now() >= deadline {
-                    panic!(
-                        "ws-notify did not answer GET /health within 15 s; output:\n{}",
-                        gw.logs()
-                    );
-                }
-                thread::sleep(POLL);
+            match Self::launch(free_port(), redis_port, &secret, extra_env, nofile) {
+                Ok(gw) => return gw,
+                Err(exited) => last = exited,
             }
         }
         panic!("{last}");
+    }
+
+    /// Starts on `port` with the HMAC `secret` (for example the port and secret
+    /// of an instance that has just stopped, to restart it in place: its
+    /// clients' tokens stay valid) and waits until `/health` answers.
+    pub fn start_on_port(
+        port: u16,
+        redis_port: u16,
+        secret: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
+        Self::launch(port, redis_port, secret, extra_env, None)
+            .unwrap_or_else(|exited| panic!("{exited}"))
+    }
+
+    /// Spawns on `port` and waits for `/health`; `Err` when the process exited
+    /// first (the port may have been taken meanwhile).
+    fn launch(
+        port: u16,
+        redis_port: u16,
+        secret: &str,
+        extra_env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> Result<Self, String> {
+        let mut cmd = build_command(port, redis_port, secret, extra_env);
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs in the
+            // child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit {
+                        rlim_cur: soft as libc::rlim_t,
+                        rlim_max: hard as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let (child, logs) = spawn_captured(cmd);
+        let mut gw = Gateway {
+            port,
+            redis_port,
+            secret: secret.to_string(),
+            child,
+            logs,
+            exit: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                gw.exit = Some(status);
+                return Err(format!(
+                    "ws-notify exited with {status} before answering /health; output:\n{}",
+                    gw.logs()
+                ));
+            }
+            if try_http(
+                port,
+                b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n",
+                Duration::from_secs(2),
+            )
+            .is_ok()
+            {
+                return Ok(gw);
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "ws-notify did not answer GET /health within 15 s; output:\n{}",
+                    gw.logs()
+                );
+            }
+            thread::sleep(POLL);
+        }
     }
 
     /// Runs the binary with the test configuration (no Redis, no readiness

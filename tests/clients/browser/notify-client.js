@@ -1,10 +1,19 @@
 // ws-notify browser client: reconnects with exponential backoff and full
-// jitter; on close 4001 (token expired) it fetches a fresh token first.
-function connectNotifications({ url, getToken, onMessage, onClose, minDelayMs = 500, maxDelayMs = 30000 }) {
+// jitter, resumes from the last message id it saw (?since=), and refreshes
+// its token in place when the server says it is about to expire.
+function connectNotifications({ url, getToken, onMessage, onGap, onClose, minDelayMs = 500, maxDelayMs = 30000 }) {
   let socket = null;
   let attempt = 0;
   let timer = null;
   let stopped = false;
+  let lastId = null; // newest message id seen: the next connection resumes after it
+  let token = null; // the token in use
+
+  // Message ids are Redis stream ids "<ms>-<seq>": compare them as numbers.
+  function isNewer(id, than) {
+    const [a, b] = [id, than].map((s) => s.split("-").map(BigInt));
+    return a[0] > b[0] || (a[0] === b[0] && a[1] > b[1]);
+  }
 
   function retry() {
     if (stopped) return;
@@ -13,22 +22,46 @@ function connectNotifications({ url, getToken, onMessage, onClose, minDelayMs = 
     timer = setTimeout(connect, Math.random() * cap); // full jitter: 0..cap
   }
 
+  async function refreshToken(ws) {
+    try {
+      const fresh = await getToken();
+      // The same token again would only be warned about again: keep it, and
+      // at its expiry the server closes with 4001 and we reconnect.
+      if (fresh === token || ws.readyState !== WebSocket.OPEN) return;
+      token = fresh;
+      ws.send(JSON.stringify({ type: "refresh", token }));
+    } catch (err) {
+      // No new token now: the same as above.
+    }
+  }
+
   async function connect() {
     timer = null;
-    let token;
     try {
-      token = await getToken(); // from your backend, on every (re)connect
+      token = await getToken(); // from your backend, on every (re)connect: the newest token
     } catch (err) {
       return retry();
     }
     if (stopped) return;
-    socket = new WebSocket(`${url}?token=${encodeURIComponent(token)}`);
-    socket.onmessage = (event) => {
+    const query = `token=${encodeURIComponent(token)}` + (lastId ? `&since=${lastId}` : "");
+    const ws = new WebSocket(url + (url.includes("?") ? "&" : "?") + query);
+    socket = ws;
+    ws.onmessage = (event) => {
       const message = JSON.parse(event.data);
-      if (message.type === "connected") attempt = 0; // authenticated: reset the backoff
+      if (/^\d+-\d+$/.test(message.id)) { // a stream id (history on; plain PUBLISH has none)
+        if (lastId && !isNewer(message.id, lastId)) return; // had it already
+        lastId = message.id;
+      } else if (message.type === "connected") {
+        attempt = 0; // authenticated: reset the backoff
+        const { position, recovery } = message.payload;
+        if (!lastId && position) lastId = position; // no message yet: resume from here
+        if (recovery && !recovery.complete && onGap) onGap(); // some may be lost
+      } else if (message.type === "token_expiring") {
+        refreshToken(ws);
+      }
       onMessage(message);
     };
-    socket.onclose = (event) => {
+    ws.onclose = (event) => {
       socket = null;
       if (onClose) onClose(event);
       if (stopped) return;
