@@ -79,6 +79,24 @@ impl Publisher {
         Ok(!libraries.is_empty())
     }
 
+    /// Publishes one `{"type":"bench-seed"}` to every user with FCALL, `batch`
+    /// per pipeline, so each user's stream has an entry before the clients
+    /// connect (their `position` is then an id the stream still holds).
+    pub fn seed(&mut self, batch: usize) -> RedisResult<()> {
+        for channels in self.channels.chunks(batch) {
+            let mut pipe = redis::pipe();
+            for channel in channels {
+                pipe.cmd("FCALL")
+                    .arg("ws_notify_publish")
+                    .arg(1)
+                    .arg(channel)
+                    .arg(r#"{"type":"bench-seed"}"#);
+            }
+            let _ids: Vec<String> = pipe.query(&mut self.con)?;
+        }
+        Ok(())
+    }
+
     /// Pattern subscriptions on the Redis server (the gateway holds one).
     fn pattern_subscribers(&mut self) -> RedisResult<i64> {
         redis::cmd("PUBSUB").arg("NUMPAT").query(&mut self.con)

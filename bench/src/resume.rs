@@ -2,10 +2,14 @@
 //! with history costs the server.
 //!
 //! ```text
-//!  main ── connect N (one user each) ── close all ── FCALL M messages ── reconnect all ── report
-//!            │ keep each `position`                  (pipelined)          │ `since=<position>`
-//!  thread 0..T: mio Poll, connections t, t + T, ...                       └ count each replay
+//!  main ── seed ── connect N (one user each) ── close all ── FCALL M messages ── reconnect all ── report
+//!                   │ keep each `position`                  (pipelined)          │ `since=<position>`
+//!  thread 0..T: mio Poll, connections t, t + T, ...                              └ count each replay
 //! ```
+//!
+//! `seed` publishes one message to every user first, as a client that resumes
+//! has seen one: its `position` is then an entry the stream still holds, and
+//! the recovery can be complete (`since=0-0` never is).
 //!
 //! The preset has its own small client loop: its connections live through
 //! phases that the main thread announces (`Shared::phase`), which the hold,
@@ -800,6 +804,9 @@ pub fn run(options: &Options, sources: Arc<[Ipv4Addr]>) -> Result<Summary, Box<d
         .into());
     }
     publisher.use_fcall();
+    // A resuming client has seen a message before: give every user one, so
+    // `since` names an entry the stream holds (`since=0-0` is never complete).
+    publisher.seed(options.batch)?;
     let threads = options.threads;
     let shared = Arc::new(Shared {
         phase: AtomicU8::new(CONNECT),
