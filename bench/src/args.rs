@@ -23,8 +23,9 @@ PRESETS (explicit flags override their values):
   resume      10,000 connections (one user each) record their `position`, all close;
               10 messages per user (-m: total, default 10 x users) are published
               with FCALL ws_notify_publish (server with WS_HISTORY_SIZE > 0); all
-              reconnect with `since`: resumed/s, replayed/s, time until the last
-              client has every missed message, missing/duplicate per client
+              reconnect with `since`, 1,000 handshakes in flight: resumed/s,
+              replayed/s, time until the last client has every missed message,
+              missing/duplicate per client
   (no preset: 1,000 connections, 1,000 users, 10,000 messages)
 
 FLAGS:
@@ -40,7 +41,8 @@ FLAGS:
   --rate R               publish at R messages/s (default: as fast as possible)
   --batch B              PUBLISH commands per pipeline (default 1000)
   --threads T            client threads, each with its own mio Poll (default 2)
-  --concurrency C        handshakes in flight at once, all threads (default 128)
+  --concurrency C        handshakes in flight at once, all threads (default 128;
+                         resume 1,000: a reconnect storm)
   --connect-timeout D    a connection not open after D has failed (default 10s)
   --hold D               keep the connections open for D before publishing (idle: 5s)
   --drain-timeout D      stop waiting after D without a new delivery (default 5s)
@@ -207,7 +209,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     let mut rate = None;
     let mut batch = 1000;
     let mut threads = 2;
-    let mut concurrency = 128;
+    let mut concurrency = None;
     let mut connect_timeout = Duration::from_secs(10);
     let mut hold = None;
     let mut drain_timeout = Duration::from_secs(5);
@@ -257,7 +259,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                     "-m" | "--messages" => messages = Some(n),
                     "--batch" => batch = n as usize,
                     "--threads" => threads = n as usize,
-                    "--concurrency" => concurrency = n as usize,
+                    "--concurrency" => concurrency = Some(n as usize),
                     "--source-addrs" => source_addrs = Some(n as usize),
                     "--churn" => churn_per_sec = n as usize,
                     "--server-pid" => {
@@ -340,7 +342,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         rate: rate.or(p_rate),
         batch,
         threads,
-        concurrency,
+        concurrency: concurrency.unwrap_or(if resume { 1_000 } else { 128 }),
         connect_timeout,
         hold: hold.unwrap_or(Duration::from_secs_f64(p_hold)),
         drain_timeout,
@@ -437,6 +439,8 @@ mod tests {
             (o.connections, o.users, o.messages),
             (10_000, 10_000, 100_000)
         );
+        assert_eq!(o.concurrency, 1_000);
+        assert_eq!(run(&["--preset", "one-to-one"]).concurrency, 128);
         let o = run(&["--preset", "resume", "-n", "500", "-m", "1500"]);
         assert_eq!((o.connections, o.users, o.messages), (500, 500, 1_500));
         let o = run(&["--preset", "resume", "-n", "500"]);
