@@ -156,7 +156,9 @@ pub fn parse_bench_with_id(payload: &[u8]) -> Option<(&[u8], u64, u64)> {
     let end = rest.iter().position(|&b| b == b'"')?;
     let (id, rest) = rest.split_at(end);
     // `",` then the published object without its opening brace.
-    let rest = rest.strip_prefix(b"\",")?.strip_prefix(&BENCH_PREFIX[1..])?;
+    let rest = rest
+        .strip_prefix(b"\",")?
+        .strip_prefix(&BENCH_PREFIX[1..])?;
     let (seq, used) = parse_u64(rest)?;
     let rest = rest[used..].strip_prefix(BENCH_T)?;
     let (t, _) = parse_u64(rest)?;
@@ -277,8 +279,10 @@ mod tests {
             parse_bench_with_id(m),
             Some((&b"1764680000042-3"[..], 17, 99))
         );
-        assert_eq!(parse_bench_with_id(br#"{"type":"bench","payload":{"seq":1,"t":2}}"#), None);
+        assert_eq!(
+            parse_bench_with_id(br#"{"type":"bench","payload":{"seq":1,"t":2}}"#),
+            None
+        );
         assert_eq!(parse_bench_with_id(br#"{"id":"1-0","type":"other"}"#), None);
     }
-
 }

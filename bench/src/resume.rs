@@ -269,7 +269,11 @@ impl Worker {
         p.failed.store(failed, Relaxed);
         p.replayed.store(self.counts.replayed, Relaxed);
         if self.unsettled == 0 {
-            let phase = if self.reconnecting { RECONNECT } else { CONNECT };
+            let phase = if self.reconnecting {
+                RECONNECT
+            } else {
+                CONNECT
+            };
             p.settled.store(phase + 1, Relaxed);
         }
     }
@@ -474,19 +478,10 @@ impl Worker {
                 frame::apply_mask(payload, mask);
             }
             match head.opcode {
-                OP_TEXT | OP_CONTINUATION => {
-                    if !self.text(key, payload) {
-                        return (pos, true);
-                    }
-                }
+                OP_TEXT | OP_CONTINUATION if !self.text(key, payload) => return (pos, true),
                 OP_PING => {
                     let mask = self.mask();
-                    frame::push_masked_control(
-                        &mut self.conns[key].outbuf,
-                        OP_PONG,
-                        payload,
-                        mask,
-                    );
+                    frame::push_masked_control(&mut self.conns[key].outbuf, OP_PONG, payload, mask);
                 }
                 OP_CLOSE => {
                     let mask = self.mask();
