@@ -787,6 +787,19 @@ impl Summary {
     }
 }
 
+/// Waits for every client thread and merges their counts.
+fn join(handles: Vec<JoinHandle<io::Result<Counts>>>) -> Result<Counts, Box<dyn Error>> {
+    let mut counts = Counts::default();
+    for handle in handles {
+        match handle.join() {
+            Ok(Ok(c)) => counts.merge(c),
+            Ok(Err(e)) => return Err(format!("client thread: {e}").into()),
+            Err(_) => return Err("a client thread panicked".into()),
+        }
+    }
+    Ok(counts)
+}
+
 /// Runs the preset.
 pub fn run(options: &Options, sources: Arc<[Ipv4Addr]>) -> Result<Summary, Box<dyn Error>> {
     sock::raise_nofile_limit_for(options.connections + 32)?;
@@ -861,8 +874,11 @@ pub fn run(options: &Options, sources: Arc<[Ipv4Addr]>) -> Result<Summary, Box<d
             since.elapsed().as_secs_f64()
         );
     };
+    // A thread that ended early (a poll error) never settles: stop waiting,
+    // and let `join` report it.
+    let ended = || handles.iter().any(JoinHandle::is_finished);
     let mut next_print = start + PROGRESS_PRINT;
-    while !shared.all_settled(CONNECT) {
+    while !shared.all_settled(CONNECT) && !ended() {
         thread::sleep(TICK);
         if Instant::now() >= next_print {
             next_print += PROGRESS_PRINT;
@@ -875,10 +891,16 @@ pub fn run(options: &Options, sources: Arc<[Ipv4Addr]>) -> Result<Summary, Box<d
         shared.sum(|p| &p.opened)
     );
     shared.phase.store(CLOSE, SeqCst);
-    while !shared.all_closed() {
+    while !shared.all_closed() && !ended() {
         thread::sleep(TICK);
     }
 
+    if ended() {
+        shared.phase.store(STOP, SeqCst);
+        return Err(join(handles)
+            .err()
+            .unwrap_or("a client thread ended early".into()));
+    }
     eprintln!(
         "publishing {} messages with FCALL ws_notify_publish",
         options.messages
@@ -895,7 +917,7 @@ pub fn run(options: &Options, sources: Arc<[Ipv4Addr]>) -> Result<Summary, Box<d
     let mut next_print = first_reconnect + PROGRESS_PRINT;
     let mut seen = (0, 0);
     let mut progress_at = Instant::now();
-    while !shared.all_settled(RECONNECT) {
+    while !shared.all_settled(RECONNECT) && !ended() {
         thread::sleep(TICK);
         let now = Instant::now();
         let now_seen = (shared.sum(|p| &p.opened), shared.sum(|p| &p.replayed));
@@ -918,14 +940,7 @@ pub fn run(options: &Options, sources: Arc<[Ipv4Addr]>) -> Result<Summary, Box<d
     thread::sleep(EXTRA_WAIT);
     shared.phase.store(STOP, SeqCst);
 
-    let mut counts = Counts::default();
-    for handle in handles {
-        match handle.join() {
-            Ok(Ok(c)) => counts.merge(c),
-            Ok(Err(e)) => return Err(format!("client thread: {e}").into()),
-            Err(_) => return Err("a client thread panicked".into()),
-        }
-    }
+    let counts = join(handles)?;
     let secs = |to: Option<Instant>| {
         to.map_or(0.0, |to| {
             to.saturating_duration_since(first_reconnect).as_secs_f64()
