@@ -138,6 +138,30 @@ struct Account {
     finished: bool,
 }
 
+impl Account {
+    /// Counts message `seq` for `user` (message `k` goes to user `k % users`):
+    /// `true` when it is the user's last message.
+    fn record(&mut self, seq: u64, user: u64, users: u64, messages: u64) -> bool {
+        let j = seq / users;
+        if seq % users != user || seq >= messages {
+            self.foreign += 1;
+            return false;
+        }
+        if j < self.next {
+            self.duplicates += 1;
+            return false;
+        }
+        self.gaps += j - self.next;
+        self.next = j + 1;
+        self.next == self.expected
+    }
+
+    /// Messages skipped over or never reached.
+    fn missing(&self) -> u64 {
+        self.gaps + self.expected.saturating_sub(self.next)
+    }
+}
+
 /// What one thread counted.
 #[derive(Default)]
 struct Counts {
@@ -249,9 +273,8 @@ impl Worker {
         for (account, position) in self.accounts.iter().zip(&self.positions) {
             if position.is_some() {
                 self.counts.expected += account.expected;
-                self.counts.missing += account.expected.saturating_sub(account.next);
+                self.counts.missing += account.missing();
             }
-            self.counts.missing += account.gaps;
             self.counts.duplicates += account.duplicates;
             self.counts.foreign += account.foreign;
         }
@@ -558,17 +581,8 @@ impl Worker {
         self.counts.last_receive = Some(now);
         let user = slot as u64 % self.users;
         let account = &mut self.accounts[i];
-        let j = seq / self.users;
-        if seq % self.users != user || seq >= self.messages {
-            account.foreign += 1;
-        } else if j < account.next {
-            account.duplicates += 1;
-        } else {
-            account.gaps += j - account.next;
-            account.next = j + 1;
-            if account.next == account.expected && !account.finished {
-                self.client_finished(i, now);
-            }
+        if account.record(seq, user, self.users, self.messages) && !account.finished {
+            self.client_finished(i, now);
         }
         true
     }
@@ -974,5 +988,31 @@ mod tests {
             [3, 2, 2]
         );
         assert_eq!(messages_for(5, 10, 100), 10);
+    }
+
+    #[test]
+    fn replay_accounting_is_exact() {
+        // User 1 of 3, 12 messages: it expects 1, 4, 7, 10.
+        let (users, messages) = (3, 12);
+        let fresh = || Account {
+            expected: messages_for(1, users, messages),
+            ..Account::default()
+        };
+        let mut a = fresh();
+        let done: Vec<bool> = [1, 4, 7, 10]
+            .iter()
+            .map(|&seq| a.record(seq, 1, users, messages))
+            .collect();
+        assert_eq!(done, [false, false, false, true]);
+        assert_eq!((a.missing(), a.duplicates, a.foreign), (0, 0, 0));
+
+        // 4 skipped, 1 repeated, one for another user, one never published.
+        let mut a = fresh();
+        for seq in [1, 7, 1, 5, 13] {
+            a.record(seq, 1, users, messages);
+        }
+        assert_eq!((a.missing(), a.duplicates, a.foreign), (2, 1, 2));
+        // Cut short: 10 never arrived (missing), 4 was skipped (missing).
+        assert_eq!((a.gaps, a.next), (1, 3));
     }
 }
