@@ -20,6 +20,12 @@ PRESETS (explicit flags override their values):
   soak        hold 5,000 connections (3,750 users) for --duration 10m, close and reopen
               --churn 50 of them every second, publish --rate 1,000 msg/s to users
               with open connections; count delivered/expected, sample server RSS/fds
+  resume      10,000 connections (one user each) record their `position`, all close;
+              10 messages per user (-m: total, default 10 x users) are published
+              with FCALL ws_notify_publish (server with WS_HISTORY_SIZE > 0); all
+              reconnect with `since`, 1,000 handshakes in flight: resumed/s,
+              replayed/s, time until the last client has every missed message,
+              missing/duplicate per client
   (no preset: 1,000 connections, 1,000 users, 10,000 messages)
 
 FLAGS:
@@ -35,7 +41,8 @@ FLAGS:
   --rate R               publish at R messages/s (default: as fast as possible)
   --batch B              PUBLISH commands per pipeline (default 1000)
   --threads T            client threads, each with its own mio Poll (default 2)
-  --concurrency C        handshakes in flight at once, all threads (default 128)
+  --concurrency C        handshakes in flight at once, all threads (default 128;
+                         resume 1,000: a reconnect storm)
   --connect-timeout D    a connection not open after D has failed (default 10s)
   --hold D               keep the connections open for D before publishing (idle: 5s)
   --drain-timeout D      stop waiting after D without a new delivery (default 5s)
@@ -68,6 +75,7 @@ pub enum Preset {
     Latency,
     Handshake,
     Soak,
+    Resume,
 }
 
 impl Preset {
@@ -79,6 +87,7 @@ impl Preset {
             "latency" => Preset::Latency,
             "handshake" => Preset::Handshake,
             "soak" => Preset::Soak,
+            "resume" => Preset::Resume,
             "custom" => Preset::Custom,
             _ => return None,
         })
@@ -94,6 +103,7 @@ impl Preset {
             Preset::Latency => "latency",
             Preset::Handshake => "handshake",
             Preset::Soak => "soak",
+            Preset::Resume => "resume",
         }
     }
 }
@@ -199,7 +209,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     let mut rate = None;
     let mut batch = 1000;
     let mut threads = 2;
-    let mut concurrency = 128;
+    let mut concurrency = None;
     let mut connect_timeout = Duration::from_secs(10);
     let mut hold = None;
     let mut drain_timeout = Duration::from_secs(5);
@@ -249,7 +259,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
                     "-m" | "--messages" => messages = Some(n),
                     "--batch" => batch = n as usize,
                     "--threads" => threads = n as usize,
-                    "--concurrency" => concurrency = n as usize,
+                    "--concurrency" => concurrency = Some(n as usize),
                     "--source-addrs" => source_addrs = Some(n as usize),
                     "--churn" => churn_per_sec = n as usize,
                     "--server-pid" => {
@@ -294,7 +304,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         Preset::Latency => (10_000, None, 100_000, Some(10_000.0), 0.0),
         Preset::Handshake => (10_000, None, 0, None, 0.0),
         Preset::Soak => (5_000, None, 0, Some(1_000.0), 0.0),
+        // Messages: 10 per user, filled in below once the user count is known.
+        Preset::Resume => (10_000, None, 0, None, 0.0),
     };
+    let resume = preset == Preset::Resume;
     let soak = preset == Preset::Soak;
     let connections = connections.unwrap_or(p_conns);
     // Soak default: 3N/4 users, so slots i and i + 3N/4 share a user for the
@@ -302,7 +315,13 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
     // both removes whole users from the server's hub and removes one of a
     // user's two connections while the other keeps receiving.
     let p_users = p_users.or(soak.then(|| (connections * 3 / 4).max(1)));
+    if resume && users.is_some_and(|u| u != connections) {
+        return Err(UsageError(
+            "--users: the resume preset has one user per connection".into(),
+        ));
+    }
     let users = users.or(p_users).unwrap_or(connections);
+    let p_msgs = if resume { 10 * users as u64 } else { p_msgs };
     let churn = preset == Preset::Handshake;
     let options = Options {
         preset,
@@ -323,7 +342,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         rate: rate.or(p_rate),
         batch,
         threads,
-        concurrency,
+        concurrency: concurrency.unwrap_or(if resume { 1_000 } else { 128 }),
         connect_timeout,
         hold: hold.unwrap_or(Duration::from_secs_f64(p_hold)),
         drain_timeout,
@@ -415,6 +434,17 @@ mod tests {
         assert_eq!((o.users, o.churn_per_sec), (300, 10));
         assert_eq!(o.duration, Duration::from_secs(60));
         assert!(!o.churn);
+        let o = run(&["--preset", "resume"]);
+        assert_eq!(
+            (o.connections, o.users, o.messages),
+            (10_000, 10_000, 100_000)
+        );
+        assert_eq!(o.concurrency, 1_000);
+        assert_eq!(run(&["--preset", "one-to-one"]).concurrency, 128);
+        let o = run(&["--preset", "resume", "-n", "500", "-m", "1500"]);
+        assert_eq!((o.connections, o.users, o.messages), (500, 500, 1_500));
+        let o = run(&["--preset", "resume", "-n", "500"]);
+        assert_eq!(o.messages, 5_000);
     }
 
     #[test]
@@ -426,6 +456,7 @@ mod tests {
             &["--hold", "soon"],
             &["--frobnicate"],
             &["--threads", "0"],
+            &["--preset", "resume", "-n", "10", "-u", "5"],
         ] {
             assert!(
                 parse(args.iter().map(|s| s.to_string())).is_err(),

@@ -148,6 +148,23 @@ pub fn parse_bench(payload: &[u8]) -> Option<(u64, u64)> {
     Some((seq, t))
 }
 
+/// `(id, seq, t)` of a bench message published with history (`FCALL
+/// ws_notify_publish`), which splices `"id":"<stream id>"` in as the first
+/// member: `{"id":"1764680000042-0","type":"bench","payload":{"seq":N,"t":T}}`.
+pub fn parse_bench_with_id(payload: &[u8]) -> Option<(&[u8], u64, u64)> {
+    let rest = payload.strip_prefix(br#"{"id":""#)?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    let (id, rest) = rest.split_at(end);
+    // `",` then the published object without its opening brace.
+    let rest = rest
+        .strip_prefix(b"\",")?
+        .strip_prefix(&BENCH_PREFIX[1..])?;
+    let (seq, used) = parse_u64(rest)?;
+    let rest = rest[used..].strip_prefix(BENCH_T)?;
+    let (t, _) = parse_u64(rest)?;
+    Some((id, seq, t))
+}
+
 /// Outcome of looking for the end of the server's HTTP answer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Upgrade {
@@ -253,5 +270,19 @@ mod tests {
         assert_eq!(parse_upgrade(busy), Upgrade::Refused(503));
         let wrong = b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: nope\r\n\r\n";
         assert_eq!(parse_upgrade(wrong), Upgrade::Refused(0));
+    }
+
+    #[test]
+    fn bench_message_with_history_id() {
+        let m = br#"{"id":"1764680000042-3","type":"bench","payload":{"seq":17,"t":99},"timestamp":"x"}"#;
+        assert_eq!(
+            parse_bench_with_id(m),
+            Some((&b"1764680000042-3"[..], 17, 99))
+        );
+        assert_eq!(
+            parse_bench_with_id(br#"{"type":"bench","payload":{"seq":1,"t":2}}"#),
+            None
+        );
+        assert_eq!(parse_bench_with_id(br#"{"id":"1-0","type":"other"}"#), None);
     }
 }

@@ -27,6 +27,7 @@ mod frame;
 mod histogram;
 mod publish;
 mod report;
+mod resume;
 mod soak;
 mod sock;
 mod token;
@@ -81,6 +82,9 @@ fn measure(options: &Options) -> Result<(Value, String, bool), Box<dyn Error>> {
     if options.preset == Preset::Soak {
         let summary = soak::run(options, sources)?;
         Ok((summary.to_json(), summary.to_table(), summary.complete()))
+    } else if options.preset == Preset::Resume {
+        let summary = resume::run(options, sources)?;
+        Ok((summary.to_json(), summary.to_table(), summary.complete()))
     } else {
         let summary = run(options, sources)?;
         Ok((summary.to_json(), summary.to_table(), summary.complete()))
@@ -105,6 +109,10 @@ fn source_addresses(options: &Options) -> Vec<Ipv4Addr> {
     let k = options.source_addrs.unwrap_or(if options.churn {
         // Each cycle uses a port; spread them so none runs short.
         8
+    } else if options.preset == Preset::Resume {
+        // The reconnects' ports come on top of the first connections',
+        // still in TIME_WAIT (the client closed first).
+        (2 * options.connections).div_ceil(usable_ports.max(1))
     } else if options.preset == Preset::Soak {
         // Held connections plus a steady stream of new ones.
         options.connections.div_ceil(usable_ports.max(1)).max(4)

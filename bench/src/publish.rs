@@ -1,6 +1,11 @@
 //! The publisher: `PUBLISH user_noti:bench-{k % U} {"type":"bench","payload":{"seq":k,"t":T}}`
 //! for k in 0..M, pipelined in batches, optionally paced to a fixed rate.
 //! Runs on the main thread with a blocking Redis connection.
+//!
+//! With history (the `resume` preset) each message is published with
+//! `FCALL ws_notify_publish 1 <channel> <message>` instead, which stores it in
+//! the user's stream and publishes it with its stream id (README.md,
+//! "Publishing with history").
 
 use std::error::Error;
 use std::fmt::Write as _;
@@ -28,6 +33,8 @@ pub struct Publisher {
     con: Connection,
     /// `<prefix>bench-<u>` for every user.
     channels: Vec<String>,
+    /// Publish with `FCALL ws_notify_publish` (history) instead of `PUBLISH`.
+    fcall: bool,
 }
 
 impl Publisher {
@@ -36,7 +43,11 @@ impl Publisher {
         let channels = (0..users)
             .map(|u| format!("{prefix}{}", user_id(u)))
             .collect();
-        Ok(Publisher { con, channels })
+        Ok(Publisher {
+            con,
+            channels,
+            fcall: false,
+        })
     }
 
     /// Connects to `--redis-url` and warns when no gateway is subscribed there.
@@ -50,6 +61,40 @@ impl Publisher {
             );
         }
         Ok(p)
+    }
+
+    /// Publishes through the history function from now on.
+    pub fn use_fcall(&mut self) {
+        self.fcall = true;
+    }
+
+    /// Whether Redis has the gateway's `ws_notify` function library (loaded
+    /// by a server started with history on).
+    pub fn has_history_function(&mut self) -> RedisResult<bool> {
+        let libraries: Vec<redis::Value> = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg("ws_notify")
+            .query(&mut self.con)?;
+        Ok(!libraries.is_empty())
+    }
+
+    /// Publishes one `{"type":"bench-seed"}` to every user with FCALL, `batch`
+    /// per pipeline, so each user's stream has an entry before the clients
+    /// connect (their `position` is then an id the stream still holds).
+    pub fn seed(&mut self, batch: usize) -> RedisResult<()> {
+        for channels in self.channels.chunks(batch) {
+            let mut pipe = redis::pipe();
+            for channel in channels {
+                pipe.cmd("FCALL")
+                    .arg("ws_notify_publish")
+                    .arg(1)
+                    .arg(channel)
+                    .arg(r#"{"type":"bench-seed"}"#);
+            }
+            let _ids: Vec<String> = pipe.query(&mut self.con)?;
+        }
+        Ok(())
     }
 
     /// Pattern subscriptions on the Redis server (the gateway holds one).
@@ -92,13 +137,25 @@ impl Publisher {
             let t = unix_micros();
             for k in seq..seq + n {
                 bench_payload(&mut payload, k, t);
-                pipe.cmd("PUBLISH")
-                    .arg(&self.channels[(k % users) as usize])
-                    .arg(payload.as_bytes());
+                let channel = &self.channels[(k % users) as usize];
+                if self.fcall {
+                    pipe.cmd("FCALL")
+                        .arg("ws_notify_publish")
+                        .arg(1)
+                        .arg(channel)
+                        .arg(payload.as_bytes());
+                } else {
+                    pipe.cmd("PUBLISH").arg(channel).arg(payload.as_bytes());
+                }
             }
             first.get_or_insert_with(Instant::now);
-            let heard: Vec<i64> = pipe.query(&mut self.con)?;
-            unheard += heard.iter().filter(|&&h| h == 0).count() as u64;
+            if self.fcall {
+                // The stream ids; FCALL does not say how many subscribers heard.
+                let _ids: Vec<String> = pipe.query(&mut self.con)?;
+            } else {
+                let heard: Vec<i64> = pipe.query(&mut self.con)?;
+                unheard += heard.iter().filter(|&&h| h == 0).count() as u64;
+            }
             seq += n;
         }
         let last = Instant::now();
