@@ -188,9 +188,18 @@ struct Session {
     last_seen: Instant,
     /// When the next ping frame is due.
     next_ping: Instant,
-    /// While the session waits for its history read (history on): the live
-    /// messages that arrived meanwhile, with their ids, held back so that
-    /// `connected` and the replay go first (README: "History and resume").
+    /// History on: the state of the history read and what follows it; None
+    /// without history, and again once a live message is newer than the read.
+    resume: Option<Box<Resume>>,
+}
+
+/// A session's history read and its aftermath (README: "History and resume").
+/// Boxed in `Session`: every idle connection pays for the fields it holds
+/// inline, and most sessions have no resume state at all.
+struct Resume {
+    /// While the history read is in flight: the live messages that arrived
+    /// meanwhile, with their ids, held back so that `connected` and the replay
+    /// go first.
     held: Option<Vec<(Frame, Option<StreamId>)>>,
     /// Live messages dropped while held (the hold is bounded like the queue):
     /// the resume cannot be complete.
@@ -504,13 +513,17 @@ impl<S: Stream> Connection<S> {
         let ws = WebSocketContext::from_partially_read(rest, Role::Server, Some(session.ws_config));
         self.queue_control(answer, session.now);
         self.send_buffer_bytes = session.send_buffer_bytes;
-        let held = match connected {
+        let resume = match connected {
             Some(connected) => {
                 // The first message is always accepted: the queue is empty.
                 self.out.push_reply(connected, FrameLimit::NONE);
                 None
             }
-            None => Some(Vec::new()),
+            None => Some(Box::new(Resume {
+                held: Some(Vec::new()),
+                held_dropped: 0,
+                replayed_through: None,
+            })),
         };
         self.state = State::Open(Box::new(Session {
             ws,
@@ -519,9 +532,7 @@ impl<S: Stream> Connection<S> {
             token: refresh::TokenState::new(session.token_exp, session.expiry_notice, session.now),
             last_seen: session.now,
             next_ping: session.now + session.ping_interval,
-            held,
-            held_dropped: 0,
-            replayed_through: None,
+            resume,
         }));
     }
 
@@ -536,20 +547,23 @@ impl<S: Stream> Connection<S> {
         limit: usize,
         now: Instant,
     ) -> Queued {
-        if let State::Open(session) = &mut self.state {
-            if let Some(held) = &mut session.held {
+        if let State::Open(session) = &mut self.state
+            && let Some(resume) = &mut session.resume
+        {
+            if let Some(held) = &mut resume.held {
                 if held.len() >= limit {
-                    session.held_dropped += 1;
+                    resume.held_dropped += 1;
                     return Queued::Dropped;
                 }
                 held.push((frame, id));
                 return Queued::Again;
             }
-            if let (Some(id), Some(through)) = (id, session.replayed_through) {
+            if let (Some(id), Some(through)) = (id, resume.replayed_through) {
                 if id <= through {
                     return Queued::Duplicate;
                 }
-                session.replayed_through = None;
+                // Every later id is new: the resume is over.
+                session.resume = None;
             }
         }
         self.queue_message(frame, limit, now)
@@ -558,14 +572,17 @@ impl<S: Stream> Connection<S> {
     /// Whether the session still waits for its history read (nothing but the
     /// 101 has been sent).
     fn awaits_history(&self) -> bool {
-        matches!(&self.state, State::Open(session) if session.held.is_some())
+        matches!(
+            &self.state,
+            State::Open(session) if session.resume.as_ref().is_some_and(|r| r.held.is_some())
+        )
     }
 
     /// Live messages dropped while waiting for the history read (a resume is
     /// then incomplete: they were published after the read's position).
     pub fn held_dropped(&self) -> usize {
         match &self.state {
-            State::Open(session) => session.held_dropped,
+            State::Open(session) => session.resume.as_ref().map_or(0, |r| r.held_dropped),
             _ => 0,
         }
     }
@@ -586,8 +603,9 @@ impl<S: Stream> Connection<S> {
         let State::Open(session) = &mut self.state else {
             return None;
         };
-        let held = session.held.take()?;
-        session.replayed_through = seen;
+        let resume = session.resume.as_mut()?;
+        let held = resume.held.take()?;
+        resume.replayed_through = seen;
         if self.out.is_empty() {
             self.last_write_progress = now;
         }
@@ -601,14 +619,17 @@ impl<S: Stream> Connection<S> {
         }
         let mut skipped = 0;
         for (frame, id) in held {
-            if let (Some(id), Some(seen)) = (id, session.replayed_through) {
+            if let (Some(id), Some(seen)) = (id, resume.replayed_through) {
                 if id <= seen {
                     skipped += 1;
                     continue;
                 }
-                session.replayed_through = None;
+                resume.replayed_through = None;
             }
             self.out.push_message(frame, FrameLimit::NONE);
+        }
+        if resume.replayed_through.is_none() {
+            session.resume = None;
         }
         Some(skipped)
     }
