@@ -288,7 +288,15 @@ fn the_event_loop_runs_below_the_redis_reader() {
         let env: Vec<(&str, &str)> = value.map(|v| ("WS_LOOP_NICE", v)).into_iter().collect();
         let gw = Gateway::start(redis.port, &env);
         gw.wait_redis_connected(PROMPT);
-        let threads = thread_nice_values(gw.pid());
+        // A new thread names itself when it first runs: on a loaded machine the
+        // log writer can still carry the process's name for a moment.
+        let threads = wait_for(PROMPT, "every thread named", || {
+            let threads = thread_nice_values(gw.pid());
+            let named = ["log-writer", "redis-reader", "ws-notify"]
+                .iter()
+                .all(|name| threads.iter().filter(|(n, _)| n == name).count() == 1);
+            named.then_some(threads)
+        });
         let nice_of = |name: &str| {
             threads
                 .iter()
