@@ -1118,6 +1118,50 @@ fn browser_client_gives_up_after_repeated_refused_upgrades_until_told_to_reconne
 }
 
 #[test]
+fn browser_client_reconnects_at_once_when_back_online_or_visible() {
+    let test = "browser_client_reconnects_at_once_when_back_online_or_visible";
+    let Some(exe) = chromium(test) else { return };
+    let redis = RedisServer::start();
+    let pages = PageServer::start();
+    let origin = pages.origin();
+    let env = [("WS_ALLOWED_ORIGINS", origin.as_str())];
+    let mut gw = Gateway::start(redis.port, &env);
+    gw.wait_redis_connected(PROMPT);
+    let mut browser = Browser::launch(&exe);
+    // A backoff of up to ten minutes: only the wake-up can reconnect in time.
+    let url = format!(
+        "{}&minDelayMs=600000&maxDelayMs=600000",
+        page_url(&pages, &gw, &[&gw.token("ola")])
+    );
+    let tab = browser.open(&url);
+    let connected_count = "window.received.filter(m => m.type === 'connected').length";
+    browser.wait_eval(&tab, PROMPT, connected_count, |v| *v == 1);
+
+    // The events a browser fires when the network comes back and when the
+    // user returns to the tab (headless Chromium's tab is always visible).
+    for (round, wake) in [
+        "window.dispatchEvent(new Event('online')); true",
+        "document.dispatchEvent(new Event('visibilitychange')); true",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        gw.signal(libc::SIGTERM);
+        assert!(gw.wait_exit(secs(30)).is_some(), "the gateway did not stop");
+        let closes = round as u64 + 1;
+        browser.wait_eval(&tab, PROMPT, "window.closes.length", |v| *v == closes);
+        gw = Gateway::start_on_port(gw.port, redis.port, &gw.secret, &env);
+        gw.wait_redis_connected(PROMPT);
+        browser.eval(&tab, wake);
+        browser.wait_eval(&tab, PROMPT, connected_count, |v| *v == closes + 1);
+        gw.wait_active_connections(1);
+    }
+    assert_eq!(redis.notify("ola", r#"{"type":"back"}"#), 1);
+    let count = "window.received.filter(m => m.type === 'back').length";
+    browser.wait_eval(&tab, PROMPT, count, |v| *v == 1);
+}
+
+#[test]
 fn readme_shows_the_tested_browser_client() {
     // The README's browser snippet is the file the browser tests run.
     let snippet = fs::read_to_string(Path::new(CLIENTS).join("browser/notify-client.js"))
