@@ -1039,7 +1039,7 @@ fn history_page(
 fn browser_client_drops_a_silent_socket_and_resumes_when_the_gateway_answers_again() {
     let test = "browser_client_drops_a_silent_socket_and_resumes_when_the_gateway_answers_again";
     let Some(exe) = chromium(test) else { return };
-    let (redis, _pages, gw, mut browser, tab) = history_page(&exe, "max", 300, 1500);
+    let (redis, _pages, gw, mut browser, tab) = history_page(&exe, "max", 300, 3000);
     let mut con = redis.connection().expect("redis");
     let first = fcall(&mut con, "max", r#"{"type":"seq","payload":0}"#);
     let seqs = "window.received.filter(m => m.type === 'seq').map(m => m.id)";

@@ -7,7 +7,7 @@
 function connectNotifications({
   url, getToken, onMessage, onGap, onClose, onGiveUp,
   minDelayMs = 500, maxDelayMs = 30000,
-  pingEvery = 25000, pongWait = 10000, maxFailures = 5,
+  pingEvery = 25000, pongWait = 10000, maxFailures = 10,
 }) {
   let socket = null;
   let attempt = 0;
@@ -85,7 +85,7 @@ function connectNotifications({
       ws.onclose = ws.onmessage = null;
       if (ws.readyState !== WebSocket.CLOSED) ws.close();
       socket = null;
-      if (!opened) failures += 1;
+      if (!opened && navigator.onLine) failures += 1; // offline: not the server's refusal
       if (onClose) onClose(event);
       if (stopped) return;
       // 4001: the token expired while connected. Stop using it: get a new
