@@ -644,6 +644,24 @@ impl Browser {
         result["result"]["value"].clone()
     }
 
+    /// Polls `expression` until `pred` holds; false after `timeout`.
+    fn try_wait_eval(
+        &mut self,
+        tab: &Tab,
+        timeout: Duration,
+        expression: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !pred(&self.eval(tab, expression)) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(ms(50));
+        }
+        true
+    }
+
     /// Polls `expression` until `pred` holds; fails after `timeout`.
     #[track_caller]
     fn wait_eval(
@@ -987,6 +1005,160 @@ fn browser_client_resumes_across_a_gateway_restart_with_every_message_once() {
         connects.len() - 1,
         connects[1]["recovery"]["count"]
     );
+}
+
+/// A gateway with history on and a page for `user` whose client pings every
+/// `ping_ms` and gives up on a socket after `pong_ms` without an answer.
+fn history_page(
+    exe: &Path,
+    user: &str,
+    ping_ms: u32,
+    pong_ms: u32,
+) -> (RedisServer, PageServer, Gateway, Browser, Tab) {
+    let redis = RedisServer::start();
+    let pages = PageServer::start();
+    let origin = pages.origin();
+    let env = [
+        ("WS_ALLOWED_ORIGINS", origin.as_str()),
+        ("WS_HISTORY_SIZE", "1000"),
+    ];
+    let gw = Gateway::start(redis.port, &env);
+    gw.wait_redis_connected(PROMPT);
+    wait_function_loaded(&redis);
+    let mut browser = Browser::launch(exe);
+    let url = format!(
+        "{}&pingEvery={ping_ms}&pongWait={pong_ms}",
+        page_url(&pages, &gw, &[&gw.token(user)])
+    );
+    let tab = browser.open(&url);
+    browser.wait_eval(&tab, PROMPT, "window.received.length", |v| *v == 1);
+    (redis, pages, gw, browser, tab)
+}
+
+#[test]
+fn browser_client_drops_a_silent_socket_and_resumes_when_the_gateway_answers_again() {
+    let test = "browser_client_drops_a_silent_socket_and_resumes_when_the_gateway_answers_again";
+    let Some(exe) = chromium(test) else { return };
+    let (redis, _pages, gw, mut browser, tab) = history_page(&exe, "max", 300, 3000);
+    let mut con = redis.connection().expect("redis");
+    let first = fcall(&mut con, "max", r#"{"type":"seq","payload":0}"#);
+    let seqs = "window.received.filter(m => m.type === 'seq').map(m => m.id)";
+    browser.wait_eval(&tab, PROMPT, seqs, |v| *v == json!([first]));
+    assert_eq!(browser.eval(&tab, "window.closes.length"), 0);
+
+    // Frozen gateway: the TCP connection stays open, but nothing answers.
+    // The client must drop the socket itself.
+    gw.signal(libc::SIGSTOP);
+    let dropped = browser.try_wait_eval(&tab, secs(20), "window.closes.length", |v| *v == 1);
+    let during = fcall(&mut con, "max", r#"{"type":"seq","payload":1}"#);
+    gw.signal(libc::SIGCONT);
+    assert!(dropped, "the page kept a socket that answered no ping");
+    assert_eq!(
+        browser.eval(&tab, "window.closes[0]"),
+        json!({"code": 1006, "reason": "no pong", "wasClean": false})
+    );
+
+    // Thawed: the client's new connection (waiting in the listen queue) is
+    // served, resumes after `first` and gets `during`, then live messages.
+    let connected_count = "window.received.filter(m => m.type === 'connected').length";
+    browser.wait_eval(&tab, PROMPT, connected_count, |v| *v == 2);
+    let after = fcall(&mut con, "max", r#"{"type":"seq","payload":2}"#);
+    browser.wait_eval(&tab, PROMPT, seqs, |v| {
+        v.as_array().is_some_and(|a| a.len() >= 3)
+    });
+    assert_eq!(browser.eval(&tab, seqs), json!([first, during, after]));
+    let resumed = browser.eval(
+        &tab,
+        "window.received.filter(m => m.type === 'connected')[1]",
+    );
+    assert_eq!(
+        resumed["payload"]["recovery"]["complete"], true,
+        "{resumed}"
+    );
+    assert_eq!(browser.eval(&tab, "window.gaps"), 0);
+    gw.wait_active_connections(1);
+    // Answered pings keep a live socket: the one drop was the frozen one.
+    assert_eq!(browser.eval(&tab, "window.closes.length"), 1);
+}
+
+#[test]
+fn browser_client_gives_up_after_repeated_refused_upgrades_until_told_to_reconnect() {
+    let test = "browser_client_gives_up_after_repeated_refused_upgrades_until_told_to_reconnect";
+    let Some(exe) = chromium(test) else { return };
+    let (_redis, pages, gw, mut browser) = browser_setup(&exe);
+    // Three tokens the gateway refuses (401 on the upgrade, a 1006 before
+    // open to the page), then a good one that only reconnect() gets to use.
+    let good = gw.token("ned");
+    let url = format!(
+        "{}&maxFailures=3",
+        page_url(&pages, &gw, &["bad", "bad", "bad", &good])
+    );
+    let tab = browser.open(&url);
+    browser.wait_eval(&tab, secs(30), "window.giveUps", |v| *v == 1);
+    let refused = r#"ws_notify_connections_rejected_total{reason="invalid_token"}"#;
+    assert_eq!(gw.metric(refused), 3.0);
+    assert_eq!(browser.eval(&tab, "window.tokenRequests"), 3);
+    assert_eq!(
+        browser.eval(&tab, "window.closes.map(c => c.code)"),
+        json!([1006, 1006, 1006])
+    );
+    // No further attempt: an absence, so it takes waiting; three times the
+    // page's longest backoff (maxDelayMs 1000) would have seen several.
+    thread::sleep(secs(3));
+    assert_eq!(gw.metric(refused), 3.0);
+    assert_eq!(browser.eval(&tab, "window.tokenRequests"), 3);
+    assert_eq!(browser.eval(&tab, "window.giveUps"), 1);
+
+    // The application decides to try again (say, after a new sign-in).
+    browser.eval(&tab, "window.client.reconnect(); true");
+    gw.wait_active_connections(1);
+    let connected_count = "window.received.filter(m => m.type === 'connected').length";
+    browser.wait_eval(&tab, PROMPT, connected_count, |v| *v == 1);
+    assert_eq!(browser.eval(&tab, "window.giveUps"), 1);
+}
+
+#[test]
+fn browser_client_reconnects_at_once_when_back_online_or_visible() {
+    let test = "browser_client_reconnects_at_once_when_back_online_or_visible";
+    let Some(exe) = chromium(test) else { return };
+    let redis = RedisServer::start();
+    let pages = PageServer::start();
+    let origin = pages.origin();
+    let env = [("WS_ALLOWED_ORIGINS", origin.as_str())];
+    let mut gw = Gateway::start(redis.port, &env);
+    gw.wait_redis_connected(PROMPT);
+    let mut browser = Browser::launch(&exe);
+    // A backoff of up to ten minutes: only the wake-up can reconnect in time.
+    let url = format!(
+        "{}&minDelayMs=600000&maxDelayMs=600000",
+        page_url(&pages, &gw, &[&gw.token("ola")])
+    );
+    let tab = browser.open(&url);
+    let connected_count = "window.received.filter(m => m.type === 'connected').length";
+    browser.wait_eval(&tab, PROMPT, connected_count, |v| *v == 1);
+
+    // The events a browser fires when the network comes back and when the
+    // user returns to the tab (headless Chromium's tab is always visible).
+    for (round, wake) in [
+        "window.dispatchEvent(new Event('online')); true",
+        "document.dispatchEvent(new Event('visibilitychange')); true",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        gw.signal(libc::SIGTERM);
+        assert!(gw.wait_exit(secs(30)).is_some(), "the gateway did not stop");
+        let closes = round as u64 + 1;
+        browser.wait_eval(&tab, PROMPT, "window.closes.length", |v| *v == closes);
+        gw = Gateway::start_on_port(gw.port, redis.port, &gw.secret, &env);
+        gw.wait_redis_connected(PROMPT);
+        browser.eval(&tab, wake);
+        browser.wait_eval(&tab, PROMPT, connected_count, |v| *v == closes + 1);
+        gw.wait_active_connections(1);
+    }
+    assert_eq!(redis.notify("ola", r#"{"type":"back"}"#), 1);
+    let count = "window.received.filter(m => m.type === 'back').length";
+    browser.wait_eval(&tab, PROMPT, count, |v| *v == 1);
 }
 
 #[test]
