@@ -27,33 +27,6 @@ fn setup_history(size: usize, extra: &[(&str, &str)]) -> (RedisServer, Gateway) 
     (redis, gw)
 }
 
-/// Waits until the gateway has loaded the function library.
-fn wait_function_loaded(redis: &RedisServer) {
-    wait_until(PROMPT, "the ws_notify library is loaded", || {
-        redis
-            .connection()
-            .and_then(|mut c| {
-                redis::cmd("FUNCTION")
-                    .arg("LIST")
-                    .arg("LIBRARYNAME")
-                    .arg("ws_notify")
-                    .query::<Vec<redis::Value>>(&mut c)
-            })
-            .is_ok_and(|libraries| !libraries.is_empty())
-    });
-}
-
-/// Publishes through the function; returns the message's id.
-fn fcall(con: &mut redis::Connection, user: &str, message: &str) -> String {
-    redis::cmd("FCALL")
-        .arg("ws_notify_publish")
-        .arg(1)
-        .arg(format!("user_noti:{user}"))
-        .arg(message)
-        .query::<String>(con)
-        .unwrap_or_else(|e| panic!("FCALL ws_notify_publish {message}: {e}"))
-}
-
 fn seq_message(n: u64) -> String {
     format!(r#"{{"type":"seq","payload":{n}}}"#)
 }

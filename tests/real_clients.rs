@@ -869,33 +869,6 @@ fn browser_client_reconnects_with_a_new_token_on_4001_and_backs_off_on_other_clo
     gw.wait_metric_at_least(lost, before + 1.0);
 }
 
-/// Waits until a gateway with history on has loaded the `ws_notify` library.
-fn wait_function_loaded(redis: &RedisServer) {
-    wait_until(PROMPT, "the ws_notify library is loaded", || {
-        redis
-            .connection()
-            .and_then(|mut c| {
-                redis::cmd("FUNCTION")
-                    .arg("LIST")
-                    .arg("LIBRARYNAME")
-                    .arg("ws_notify")
-                    .query::<Vec<redis::Value>>(&mut c)
-            })
-            .is_ok_and(|libraries| !libraries.is_empty())
-    });
-}
-
-/// Publishes through the history function; returns the message's id.
-fn fcall(con: &mut redis::Connection, user: &str, message: &str) -> String {
-    redis::cmd("FCALL")
-        .arg("ws_notify_publish")
-        .arg(1)
-        .arg(format!("user_noti:{user}"))
-        .arg(message)
-        .query::<String>(con)
-        .unwrap_or_else(|e| panic!("FCALL ws_notify_publish {message}: {e}"))
-}
-
 #[test]
 fn browser_client_resumes_across_a_gateway_restart_with_every_message_once() {
     let test = "browser_client_resumes_across_a_gateway_restart_with_every_message_once";

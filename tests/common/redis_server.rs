@@ -186,3 +186,32 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// Waits until a gateway with history on has loaded the `ws_notify` function
+/// library into `redis` (it does so at start and after every reconnect).
+pub fn wait_function_loaded(redis: &RedisServer) {
+    super::wait_until(super::PROMPT, "the ws_notify library is loaded", || {
+        redis
+            .connection()
+            .and_then(|mut c| {
+                redis::cmd("FUNCTION")
+                    .arg("LIST")
+                    .arg("LIBRARYNAME")
+                    .arg("ws_notify")
+                    .query::<Vec<redis::Value>>(&mut c)
+            })
+            .is_ok_and(|libraries| !libraries.is_empty())
+    });
+}
+
+/// Publishes `message` for `user` through the history function
+/// (`FCALL ws_notify_publish`); returns the message's id.
+pub fn fcall(con: &mut redis::Connection, user: &str, message: &str) -> String {
+    redis::cmd("FCALL")
+        .arg("ws_notify_publish")
+        .arg(1)
+        .arg(format!("user_noti:{user}"))
+        .arg(message)
+        .query::<String>(con)
+        .unwrap_or_else(|e| panic!("FCALL ws_notify_publish {message}: {e}"))
+}
