@@ -4,7 +4,7 @@
 
 use std::process::ExitCode;
 
-use super::{Arg, EXIT_USAGE, ParseStop, Parser};
+use super::{EXIT_USAGE, ParseStop, Parser};
 use crate::history::library_code;
 
 pub const USAGE: &str = "\
@@ -22,11 +22,7 @@ Exit codes: 0 printed, 2 a bad argument or configuration.";
 const DEFAULT_SIZE: usize = 100;
 
 pub fn parse(parser: &mut Parser) -> Result<(), ParseStop> {
-    match parser.next_arg()? {
-        None => Ok(()),
-        Some(Arg::Option(name, _)) => Err(parser.unknown_option(&name)),
-        Some(Arg::Positional(arg)) => Err(parser.unexpected(&arg)),
-    }
+    parser.no_arguments()
 }
 
 pub fn run() -> ExitCode {

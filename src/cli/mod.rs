@@ -332,6 +332,15 @@ impl Parser {
         ParseStop::Usage(format!("unexpected argument {arg:?} for {}", self.name()))
     }
 
+    /// For a command that takes no arguments: anything left is an error.
+    pub fn no_arguments(&mut self) -> Result<(), ParseStop> {
+        match self.next_arg()? {
+            None => Ok(()),
+            Some(Arg::Option(name, _)) => Err(self.unknown_option(&name)),
+            Some(Arg::Positional(arg)) => Err(self.unexpected(&arg)),
+        }
+    }
+
     fn name(&self) -> &'static str {
         self.command.name()
     }

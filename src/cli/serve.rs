@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use super::{Arg, EXIT_FAILURE, EXIT_USAGE, ParseStop, Parser};
+use super::{EXIT_FAILURE, EXIT_USAGE, ParseStop, Parser};
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::logging;
@@ -22,11 +22,7 @@ the loop fails, 2 for a configuration error (the message names the variable).";
 
 /// `serve` takes no arguments.
 pub fn parse(parser: &mut Parser) -> Result<(), ParseStop> {
-    match parser.next_arg()? {
-        None => Ok(()),
-        Some(Arg::Option(name, _)) => Err(parser.unknown_option(&name)),
-        Some(Arg::Positional(arg)) => Err(parser.unexpected(&arg)),
-    }
+    parser.no_arguments()
 }
 
 /// Runs the server until it shuts down.
