@@ -1559,16 +1559,7 @@ mod tests {
             b"HTTP/1.1 101\r\n\r\n",
             Arc::from(&b"CONNECTED"[..]),
             0,
-            SessionParams {
-                user_id: Rc::from("alice"),
-                expires_at: refresh::expiry_instant(token_exp, Duration::ZERO, start),
-                token_exp,
-                expiry_notice,
-                now: start,
-                ping_interval: LIMITS.ping_interval,
-                ws_config: websocket_config(512),
-                send_buffer_bytes: 1 << 20,
-            },
+            session_params(start, token_exp, expiry_notice),
         );
         assert!(matches!(
             conn.settle(&LIMITS, start),
@@ -1580,6 +1571,20 @@ mod tests {
         assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCONNECTED");
         conn.socket.written.clear();
         conn
+    }
+
+    /// The session of user `alice` with a token expiring at `token_exp`.
+    fn session_params(start: Instant, token_exp: u64, expiry_notice: Duration) -> SessionParams {
+        SessionParams {
+            user_id: Rc::from("alice"),
+            expires_at: refresh::expiry_instant(token_exp, Duration::ZERO, start),
+            token_exp,
+            expiry_notice,
+            now: start,
+            ping_interval: LIMITS.ping_interval,
+            ws_config: websocket_config(512),
+            send_buffer_bytes: 1 << 20,
+        }
     }
 
     /// What the loop does when the connection's timer entry fires at `now`.
@@ -2141,16 +2146,11 @@ mod tests {
         conn.open_awaiting_history(
             b"HTTP/1.1 101\r\n\r\n",
             0,
-            SessionParams {
-                user_id: Rc::from("alice"),
-                expires_at: start + SESSION_LIFE,
-                token_exp: u64::MAX / 2000,
-                expiry_notice: Duration::ZERO,
-                now: start,
-                ping_interval: LIMITS.ping_interval,
-                ws_config: websocket_config(512),
-                send_buffer_bytes: 1 << 20,
-            },
+            session_params(
+                start,
+                crate::clock::unix_secs_now() + SESSION_LIFE.as_secs(),
+                Duration::ZERO,
+            ),
         );
         let id = |seq| Some(StreamId { ms: 9, seq });
         let frame = |text: &str| -> Frame { Arc::from(text.as_bytes()) };
@@ -2203,16 +2203,11 @@ mod tests {
         conn.open_awaiting_history(
             b"",
             0,
-            SessionParams {
-                user_id: Rc::from("alice"),
-                expires_at: start + SESSION_LIFE,
-                token_exp: u64::MAX / 2000,
-                expiry_notice: Duration::ZERO,
-                now: start,
-                ping_interval: LIMITS.ping_interval,
-                ws_config: websocket_config(512),
-                send_buffer_bytes: 1 << 20,
-            },
+            session_params(
+                start,
+                crate::clock::unix_secs_now() + SESSION_LIFE.as_secs(),
+                Duration::ZERO,
+            ),
         );
         assert_eq!(
             conn.queue_published(frame("A"), id(5), 1, start),
