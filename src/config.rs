@@ -133,6 +133,43 @@ pub struct RedisConfig {
     /// `REDIS_RECONNECT_MAX`, default 2s: the longest delay between reconnect
     /// attempts (the delay doubles from 100 ms up to it, with full jitter).
     pub reconnect_max: Duration,
+    /// `REDIS_SUBSCRIBE_MODE`, default `pattern`.
+    pub subscribe_mode: SubscribeMode,
+    /// `REDIS_CLUSTER_NODES`: the seed nodes of a Redis Cluster, required with
+    /// `REDIS_SUBSCRIBE_MODE=sharded` and refused otherwise. Host and port of
+    /// each; credentials and TLS are those of the settings above.
+    pub cluster_nodes: Vec<(String, u16)>,
+    /// `REDIS_UNSUBSCRIBE_LINGER`, default 5s: in `channel` and `sharded` modes,
+    /// how long a user's channel stays subscribed after their last connection
+    /// left, so that a reconnect (a page reload, a network change) finds it in place.
+    pub unsubscribe_linger: Duration,
+}
+
+/// How the reader subscribes (`REDIS_SUBSCRIBE_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeMode {
+    /// One `PSUBSCRIBE <prefix>*`: every message for every user.
+    Pattern,
+    /// One `SUBSCRIBE <prefix><user>` per user connected to this instance.
+    Channel,
+    /// `SSUBSCRIBE` per user on the Redis Cluster master owning the channel's slot.
+    Sharded,
+}
+
+impl SubscribeMode {
+    /// The variable's value for this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscribeMode::Pattern => "pattern",
+            SubscribeMode::Channel => "channel",
+            SubscribeMode::Sharded => "sharded",
+        }
+    }
+
+    /// True when subscriptions follow connections (`channel`, `sharded`).
+    pub fn per_user(self) -> bool {
+        self != SubscribeMode::Pattern
+    }
 }
 
 /// A variable that could not be used. Displays as `{variable}: {message}`;
@@ -198,6 +235,9 @@ pub const VARIABLES: &[&str] = &[
     "REDIS_CHANNEL_PREFIX",
     "REDIS_PING_INTERVAL",
     "REDIS_RECONNECT_MAX",
+    "REDIS_SUBSCRIBE_MODE",
+    "REDIS_CLUSTER_NODES",
+    "REDIS_UNSUBSCRIBE_LINGER",
     "WS_PING_INTERVAL",
     "WS_PONG_WAIT",
     "WS_WRITE_WAIT",
@@ -362,6 +402,29 @@ fn redis_config<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<RedisConf
             use_tls: env.parse("REDIS_USE_TLS", false, parse_bool)?,
         },
     };
+    let subscribe_mode = env.parse(
+        "REDIS_SUBSCRIBE_MODE",
+        SubscribeMode::Pattern,
+        parse_subscribe_mode,
+    )?;
+    let cluster_nodes = match (subscribe_mode, env.get("REDIS_CLUSTER_NODES")) {
+        (SubscribeMode::Sharded, Some(text)) => {
+            parse_cluster_nodes(&text).map_err(|m| error("REDIS_CLUSTER_NODES", m))?
+        }
+        (SubscribeMode::Sharded, None) => {
+            return Err(error(
+                "REDIS_CLUSTER_NODES",
+                "is required with REDIS_SUBSCRIBE_MODE=sharded (host:port,host:port,... of the cluster's nodes)",
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(error(
+                "REDIS_CLUSTER_NODES",
+                "is only used with REDIS_SUBSCRIBE_MODE=sharded",
+            ));
+        }
+        (_, None) => Vec::new(),
+    };
     let channel_prefix = env
         .get("REDIS_CHANNEL_PREFIX")
         .unwrap_or_else(|| "user_noti:".to_string());
@@ -389,7 +452,44 @@ fn redis_config<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<RedisConf
         channel_prefix,
         ping_interval: env.parse("REDIS_PING_INTERVAL", secs(5), parse_interval)?,
         reconnect_max: env.parse("REDIS_RECONNECT_MAX", secs(2), parse_interval)?,
+        subscribe_mode,
+        cluster_nodes,
+        unsubscribe_linger: env.parse("REDIS_UNSUBSCRIBE_LINGER", secs(5), parse_duration)?,
     })
+}
+
+fn parse_subscribe_mode(text: &str) -> Result<SubscribeMode, String> {
+    match text.to_ascii_lowercase().as_str() {
+        "pattern" => Ok(SubscribeMode::Pattern),
+        "channel" => Ok(SubscribeMode::Channel),
+        "sharded" => Ok(SubscribeMode::Sharded),
+        _ => Err(format!(
+            "{text:?} is not a subscribe mode (pattern, channel or sharded)"
+        )),
+    }
+}
+
+/// `host:port,host:port,...` (an IPv6 host in brackets); at least one node.
+fn parse_cluster_nodes(text: &str) -> Result<Vec<(String, u16)>, String> {
+    let mut nodes = Vec::new();
+    for item in text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+    {
+        let (host, port) = item
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{item:?} is not host:port"))?;
+        if host.is_empty() {
+            return Err(format!("{item:?} has no host"));
+        }
+        let host = unbracket_host(host)?;
+        nodes.push((host, parse_port(port)?));
+    }
+    if nodes.is_empty() {
+        return Err(format!("{text:?} names no node (host:port,host:port,...)"));
+    }
+    Ok(nodes)
 }
 
 /// The lookup function, with Go's "empty means unset" rule applied.
@@ -867,6 +967,9 @@ impl fmt::Debug for RedisConfig {
             .field("channel_prefix", &self.channel_prefix)
             .field("ping_interval", &self.ping_interval)
             .field("reconnect_max", &self.reconnect_max)
+            .field("subscribe_mode", &self.subscribe_mode)
+            .field("cluster_nodes", &self.cluster_nodes)
+            .field("unsubscribe_linger", &self.unsubscribe_linger)
             .finish()
     }
 }
@@ -979,6 +1082,8 @@ mod tests {
             ("REDIS_CHANNEL_PREFIX", "notify:"),
             ("REDIS_PING_INTERVAL", "2s"),
             ("REDIS_RECONNECT_MAX", "750ms"),
+            ("REDIS_SUBSCRIBE_MODE", "Channel"),
+            ("REDIS_UNSUBSCRIBE_LINGER", "3s"),
             ("WS_PING_INTERVAL", "15s"),
             ("WS_PONG_WAIT", "20s"),
             ("WS_WRITE_WAIT", "1s"),
@@ -1024,6 +1129,9 @@ mod tests {
                 channel_prefix: "notify:".into(),
                 ping_interval: secs(2),
                 reconnect_max: Duration::from_millis(750),
+                subscribe_mode: SubscribeMode::Channel,
+                cluster_nodes: Vec::new(),
+                unsubscribe_linger: secs(3),
             }
         );
         assert_eq!(config.ping_interval, secs(15));
@@ -1086,6 +1194,47 @@ mod tests {
     }
 
     #[test]
+    fn subscribe_modes_and_cluster_nodes() {
+        let sharded = config(&[
+            ("REDIS_SUBSCRIBE_MODE", "sharded"),
+            (
+                "REDIS_CLUSTER_NODES",
+                "10.0.0.1:7000, [::1]:7001,redis-2:7002",
+            ),
+        ])
+        .unwrap();
+        assert_eq!(sharded.redis.subscribe_mode, SubscribeMode::Sharded);
+        assert_eq!(
+            sharded.redis.cluster_nodes,
+            vec![
+                ("10.0.0.1".to_string(), 7000),
+                ("::1".to_string(), 7001),
+                ("redis-2".to_string(), 7002)
+            ]
+        );
+        assert_eq!(sharded.redis.unsubscribe_linger, secs(5));
+        let default = config(&[]).unwrap();
+        assert_eq!(default.redis.subscribe_mode, SubscribeMode::Pattern);
+        assert!(default.redis.cluster_nodes.is_empty());
+
+        let missing = error_for(&[("REDIS_SUBSCRIBE_MODE", "sharded")]);
+        assert_eq!(missing.variable, "REDIS_CLUSTER_NODES");
+        assert!(missing.message.contains("required"), "{missing}");
+        let stray = error_for(&[("REDIS_CLUSTER_NODES", "127.0.0.1:7000")]);
+        assert_eq!(stray.variable, "REDIS_CLUSTER_NODES");
+        assert!(stray.message.contains("only used"), "{stray}");
+        for bad in ["7000", ":7000", "host:0", "host:x", " , "] {
+            let error = error_for(&[
+                ("REDIS_SUBSCRIBE_MODE", "sharded"),
+                ("REDIS_CLUSTER_NODES", bad),
+            ]);
+            assert_eq!(error.variable, "REDIS_CLUSTER_NODES", "{bad:?}");
+        }
+        let linger = config(&[("REDIS_UNSUBSCRIBE_LINGER", "0s")]).unwrap();
+        assert_eq!(linger.redis.unsubscribe_linger, Duration::ZERO);
+    }
+
+    #[test]
     fn port_error_message() {
         let error = error_for(&[("WS_PORT", "80x")]);
         assert_eq!(
@@ -1122,6 +1271,8 @@ mod tests {
             ("REDIS_PING_INTERVAL", "0s"),
             ("REDIS_PING_INTERVAL", "5"),
             ("REDIS_RECONNECT_MAX", "0s"),
+            ("REDIS_SUBSCRIBE_MODE", "psubscribe"),
+            ("REDIS_UNSUBSCRIBE_LINGER", "5"),
             ("REDIS_RECONNECT_MAX", "2"),
             ("WS_PONG_WAIT", "0"),
             ("WS_PONG_WAIT", "1 m"),

@@ -37,3 +37,4 @@ pub mod process_stats;
 pub mod redis_reader;
 pub mod redis_status;
 pub mod server;
+pub mod subscriptions;

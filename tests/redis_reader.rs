@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{PROMPT, RedisServer, free_port, ms, secs, wait_for, wait_until};
 use mio::{Events, Poll, Token, Waker};
-use ws_notify::config::RedisConfig;
+use ws_notify::config::{RedisConfig, SubscribeMode};
 use ws_notify::handover::{Inbox, Published};
 use ws_notify::redis_reader::RedisReader;
 use ws_notify::redis_status::RedisStatus;
@@ -30,6 +30,9 @@ fn config(port: u16) -> RedisConfig {
         channel_prefix: "user_noti:".into(),
         ping_interval: ms(200),
         reconnect_max: secs(2),
+        subscribe_mode: SubscribeMode::Pattern,
+        cluster_nodes: Vec::new(),
+        unsubscribe_linger: secs(5),
     }
 }
 
