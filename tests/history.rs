@@ -1026,6 +1026,51 @@ fn an_invalid_since_is_refused_with_400() {
 }
 
 #[test]
+fn a_resume_before_the_gateway_is_subscribed_is_incomplete() {
+    // The replay covers what the read found; what is published after the read
+    // reaches the client only through the gateway's subscription. Just after a
+    // start (a restart on the same port, clients already retrying) the history
+    // connection can read before the subscription is made. Here it is never
+    // made (a Redis user without PSUBSCRIBE) while reads work: the resume must
+    // not claim `complete`, nor a `position` a later resume would start from.
+    let redis = RedisServer::start_with(
+        &[
+            "--user",
+            "gw",
+            "on",
+            ">pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-psubscribe",
+        ],
+        Some("gw"),
+        Some("pw"),
+    );
+    let gw = Gateway::start(
+        redis.port,
+        &[
+            ("WS_HISTORY_SIZE", "100"),
+            ("REDIS_USERNAME", "gw"),
+            ("REDIS_PASSWORD", "pw"),
+        ],
+    );
+    wait_function_loaded(&redis);
+    let mut con = redis.connection().expect("redis");
+    let seen = fcall(&mut con, "lena", &seq_message(0));
+    fcall(&mut con, "lena", &seq_message(1));
+    let (_ws, hello) = open_since(&gw, "lena", Some(&seen));
+    assert_eq!(
+        hello["recovery"],
+        json!({"complete": false, "count": 0}),
+        "{hello}"
+    );
+    assert!(hello.get("position").is_none(), "{hello}");
+    let (_ws2, hello) = open_since(&gw, "lena", None);
+    assert!(hello.get("position").is_none(), "{hello}");
+}
+
+#[test]
 fn with_redis_down_or_hung_a_resume_gets_connected_incomplete_within_a_bound() {
     let (mut redis, gw) = setup_history(100, &[]);
     // Hung: connections stay open but nothing answers. The history connection's
@@ -1039,7 +1084,7 @@ fn with_redis_down_or_hung_a_resume_gets_connected_incomplete_within_a_bound() {
     );
     assert!(hello.get("position").is_none(), "{hello}");
     redis.signal(libc::SIGCONT);
-    // Down: refused at once.
+    // Down: answered within the same bound.
     redis.kill();
     let (_ws, hello) = open_since(&gw, "hank", Some("1764680000000-0"));
     assert_eq!(
