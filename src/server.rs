@@ -227,17 +227,17 @@ impl Server {
 
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         // One waker per poll: the history reader shares it (the loop checks both queues).
+        let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), Arc::clone(&waker))?;
         let history = if config.history_size > 0 {
             let settings = HistorySettings {
                 redis: config.redis.clone(),
                 size: config.history_size,
                 ttl: config.history_ttl,
             };
-            Some(HistoryReader::spawn(settings, Arc::clone(&waker))?)
+            Some(HistoryReader::spawn(settings, waker, Arc::clone(&redis))?)
         } else {
             None
         };
-        let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
 
         let max_connections = connection_limit_for(
             raise_open_file_limit(config.max_connections),
