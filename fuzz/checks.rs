@@ -49,6 +49,7 @@ use ws_notify::conn::outbound::{MAX_CONTROL_BYTES, OutboundQueue};
 use ws_notify::conn::refresh::{MAX_REFRESH_BYTES, MAX_REFRESHES_PER_WINDOW, Requests};
 use ws_notify::conn::{FramesRead, read_frames, websocket_config};
 use ws_notify::message::{MessageEncoder, user_id_from_channel};
+use ws_notify::metrics::WriteMetrics;
 
 /// A target's check: panics when a property does not hold for the input.
 pub type Check = fn(&[u8]);
@@ -497,7 +498,9 @@ pub fn frames(data: &[u8]) {
             );
             if flush_between {
                 sent.clear();
-                let (written, _) = out.flush(&mut sent).expect("a Vec takes everything");
+                let (written, _) = out
+                    .flush(&mut sent, &mut WriteMetrics::default())
+                    .expect("a Vec takes everything");
                 assert_eq!(written, sent.len());
                 assert!(
                     written <= MAX_CONTROL_BYTES,
@@ -526,7 +529,9 @@ pub fn frames(data: &[u8]) {
         }
         if !flush_between {
             sent.clear();
-            let (written, _) = out.flush(&mut sent).expect("a Vec takes everything");
+            let (written, _) = out
+                .flush(&mut sent, &mut WriteMetrics::default())
+                .expect("a Vec takes everything");
             assert!(
                 written <= MAX_CONTROL_BYTES,
                 "control bytes past their bound"

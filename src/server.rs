@@ -264,7 +264,7 @@ impl Server {
             hub: Hub::with_capacity(max_connections),
             // About two live entries per connection (see `schedule`).
             timers: BinaryHeap::with_capacity(2 * (max_connections + HANDSHAKE_HEADROOM)),
-            metrics: Metrics::default(),
+            metrics: Metrics::new(inbox.epoch()),
             process_sampler: ProcessSampler::default(),
             inbox,
             inbound: Vec::with_capacity(INBOX_BATCH),
@@ -537,7 +537,13 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let step = conn.on_ready(readable, writable, &self.limits, now);
+        let step = conn.on_ready(
+            readable,
+            writable,
+            &self.limits,
+            now,
+            &mut self.metrics.writes,
+        );
         self.carry_out(key, step, now);
         self.settle(key, now);
     }
@@ -832,7 +838,13 @@ impl Server {
                 let Some(conn) = self.conns.get_mut(key) else {
                     continue;
                 };
-                match conn.queue_published(frame.clone(), id, self.config.send_buffer, now) {
+                match conn.queue_published(
+                    frame.clone(),
+                    id,
+                    published.read_at(),
+                    self.config.send_buffer,
+                    now,
+                ) {
                     Queued::First => {
                         self.metrics.queued += 1;
                         self.to_flush.push(key);
@@ -842,7 +854,7 @@ impl Server {
                     // The client got it in its resume's replay: delivered.
                     Queued::Duplicate => {
                         self.metrics.queued += 1;
-                        self.metrics.delivered += 1;
+                        self.metrics.delivered_by_replay(published.read_at());
                     }
                 }
             }
@@ -934,10 +946,12 @@ impl Server {
         // Everything up to the read's position was in the read (or is older than
         // the client's position); without a read, what precedes `since`.
         let seen = position.or(answer.since);
-        if let Some(skipped) = conn.finish_history(connected, replay, seen, now) {
-            // Held live messages the replay already carried: delivered (they were
-            // counted as queued when held).
-            self.metrics.delivered += skipped as u64;
+        // Held live messages the replay already carried: delivered (they were
+        // counted as queued when held).
+        let metrics = &mut self.metrics;
+        if let Some(skipped) = conn.finish_history(connected, replay, seen, now, |read_at| {
+            metrics.delivered_by_replay(read_at)
+        }) {
             debug!(
                 "history sent user_id={} connection_id={} recovery={recovery:?} duplicates_skipped={skipped}",
                 answer.user_id, answer.connection_id
@@ -1016,7 +1030,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let next = conn.settle(&self.limits, now);
+        let next = conn.settle(&self.limits, now, &mut self.metrics.writes);
         self.metrics.count_deliveries(conn.take_deliveries());
         match next {
             Next::Keep { reregister, arm } => {
