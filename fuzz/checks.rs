@@ -43,7 +43,7 @@ use ws_notify::auth::{Authenticator, TokenSources, token_candidates};
 use ws_notify::clock::Timestamp;
 use ws_notify::config::{Config, VARIABLES, parse_duration};
 use ws_notify::conn::handshake::{
-    ConnectionCounts, Decision, HandshakeRules, MAX_HEAD_BYTES, evaluate,
+    ConnectionCounts, Decision, Endpoints, HandshakeRules, MAX_HEAD_BYTES, evaluate,
 };
 use ws_notify::conn::outbound::{MAX_CONTROL_BYTES, OutboundQueue};
 use ws_notify::conn::refresh::{MAX_REFRESH_BYTES, MAX_REFRESHES_PER_WINDOW, Requests};
@@ -261,6 +261,7 @@ pub fn handshake(data: &[u8]) {
         cookie_name: Some(COOKIE_NAME),
         max_connections: 100,
         max_connections_per_user: if control & 0x40 != 0 { 2 } else { 0 },
+        endpoints: Endpoints::All,
     };
     let counts = FixedCounts {
         open: if control & 0x80 != 0 { 100 } else { 7 },

@@ -52,6 +52,7 @@ use crate::history::StreamId;
 use crate::latency::Stamp;
 use crate::message::Frame;
 use crate::metrics::WriteMetrics;
+use handshake::Endpoints;
 pub use outbound::Deliveries;
 use outbound::{FlushResult, FrameLimit, OutboundQueue};
 
@@ -333,12 +334,20 @@ pub struct Connection<S = TcpStream> {
     writable_interest: bool,
     /// Whether the connection is in the loop's list of connections to flush.
     flush_pending: bool,
+    /// The paths its listener serves.
+    endpoints: Endpoints,
 }
 
 impl<S: Stream> Connection<S> {
     /// A connection in its handshake; the loop registers it for `READABLE` and
     /// calls `settle` to arm its deadline.
-    pub fn new(socket: S, id: u64, now: Instant, handshake_deadline: Instant) -> Self {
+    pub fn new(
+        socket: S,
+        id: u64,
+        now: Instant,
+        handshake_deadline: Instant,
+        endpoints: Endpoints,
+    ) -> Self {
         Connection {
             socket,
             id,
@@ -353,7 +362,13 @@ impl<S: Stream> Connection<S> {
             timer_at: None,
             writable_interest: false,
             flush_pending: false,
+            endpoints,
         }
+    }
+
+    /// The paths the listener that accepted it serves.
+    pub fn endpoints(&self) -> Endpoints {
+        self.endpoints
     }
 
     /// The `connection_id` clients see.
@@ -1555,7 +1570,13 @@ mod tests {
     const SESSION_LIFE: Duration = Duration::from_secs(3600);
 
     fn handshaking(input: &[u8], start: Instant) -> Connection<MockStream> {
-        Connection::new(MockStream::new(input), 7, start, start + HANDSHAKE_WAIT)
+        Connection::new(
+            MockStream::new(input),
+            7,
+            start,
+            start + HANDSHAKE_WAIT,
+            Endpoints::All,
+        )
     }
 
     /// A connection whose session is open and whose 101 and `connected` are written.
