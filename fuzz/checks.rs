@@ -43,12 +43,13 @@ use ws_notify::auth::{Authenticator, TokenSources, token_candidates};
 use ws_notify::clock::Timestamp;
 use ws_notify::config::{Config, VARIABLES, parse_duration};
 use ws_notify::conn::handshake::{
-    ConnectionCounts, Decision, HandshakeRules, MAX_HEAD_BYTES, evaluate,
+    ConnectionCounts, Decision, Endpoints, HandshakeRules, MAX_HEAD_BYTES, evaluate,
 };
 use ws_notify::conn::outbound::{MAX_CONTROL_BYTES, OutboundQueue};
 use ws_notify::conn::refresh::{MAX_REFRESH_BYTES, MAX_REFRESHES_PER_WINDOW, Requests};
 use ws_notify::conn::{FramesRead, read_frames, websocket_config};
 use ws_notify::message::{MessageEncoder, user_id_from_channel};
+use ws_notify::metrics::WriteMetrics;
 
 /// A target's check: panics when a property does not hold for the input.
 pub type Check = fn(&[u8]);
@@ -260,6 +261,7 @@ pub fn handshake(data: &[u8]) {
         cookie_name: Some(COOKIE_NAME),
         max_connections: 100,
         max_connections_per_user: if control & 0x40 != 0 { 2 } else { 0 },
+        endpoints: Endpoints::All,
     };
     let counts = FixedCounts {
         open: if control & 0x80 != 0 { 100 } else { 7 },
@@ -497,7 +499,9 @@ pub fn frames(data: &[u8]) {
             );
             if flush_between {
                 sent.clear();
-                let (written, _) = out.flush(&mut sent).expect("a Vec takes everything");
+                let (written, _) = out
+                    .flush(&mut sent, &mut WriteMetrics::default())
+                    .expect("a Vec takes everything");
                 assert_eq!(written, sent.len());
                 assert!(
                     written <= MAX_CONTROL_BYTES,
@@ -526,7 +530,9 @@ pub fn frames(data: &[u8]) {
         }
         if !flush_between {
             sent.clear();
-            let (written, _) = out.flush(&mut sent).expect("a Vec takes everything");
+            let (written, _) = out
+                .flush(&mut sent, &mut WriteMetrics::default())
+                .expect("a Vec takes everything");
             assert!(
                 written <= MAX_CONTROL_BYTES,
                 "control bytes past their bound"

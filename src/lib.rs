@@ -30,6 +30,7 @@ pub mod handover;
 pub mod history;
 pub mod http;
 pub mod hub;
+pub mod latency;
 pub mod logging;
 pub mod message;
 pub mod metrics;

@@ -596,8 +596,10 @@ impl ReaderThread {
             }
             match pubsub.get_message() {
                 Ok(msg) => {
+                    // Also the message's read time for the delivery latency
+                    // (README "Endpoints"): no clock read of its own.
                     last_activity = Instant::now();
-                    if let Some(end) = self.hand_over(&msg) {
+                    if let Some(end) = self.hand_over(&msg, last_activity) {
                         return end;
                     }
                 }
@@ -610,9 +612,9 @@ impl ReaderThread {
         }
     }
 
-    /// Strips the prefix and queues the message for the loop. Returns Some
-    /// when the thread should end.
-    fn hand_over(&mut self, msg: &redis::Msg) -> Option<SessionEnd> {
+    /// Strips the prefix and queues the message, read at `read_at`, for the
+    /// loop. Returns Some when the thread should end.
+    fn hand_over(&mut self, msg: &redis::Msg, read_at: Instant) -> Option<SessionEnd> {
         self.status
             .count_received(clock::unix_millis(SystemTime::now()));
         let prefix = self.config.channel_prefix.as_str();
@@ -642,9 +644,10 @@ impl ReaderThread {
             }
             return None;
         };
+        let read_at = self.handoff.stamp(read_at);
         match self
             .handoff
-            .push(Published::new(user_id, msg.get_payload_bytes()))
+            .push(Published::new(user_id, msg.get_payload_bytes(), read_at))
         {
             PushOutcome::Queued => None,
             PushOutcome::Full => {

@@ -34,7 +34,7 @@ use crate::auth::Authenticator;
 use crate::clock::Timestamp;
 use crate::config::Config;
 use crate::conn::CloseReason;
-use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
+use crate::conn::handshake::{self, ConnectionCounts, Decision, Endpoints, HandshakeRules};
 use crate::conn::refresh::{self, Outcome};
 use crate::conn::{Connection, Ended, Limits, Next, Queued, SessionParams, Step, websocket_config};
 use crate::handover::{Inbox, Published};
@@ -54,6 +54,7 @@ use crate::redis_status::RedisStatus;
 const LISTENER_TOKEN: Token = Token(usize::MAX - 1);
 const WAKER_TOKEN: Token = Token(usize::MAX - 2);
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 3);
+const ADMIN_LISTENER_TOKEN: Token = Token(usize::MAX - 4);
 
 /// Events taken from one `poll`.
 const EVENTS_CAPACITY: usize = 1024;
@@ -80,6 +81,10 @@ pub struct Server {
     /// None once shutdown has begun.
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
+    /// The `/health` and `/metrics` listener (`WS_ADMIN_ADDR`); None when unset
+    /// or once shutdown has begun.
+    admin_listener: Option<TcpListener>,
+    admin_addr: Option<SocketAddr>,
     /// Read end of the pipe the signal handler writes to.
     signals: UnixStream,
     conns: Slab<Connection>,
@@ -122,6 +127,15 @@ pub struct Server {
     instance: String,
     /// The clients still to close while a `SHUTDOWN_DRAIN` runs.
     drain: Option<Drain>,
+}
+
+/// The listener an accept is for.
+#[derive(Clone, Copy)]
+enum Listener {
+    /// `WS_HOST:WS_PORT`.
+    Main,
+    /// `WS_ADMIN_ADDR`.
+    Admin,
 }
 
 /// A gentle drain (`SHUTDOWN_DRAIN`): the connections open when shutdown began,
@@ -221,6 +235,33 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
 
+        let mut admin_listener = match config.admin_addr_text() {
+            Some(text) => {
+                let named =
+                    |e: io::Error| io::Error::new(e.kind(), format!("WS_ADMIN_ADDR {text}: {e}"));
+                let address = text
+                    .to_socket_addrs()
+                    .map_err(named)?
+                    .next()
+                    .ok_or_else(|| {
+                        named(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "resolves to no address",
+                        ))
+                    })?;
+                Some(TcpListener::bind(address).map_err(named)?)
+            }
+            None => None,
+        };
+        let admin_addr = match &mut admin_listener {
+            Some(admin) => {
+                poll.registry()
+                    .register(admin, ADMIN_LISTENER_TOKEN, Interest::READABLE)?;
+                Some(admin.local_addr()?)
+            }
+            None => None,
+        };
+
         let mut signals = install_signal_pipe()?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
@@ -256,6 +297,8 @@ impl Server {
             poll,
             listener: Some(listener),
             local_addr,
+            admin_listener,
+            admin_addr,
             signals,
             // Sized for the connection limit up front: pages are only touched as
             // connections arrive, and growing by doubling would leave the old copies'
@@ -264,7 +307,7 @@ impl Server {
             hub: Hub::with_capacity(max_connections),
             // About two live entries per connection (see `schedule`).
             timers: BinaryHeap::with_capacity(2 * (max_connections + HANDSHAKE_HEADROOM)),
-            metrics: Metrics::default(),
+            metrics: Metrics::new(inbox.epoch()),
             process_sampler: ProcessSampler::default(),
             inbox,
             inbound: Vec::with_capacity(INBOX_BATCH),
@@ -305,11 +348,22 @@ impl Server {
         self.local_addr
     }
 
+    /// The address `/health` and `/metrics` are served on when `WS_ADMIN_ADDR` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// Runs until a graceful shutdown completes.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         lower_loop_priority(self.config.loop_nice);
-        info!(address:% = self.local_addr, instance = self.instance.as_str(); "listening");
+        let admin = self.admin_addr.map(|a| a.to_string()).unwrap_or_default();
+        info!(
+            address:% = self.local_addr,
+            admin_address = admin.as_str(),
+            instance = self.instance.as_str();
+            "listening"
+        );
         loop {
             // From here on a push wakes the poll below (while messages wait, the
             // poll does not block and pushes cost no wake).
@@ -324,7 +378,8 @@ impl Server {
             let now = Instant::now();
             for event in events.iter() {
                 match event.token() {
-                    LISTENER_TOKEN => self.accept(now),
+                    LISTENER_TOKEN => self.accept(Listener::Main, now),
+                    ADMIN_LISTENER_TOKEN => self.accept(Listener::Admin, now),
                     // The inbox is drained below whenever messages wait.
                     WAKER_TOKEN => {}
                     SIGNAL_TOKEN => self.on_signal(now),
@@ -351,7 +406,8 @@ impl Server {
             self.drain_some(now);
             if self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.accept_paused_until = None;
-                self.accept(now);
+                self.accept(Listener::Main, now);
+                self.accept(Listener::Admin, now);
             }
             if let Some(deadline) = self.limits.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
@@ -382,12 +438,21 @@ impl Server {
         next.map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
     }
 
-    fn accept(&mut self, now: Instant) {
+    fn accept(&mut self, on: Listener, now: Instant) {
         if self.accept_paused_until.is_some() {
             return;
         }
+        let endpoints = match on {
+            Listener::Main if self.admin_addr.is_some() => Endpoints::WebSocket,
+            Listener::Main => Endpoints::All,
+            Listener::Admin => Endpoints::Admin,
+        };
         loop {
-            let accepted = match &self.listener {
+            let listener = match on {
+                Listener::Main => &self.listener,
+                Listener::Admin => &self.admin_listener,
+            };
+            let accepted = match listener {
                 Some(listener) => listener.accept(),
                 None => return,
             };
@@ -415,6 +480,7 @@ impl Server {
                         id,
                         now,
                         now + self.config.handshake_timeout,
+                        endpoints,
                     ));
                     self.settle(key, now);
                 }
@@ -495,7 +561,10 @@ impl Server {
             timeout_ms = self.config.shutdown_timeout.as_millis() as u64;
             "shutting down"
         );
-        if let Some(mut listener) = self.listener.take() {
+        for mut listener in [self.listener.take(), self.admin_listener.take()]
+            .into_iter()
+            .flatten()
+        {
             // The listener is dropped (closed) right after; a failed deregister changes nothing.
             let _ = self.poll.registry().deregister(&mut listener);
         }
@@ -537,7 +606,13 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let step = conn.on_ready(readable, writable, &self.limits, now);
+        let step = conn.on_ready(
+            readable,
+            writable,
+            &self.limits,
+            now,
+            &mut self.metrics.writes,
+        );
         self.carry_out(key, step, now);
         self.settle(key, now);
     }
@@ -636,6 +711,7 @@ impl Server {
             cookie_name: self.config.jwt.cookie_name.as_deref(),
             max_connections: self.max_connections,
             max_connections_per_user: self.config.max_connections_per_user,
+            endpoints: conn.endpoints(),
         };
         let respond_deadline = now + RESPOND_WAIT;
         match handshake::evaluate(conn.head(), &rules, &self.hub) {
@@ -832,7 +908,13 @@ impl Server {
                 let Some(conn) = self.conns.get_mut(key) else {
                     continue;
                 };
-                match conn.queue_published(frame.clone(), id, self.config.send_buffer, now) {
+                match conn.queue_published(
+                    frame.clone(),
+                    id,
+                    published.read_at(),
+                    self.config.send_buffer,
+                    now,
+                ) {
                     Queued::First => {
                         self.metrics.queued += 1;
                         self.to_flush.push(key);
@@ -842,7 +924,7 @@ impl Server {
                     // The client got it in its resume's replay: delivered.
                     Queued::Duplicate => {
                         self.metrics.queued += 1;
-                        self.metrics.delivered += 1;
+                        self.metrics.delivered_by_replay(published.read_at());
                     }
                 }
             }
@@ -934,10 +1016,12 @@ impl Server {
         // Everything up to the read's position was in the read (or is older than
         // the client's position); without a read, what precedes `since`.
         let seen = position.or(answer.since);
-        if let Some(skipped) = conn.finish_history(connected, replay, seen, now) {
-            // Held live messages the replay already carried: delivered (they were
-            // counted as queued when held).
-            self.metrics.delivered += skipped as u64;
+        // Held live messages the replay already carried: delivered (they were
+        // counted as queued when held).
+        let metrics = &mut self.metrics;
+        if let Some(skipped) = conn.finish_history(connected, replay, seen, now, |read_at| {
+            metrics.delivered_by_replay(read_at)
+        }) {
             debug!(
                 "history sent user_id={} connection_id={} recovery={recovery:?} duplicates_skipped={skipped}",
                 answer.user_id, answer.connection_id
@@ -1016,7 +1100,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let next = conn.settle(&self.limits, now);
+        let next = conn.settle(&self.limits, now, &mut self.metrics.writes);
         self.metrics.count_deliveries(conn.take_deliveries());
         match next {
             Next::Keep { reregister, arm } => {
