@@ -34,6 +34,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod process_stats;
+pub mod pubsub;
 pub mod redis_reader;
 pub mod redis_status;
 pub mod server;
