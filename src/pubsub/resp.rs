@@ -113,6 +113,13 @@ pub enum Frame<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError(&'static str);
 
+impl ProtocolError {
+    /// A frame larger than the read buffer may grow.
+    pub(crate) fn too_large() -> ProtocolError {
+        ProtocolError("frame too large")
+    }
+}
+
 impl fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Redis protocol error: {}", self.0)
