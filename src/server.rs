@@ -237,7 +237,8 @@ impl Server {
         } else {
             None
         };
-        let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
+        // `per_user` (channel mode's queues) is not used by the loop yet.
+        let (reader, inbox, redis, _per_user) = RedisReader::spawn(config.redis.clone(), waker)?;
 
         let max_connections = connection_limit_for(
             raise_open_file_limit(config.max_connections),
