@@ -17,6 +17,8 @@
 //! - `token`: byte 0 = mode (bits 0-1 placement, 2-3 signature, 4-5 algorithm, 6
 //!   percent-encoding, 7 decoy), then `\n`-separated fields.
 //! - `config`: `NAME=value` lines (an env file).
+//! - `pubsub_frames`: byte 0 = read-chunking seed (0 = one read), then the bytes
+//!   Redis sends the reader's pub/sub link.
 //!
 //! This file is compiled as a module of other crates (`#[path]`), so it uses only the
 //! dependencies the main crate and its tests already have: `ws-notify`, `serde`,
@@ -50,17 +52,19 @@ use ws_notify::conn::refresh::{MAX_REFRESH_BYTES, MAX_REFRESHES_PER_WINDOW, Requ
 use ws_notify::conn::{FramesRead, read_frames, websocket_config};
 use ws_notify::message::{MessageEncoder, user_id_from_channel};
 use ws_notify::metrics::WriteMetrics;
+use ws_notify::pubsub::resp::{self, Frame};
 
 /// A target's check: panics when a property does not hold for the input.
 pub type Check = fn(&[u8]);
 
 /// Every target: its name (the directory under `fuzz/corpus/`) and its check.
-pub const TARGETS: [(&str, Check); 5] = [
+pub const TARGETS: [(&str, Check); 6] = [
     ("handshake", handshake),
     ("frames", frames),
     ("redis_message", redis_message),
     ("token", token),
     ("config", config),
+    ("pubsub_frames", pubsub_frames),
 ];
 
 /// The HMAC secret every target's `Authenticator` is built with; the seed corpus
@@ -1113,4 +1117,69 @@ fn check_duration(text: &str) {
         let nanos = format!("{}ns", duration.as_nanos());
         assert_eq!(parse_duration(&nanos), Ok(duration), "{nanos} round trip");
     }
+}
+
+// --- pubsub_frames ---------------------------------------------------------------
+
+/// How a run of `pubsub::resp::parse` over a byte stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum StreamEnd {
+    /// Every byte was taken by complete frames.
+    Done,
+    /// The last `n` bytes are the start of an unfinished frame.
+    Incomplete(usize),
+    /// A protocol error at this offset (the link drops).
+    Error(usize, resp::ProtocolError),
+}
+
+/// Parses `data` as the link does: frames are taken from the front of a buffer
+/// that grows by one read at a time (`reads` gives the sizes; `None` = all at
+/// once). Returns the frames (as their `Debug` text) and how the stream ended.
+fn parse_stream(data: &[u8], mut reads: impl FnMut() -> usize) -> (Vec<String>, StreamEnd) {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    while end < data.len() {
+        end = (end + reads().max(1)).min(data.len());
+        loop {
+            match resp::parse(&data[start..end]) {
+                Ok(Some((frame, used))) => {
+                    assert!(
+                        used > 0 && used <= end - start,
+                        "{used} bytes taken of {}",
+                        end - start
+                    );
+                    if let Frame::Message {
+                        channel, payload, ..
+                    } = frame
+                    {
+                        assert!(channel.len() + payload.len() < used);
+                    }
+                    frames.push(format!("{frame:?}"));
+                    start += used;
+                }
+                Ok(None) => break,
+                Err(error) => return (frames, StreamEnd::Error(start, error)),
+            }
+        }
+    }
+    let end = if start == data.len() {
+        StreamEnd::Done
+    } else {
+        StreamEnd::Incomplete(data.len() - start)
+    };
+    (frames, end)
+}
+
+/// The pub/sub link's parser (`pubsub::resp::parse`): never panics, takes at
+/// least one byte per frame and never more than it has, and splitting the
+/// stream into reads does not change the frames nor where and how it ends.
+pub fn pubsub_frames(data: &[u8]) {
+    let Some((&seed, bytes)) = data.split_first() else {
+        return;
+    };
+    let whole = parse_stream(bytes, || usize::MAX);
+    let mut rng = Rng::new(u64::from(seed));
+    let split = parse_stream(bytes, || if seed == 0 { 1 } else { rng.chunk() });
+    assert_eq!(whole, split, "splitting the reads changed the parse");
 }

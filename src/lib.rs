@@ -3,7 +3,7 @@
 //! ```text
 //!  backend --PUBLISH user_noti:<id>--> Redis
 //!                                        |
-//!                     PSUBSCRIBE user_noti:*  (blocking connection)
+//!     PSUBSCRIBE user_noti:* or SUBSCRIBE per user  (pubsub::Link, own socket)
 //!                                        v
 //!  [redis reader thread] --bounded queue + one Waker wake per batch-->
 //!  [event loop thread: mio Poll]
@@ -12,8 +12,8 @@
 //! ```
 //!
 //! Three threads: the event loop owns every socket and all per-connection
-//! state; the Redis reader owns the Redis connection and only hands raw
-//! messages over; `log-writer` writes the log lines the other two buffer.
+//! state; the Redis reader owns the Redis connection (`pubsub`) and only
+//! hands raw messages over; `log-writer` writes the log lines the other two buffer.
 //! With history on (`WS_HISTORY_SIZE`), a fourth, `history-reader`, reads
 //! users' streams for resuming connections on its own Redis connection and
 //! answers through the same waker (`history::reader`).
@@ -35,6 +35,7 @@ pub mod logging;
 pub mod message;
 pub mod metrics;
 pub mod process_stats;
+pub mod pubsub;
 pub mod redis_reader;
 pub mod redis_status;
 pub mod server;

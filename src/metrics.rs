@@ -355,6 +355,38 @@ impl Metrics {
             "Redis reader sessions that ended in a panic and were restarted.",
             &[("", redis.reader_restarts())],
         );
+        let mode = match redis.mode() {
+            crate::config::SubscribeMode::Pattern => "{mode=\"pattern\"}",
+            crate::config::SubscribeMode::Channel => "{mode=\"channel\"}",
+            crate::config::SubscribeMode::Sharded => "{mode=\"sharded\"}",
+        };
+        metric(
+            "redis_subscriptions",
+            "gauge",
+            "Subscriptions Redis confirmed and the reader holds (the pattern, or users' channels).",
+            &[(mode, redis.subscriptions())],
+        );
+        metric(
+            "redis_subscribe_total",
+            "counter",
+            "Channels sent in SUBSCRIBE commands, resubscribes included.",
+            &[("", redis.subscribes())],
+        );
+        metric(
+            "redis_unsubscribe_total",
+            "counter",
+            "Channels sent in UNSUBSCRIBE commands.",
+            &[("", redis.unsubscribes())],
+        );
+        metric(
+            "redis_resubscribes_total",
+            "counter",
+            "Channels subscribed again, by reason (after a reconnect).",
+            &[(
+                "{reason=\"reconnect\"}",
+                redis.resubscribes_after_reconnect(),
+            )],
+        );
         metric(
             "uptime_seconds",
             "gauge",

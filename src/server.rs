@@ -268,7 +268,9 @@ impl Server {
 
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         // One waker per poll: the history reader shares it (the loop checks both queues).
-        let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), Arc::clone(&waker))?;
+        // `per_user` (channel mode's queues) is not used by the loop yet.
+        let (reader, inbox, redis, _per_user) =
+            RedisReader::spawn(config.redis.clone(), Arc::clone(&waker))?;
         let history = if config.history_size > 0 {
             let settings = HistorySettings {
                 redis: config.redis.clone(),
