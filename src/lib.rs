@@ -38,3 +38,4 @@ pub mod redis_reader;
 pub mod redis_status;
 pub mod server;
 pub mod subscriptions;
+pub mod user_channels;

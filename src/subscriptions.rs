@@ -166,6 +166,13 @@ impl Confirmed {
     }
 }
 
+/// The event loop's ends of the queues, handed out by the Redis reader in
+/// the per-user modes (`REDIS_SUBSCRIBE_MODE=channel` or `sharded`).
+pub struct PerUser {
+    pub requests: Requests,
+    pub confirmed: Confirmed,
+}
+
 /// The two queues: changes from the loop to the reader (waking
 /// `reader_waker`), confirmations back (waking `loop_waker`).
 pub fn channel(
