@@ -2286,11 +2286,10 @@ mod tests {
         assert_eq!(conn.held_dropped(), 1);
     }
 
-    #[test]
-    fn a_session_awaiting_its_subscription_holds_messages_until_confirmed() {
-        let start = Instant::now();
+    /// A session opened at `start` (101 queued) that waits for its user's
+    /// subscription until `by`.
+    fn awaiting_subscription(start: Instant, by: Instant) -> Connection<MockStream> {
         let token_exp = crate::clock::unix_secs_now() + SESSION_LIFE.as_secs();
-        let by = start + Duration::from_secs(10);
         let mut conn = handshaking(b"", start);
         conn.open_awaiting_subscription(
             b"HTTP/1.1 101\r\n\r\n",
@@ -2298,6 +2297,14 @@ mod tests {
             session_params(start, token_exp, Duration::ZERO),
             by,
         );
+        conn
+    }
+
+    #[test]
+    fn a_session_awaiting_its_subscription_holds_messages_until_confirmed() {
+        let start = Instant::now();
+        let by = start + Duration::from_secs(10);
+        let mut conn = awaiting_subscription(start, by);
         let frame = |text: &str| -> Frame { Arc::from(text.as_bytes()) };
         assert_eq!(
             conn.queue_published(frame("M1"), None, 8, start),
@@ -2332,15 +2339,8 @@ mod tests {
     #[test]
     fn a_subscription_not_confirmed_in_time_closes_with_1013() {
         let start = Instant::now();
-        let token_exp = crate::clock::unix_secs_now() + SESSION_LIFE.as_secs();
         let by = start + Duration::from_secs(10);
-        let mut conn = handshaking(b"", start);
-        conn.open_awaiting_subscription(
-            b"HTTP/1.1 101\r\n\r\n",
-            0,
-            session_params(start, token_exp, Duration::ZERO),
-            by,
-        );
+        let mut conn = awaiting_subscription(start, by);
         let _ = conn.queue_published(Arc::from(&b"held"[..]), None, 8, start);
         let _ = conn.settle(&LIMITS, start);
         let ended = ended(deadline_passes(&mut conn, by));
