@@ -33,8 +33,7 @@ use tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Authenticator;
 use crate::clock::Timestamp;
-use crate::config::Config;
-use crate::config::RedisConfig;
+use crate::config::{Config, RedisConfig};
 use crate::conn::CloseReason;
 use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
 use crate::conn::refresh::{self, Outcome};
