@@ -17,6 +17,9 @@
 //! With history on (`WS_HISTORY_SIZE`), a fourth, `history-reader`, reads
 //! users' streams for resuming connections on its own Redis connection and
 //! answers through the same waker (`history::reader`).
+//! In the per-user subscription modes (`REDIS_SUBSCRIBE_MODE=channel`,
+//! `sharded`) the loop keeps who needs which channel (`user_channels`) and
+//! asks the reader to subscribe and unsubscribe through `subscriptions`.
 //! Messages cross through `handover` (one queue, one wake per batch); health
 //! state crosses in atomics (`redis_status::RedisStatus`). The whole picture is
 //! in docs/ARCHITECTURE.md.
@@ -40,3 +43,4 @@ pub mod redis_reader;
 pub mod redis_status;
 pub mod server;
 pub mod subscriptions;
+pub mod user_channels;

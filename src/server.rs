@@ -21,6 +21,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,10 +46,11 @@ use crate::history::reader::{
 use crate::http::{self, Rejection};
 use crate::hub::Hub;
 use crate::logging::RateLimited;
-use crate::message::{self, ConnectedHistory, InvalidMessage, MessageEncoder, Recovery};
+use crate::message::{self, ConnectedHistory, Frame, InvalidMessage, MessageEncoder, Recovery};
 use crate::metrics::{self, Gauges, Metrics, ProcessFigures, ProcessSampler};
 use crate::redis_reader::RedisReader;
 use crate::redis_status::RedisStatus;
+use crate::user_channels::{Admission, UserChannels, Waiter};
 
 // Reserved tokens sit at the top of the range so a slab key is directly a token.
 const LISTENER_TOKEN: Token = Token(usize::MAX - 1);
@@ -74,6 +76,11 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const RESPOND_WAIT: Duration = Duration::from_secs(5);
 /// One "request refused" line per reason per period; the rest are counted in the next.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(5);
+/// Per-user subscription modes: how long a new connection waits for Redis to
+/// confirm its user's channel before it is closed with 1013 (try again later).
+/// A healthy Redis confirms in a round trip; the reader's reconnect backoff and
+/// resubscription after an outage fit in it.
+pub const SUBSCRIBE_WAIT: Duration = Duration::from_secs(10);
 
 /// The event loop and everything it owns.
 pub struct Server {
@@ -102,6 +109,11 @@ pub struct Server {
     history: Option<HistoryReader>,
     /// Reused buffer for the history reader's answers.
     history_answers: Vec<Answer>,
+    /// Per-user subscription modes: the users whose channels this instance
+    /// needs and the queues to the reader; None in pattern mode.
+    channels: Option<UserChannels>,
+    /// Reused buffer for the connections a turn's confirmations release.
+    released: Vec<(Rc<str>, Waiter)>,
     redis: Arc<RedisStatus>,
     authenticator: Authenticator,
     config: Config,
@@ -268,9 +280,10 @@ impl Server {
 
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         // One waker per poll: the history reader shares it (the loop checks both queues).
-        // `per_user` (channel mode's queues) is not used by the loop yet.
-        let (reader, inbox, redis, _per_user) =
+        let (reader, inbox, redis, per_user) =
             RedisReader::spawn(config.redis.clone(), Arc::clone(&waker))?;
+        let channels =
+            per_user.map(|queues| UserChannels::new(queues, config.redis.unsubscribe_linger));
         let history = if config.history_size > 0 {
             let settings = HistorySettings {
                 redis: config.redis.clone(),
@@ -316,6 +329,8 @@ impl Server {
             reader,
             history,
             history_answers: Vec::new(),
+            channels,
+            released: Vec::new(),
             redis,
             authenticator,
             config,
@@ -393,6 +408,10 @@ impl Server {
                 }
             }
             self.read_leftovers(now);
+            // Confirmations before the turn's messages (see `subscriptions`).
+            if self.channels.is_some() {
+                self.release_confirmed(now);
+            }
             if self.inbox.has_waiting() {
                 self.deliver_inbox(now);
             }
@@ -411,6 +430,11 @@ impl Server {
                 self.accept(Listener::Main, now);
                 self.accept(Listener::Admin, now);
             }
+            if let Some(channels) = &mut self.channels {
+                channels.expire(now);
+                // The turn's subscribes and unsubscribes in one batch.
+                channels.send();
+            }
             if let Some(deadline) = self.limits.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
             {
@@ -424,11 +448,18 @@ impl Server {
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
         let delivering = self.limits.shutdown_deadline.is_none() || self.drain.is_some();
-        if (self.inbox.has_waiting() && delivering) || !self.read_again.is_empty() {
+        if (self.inbox.has_waiting() && delivering)
+            || !self.read_again.is_empty()
+            || self
+                .channels
+                .as_ref()
+                .is_some_and(UserChannels::confirmations_waiting)
+        {
             return Some(Duration::ZERO);
         }
         let next = [
             self.timers.peek().map(|Reverse((at, _, _))| *at),
+            self.channels.as_ref().and_then(UserChannels::next_deadline),
             self.accept_paused_until,
             self.limits.shutdown_deadline,
             self.drain.as_ref().and_then(Drain::next_at),
@@ -650,7 +681,7 @@ impl Server {
                     self.read_again.push(key);
                 }
             }
-            Step::Ended(ended) => self.report_end(key, ended),
+            Step::Ended(ended) => self.report_end(key, ended, now),
             Step::HandshakeTimedOut { connection_id } => {
                 self.metrics.handshake_timeouts += 1;
                 debug!(
@@ -788,31 +819,31 @@ impl Server {
                     id: conn.id(),
                 }
                 .to_string();
-                let connected = if self.history.is_some() {
-                    // Sent once the history read is done (`finish_history`).
+                // Per-user modes: `connected` waits for the user's channel.
+                let admission = match &mut self.channels {
+                    None => Admission::Open,
+                    Some(channels) => {
+                        let waiter = Waiter {
+                            key,
+                            connection_id: conn.id(),
+                            since: upgrade.since,
+                        };
+                        let may_subscribe = self.limits.shutdown_deadline.is_none();
+                        channels.admit(&user_id, waiter, may_subscribe)
+                    }
+                };
+                let connected = if admission != Admission::Open || self.history.is_some() {
+                    // Sent once the subscription is confirmed (`release_confirmed`)
+                    // and the history read is done (`finish_history`).
                     None
-                } else if upgrade.since.is_some() {
-                    // History off: nothing can be proven about the gap.
-                    self.metrics.resumes += 1;
-                    self.metrics.resumes_incomplete += 1;
-                    let history = ConnectedHistory {
-                        position: None,
-                        recovery: Some(Recovery {
-                            complete: false,
-                            count: 0,
-                        }),
-                    };
-                    Some(self.encoder.encode_connected_with_history(
+                } else {
+                    Some(connected_without_history(
+                        &mut self.encoder,
+                        &mut self.metrics,
                         &upgrade.user_id,
                         &name,
-                        &history,
-                        &Timestamp::now(),
+                        upgrade.since.is_some(),
                     ))
-                } else {
-                    Some(
-                        self.encoder
-                            .encode_connected(&upgrade.user_id, &name, &Timestamp::now()),
-                    )
                 };
                 let expires_at =
                     refresh::expiry_instant(upgrade.expires_at, self.config.jwt.leeway, now);
@@ -834,13 +865,28 @@ impl Server {
                     ws_config: self.ws_config,
                     send_buffer_bytes: self.config.send_buffer_bytes,
                 };
-                let awaits_history = connected.is_none();
-                match connected {
-                    Some(connected) => conn.open(&answer, connected, upgrade.head_len, session),
-                    None => conn.open_awaiting_history(&answer, upgrade.head_len, session),
+                let awaits_history = connected.is_none() && admission == Admission::Open;
+                match (connected, admission) {
+                    (Some(connected), _) => {
+                        conn.open(&answer, connected, upgrade.head_len, session)
+                    }
+                    (None, Admission::Open) => {
+                        conn.open_awaiting_history(&answer, upgrade.head_len, session)
+                    }
+                    (None, Admission::Wait | Admission::Refuse) => conn.open_awaiting_subscription(
+                        &answer,
+                        upgrade.head_len,
+                        session,
+                        now + SUBSCRIBE_WAIT,
+                    ),
                 }
-                // Frames that came with the request head are already buffered: read them now.
-                let step = conn.read(&self.limits, now);
+                let step = if admission == Admission::Refuse {
+                    // Shutting down: no new subscription; closed like the others (1001).
+                    conn.shut_down(&self.limits, now)
+                } else {
+                    // Frames that came with the request head are already buffered: read them now.
+                    conn.read(&self.limits, now)
+                };
                 if awaits_history {
                     self.request_history(key, upgrade.user_id, upgrade.since, now);
                 }
@@ -933,6 +979,51 @@ impl Server {
         }
         // Keep the buffer's capacity for the next batch.
         self.inbound = inbound;
+    }
+
+    /// Per-user modes: the connections whose user's channel Redis confirmed
+    /// stop waiting. With history on their history read starts now (after the
+    /// subscription, so nothing published falls between the two); without,
+    /// they get `connected` and the messages held meanwhile.
+    fn release_confirmed(&mut self, now: Instant) {
+        let Some(channels) = &mut self.channels else {
+            return;
+        };
+        let mut released = std::mem::take(&mut self.released);
+        channels.take_confirmed(&mut released);
+        for (user_id, waiter) in released.drain(..) {
+            let Some(conn) = self.conns.get_mut(waiter.key) else {
+                continue;
+            };
+            // A reused slot, or a session that closed meanwhile: nothing to release.
+            if conn.id() != waiter.connection_id || !conn.subscription_confirmed() {
+                continue;
+            }
+            if self.history.is_some() {
+                self.request_history(waiter.key, user_id.to_string(), waiter.since, now);
+                continue;
+            }
+            let name = ConnectionName {
+                instance: &self.instance,
+                id: waiter.connection_id,
+            }
+            .to_string();
+            let connected = connected_without_history(
+                &mut self.encoder,
+                &mut self.metrics,
+                &user_id,
+                &name,
+                waiter.since.is_some(),
+            );
+            if conn
+                // No replay and no `seen`: nothing is skipped.
+                .finish_history(connected, Vec::new(), None, now, |_| {})
+                .is_some()
+            {
+                self.settle(waiter.key, now);
+            }
+        }
+        self.released = released;
     }
 
     /// Asks the history reader for a connection's history (its position, and the
@@ -1077,9 +1168,12 @@ impl Server {
         }
     }
 
-    /// A session ended: the hub, the metrics and the log line.
-    fn report_end(&mut self, key: usize, ended: Ended) {
-        self.hub.remove(&ended.user_id, key);
+    /// A session ended: the hub, the user's channel, the metrics and the log line.
+    fn report_end(&mut self, key: usize, ended: Ended, now: Instant) {
+        let last = self.hub.remove(&ended.user_id, key);
+        if let Some(channels) = &mut self.channels {
+            channels.left(&ended.user_id, key, ended.connection_id, last, now);
+        }
         self.metrics.disconnects[ended.reason as usize] += 1;
         let level = if ended.reason == CloseReason::Shutdown {
             log::Level::Debug
@@ -1122,7 +1216,7 @@ impl Server {
             }
             Next::Remove(ended) => {
                 if let Some(ended) = ended {
-                    self.report_end(key, ended);
+                    self.report_end(key, ended, now);
                 }
                 self.remove(key, now);
             }
@@ -1147,12 +1241,37 @@ impl Server {
             return;
         };
         if let Some(ended) = conn.abort(now) {
-            self.report_end(key, ended);
+            self.report_end(key, ended, now);
         }
         self.metrics.count_deliveries(conn.take_deliveries());
         // The socket is closed right after; a failed deregister leaves nothing behind.
         let _ = self.poll.registry().deregister(conn.socket_mut());
     }
+}
+
+/// The `connected` message without history; a client that asks to resume
+/// (`since`) gets `recovery` with `complete:false`, since nothing can be proven
+/// about the gap (counted as an incomplete resume).
+fn connected_without_history(
+    encoder: &mut MessageEncoder,
+    metrics: &mut Metrics,
+    user_id: &str,
+    connection_name: &str,
+    resumes: bool,
+) -> Frame {
+    if !resumes {
+        return encoder.encode_connected(user_id, connection_name, &Timestamp::now());
+    }
+    metrics.resumes += 1;
+    metrics.resumes_incomplete += 1;
+    let history = ConnectedHistory {
+        position: None,
+        recovery: Some(Recovery {
+            complete: false,
+            count: 0,
+        }),
+    };
+    encoder.encode_connected_with_history(user_id, connection_name, &history, &Timestamp::now())
 }
 
 fn gauges(hub: &Hub, started: Instant, process: Option<ProcessFigures>) -> Gauges {

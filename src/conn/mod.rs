@@ -13,7 +13,7 @@
 //! Handshake --(head complete, refused or /health, /metrics)--> Respond --> Done
 //!     |                                                        (answer written, write side shut,
 //!     |                                                         input drained until EOF or deadline)
-//!     +--(valid upgrade)--> Open --(server closes: 1001, 4001, 4008, 1002, 1007, 1009)--> Closing --> Done
+//!     +--(valid upgrade)--> Open --(server closes: 1001, 1013, 4001, 4008, 1002, 1007, 1009)--> Closing --> Done
 //!                             |                                   (close frame queued, waiting for the
 //!                             +--(client close: reply queued)-->   peer's close, the flush, or the deadline)
 //!                             +--(EOF, I/O error, pong timeout)--> Done
@@ -100,10 +100,13 @@ pub enum CloseReason {
     Shutdown,
     /// Anything else the server could not handle (close 1011).
     InternalError,
+    /// Per-user subscription modes: Redis did not confirm the user's channel
+    /// within the loop's bound (close 1013, try again later).
+    SubscriptionTimeout,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::ClientClosed,
         CloseReason::ConnectionLost,
         CloseReason::PongTimeout,
@@ -114,6 +117,7 @@ impl CloseReason {
         CloseReason::MessageTooBig,
         CloseReason::Shutdown,
         CloseReason::InternalError,
+        CloseReason::SubscriptionTimeout,
     ];
 
     /// Label for logs and metrics.
@@ -129,6 +133,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => "message_too_big",
             CloseReason::Shutdown => "shutdown",
             CloseReason::InternalError => "internal_error",
+            CloseReason::SubscriptionTimeout => "subscription_timeout",
         }
     }
 
@@ -145,6 +150,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => Some((1009, "message too big")),
             CloseReason::Shutdown => Some((1001, "server shutting down")),
             CloseReason::InternalError => Some((1011, "internal error")),
+            CloseReason::SubscriptionTimeout => Some((1013, "try again later")),
         }
     }
 
@@ -153,7 +159,10 @@ impl CloseReason {
     fn awaits_reply(self) -> bool {
         matches!(
             self,
-            CloseReason::SlowClient | CloseReason::TokenExpired | CloseReason::Shutdown
+            CloseReason::SlowClient
+                | CloseReason::TokenExpired
+                | CloseReason::Shutdown
+                | CloseReason::SubscriptionTimeout
         )
     }
 }
@@ -196,13 +205,18 @@ struct Session {
     resume: Option<Box<Resume>>,
 }
 
-/// A session's history read and its aftermath (README: "History and resume").
-/// Boxed in `Session`: every idle connection pays for the fields it holds
-/// inline, and most sessions have no resume state at all.
+/// A session's wait before `connected` (the user's channel subscription in
+/// per-user modes, then the history read) and the history read's aftermath
+/// (README: "History and resume", "Subscription modes"). Boxed in `Session`:
+/// every idle connection pays for the fields it holds inline, and most
+/// sessions have no resume state at all.
 struct Resume {
-    /// While the history read is in flight: the live messages that arrived
-    /// meanwhile, with their ids and read times, held back so that `connected`
-    /// and the replay go first.
+    /// While the session waits for its user's channel subscription: when it
+    /// gives up (close 1013).
+    subscribe_by: Option<Instant>,
+    /// While the subscription or the history read is awaited: the live
+    /// messages that arrived meanwhile, with their ids and read times, held
+    /// back so that `connected` and the replay go first.
     held: Option<Vec<(Frame, Option<StreamId>, Stamp)>>,
     /// Live messages dropped while held (the hold is bounded like the queue):
     /// the resume cannot be complete.
@@ -499,7 +513,7 @@ impl<S: Stream> Connection<S> {
         head_len: usize,
         session: SessionParams,
     ) {
-        self.open_session(answer, Some(connected), head_len, session);
+        self.open_session(answer, Some(connected), None, head_len, session);
     }
 
     /// Completes the upgrade like `open`, but `connected` waits for the user's
@@ -510,13 +524,28 @@ impl<S: Stream> Connection<S> {
         head_len: usize,
         session: SessionParams,
     ) {
-        self.open_session(answer, None, head_len, session);
+        self.open_session(answer, None, None, head_len, session);
+    }
+
+    /// Completes the upgrade like `open_awaiting_history`, but the session
+    /// first waits for its user's channel subscription (per-user modes): the
+    /// loop calls `subscription_confirmed` when Redis confirmed it; past
+    /// `subscribe_by` the session closes with 1013.
+    pub fn open_awaiting_subscription(
+        &mut self,
+        answer: &[u8],
+        head_len: usize,
+        session: SessionParams,
+        subscribe_by: Instant,
+    ) {
+        self.open_session(answer, None, Some(subscribe_by), head_len, session);
     }
 
     fn open_session(
         &mut self,
         answer: &[u8],
         connected: Option<Frame>,
+        subscribe_by: Option<Instant>,
         head_len: usize,
         session: SessionParams,
     ) {
@@ -538,6 +567,7 @@ impl<S: Stream> Connection<S> {
                 None
             }
             None => Some(Box::new(Resume {
+                subscribe_by,
                 held: Some(Vec::new()),
                 held_dropped: 0,
                 replayed_through: None,
@@ -588,9 +618,25 @@ impl<S: Stream> Connection<S> {
         self.queue_message(frame, read_at, limit, now)
     }
 
-    /// Whether the session still waits for its history read (nothing but the
-    /// 101 has been sent).
-    fn awaits_history(&self) -> bool {
+    /// The user's channel subscription is confirmed: the session stops
+    /// waiting for it. It still holds live messages until `finish_history`
+    /// (the loop asks for the history read, or finishes at once without
+    /// history). False when the session was not waiting for it (it closed
+    /// meanwhile, or was confirmed already).
+    pub fn subscription_confirmed(&mut self) -> bool {
+        match &mut self.state {
+            State::Open(session) => session
+                .resume
+                .as_mut()
+                .and_then(|resume| resume.subscribe_by.take())
+                .is_some(),
+            _ => false,
+        }
+    }
+
+    /// Whether the session still waits for its subscription or its history
+    /// read (nothing but the 101 has been sent).
+    fn awaits_connected(&self) -> bool {
         matches!(
             &self.state,
             State::Open(session) if session.resume.as_ref().is_some_and(|r| r.held.is_some())
@@ -625,6 +671,10 @@ impl<S: Stream> Connection<S> {
             return None;
         };
         let resume = session.resume.as_mut()?;
+        if resume.subscribe_by.is_some() {
+            debug_assert!(false, "history finished before the subscription");
+            return None;
+        }
         let held = resume.held.take()?;
         resume.replayed_through = seen;
         if self.out.is_empty() {
@@ -702,9 +752,10 @@ impl<S: Stream> Connection<S> {
 
     /// Queues `count` pong messages for `{"type":"ping"}` requests (replies, not
     /// deliveries); returns how many were dropped for a full queue. While the
-    /// session waits for its history read none are sent: `connected` comes first.
+    /// session waits for its subscription or history read none are sent:
+    /// `connected` comes first.
     pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
-        if self.awaits_history() {
+        if self.awaits_connected() {
             return count;
         }
         (0..count)
@@ -788,10 +839,13 @@ impl<S: Stream> Connection<S> {
             State::Open(session) => {
                 let stalled =
                     !self.out.is_empty() && now >= self.last_write_progress + limits.write_wait;
+                let subscribe_by = session.resume.as_ref().and_then(|r| r.subscribe_by);
                 if now >= session.expires_at {
                     self.end(CloseReason::TokenExpired, limits, now)
                 } else if now >= session.last_seen + limits.pong_wait {
                     self.end(CloseReason::PongTimeout, limits, now)
+                } else if subscribe_by.is_some_and(|by| now >= by) {
+                    self.end(CloseReason::SubscriptionTimeout, limits, now)
                 } else if stalled {
                     self.end(CloseReason::SlowClient, limits, now)
                 } else {
@@ -905,6 +959,9 @@ impl<S: Stream> Connection<S> {
                 if let Some(notice_at) = session.token.notice_at() {
                     next = next.min(notice_at);
                 }
+                if let Some(by) = session.resume.as_ref().and_then(|r| r.subscribe_by) {
+                    next = next.min(by);
+                }
                 if !self.out.is_empty() {
                     next = next.min(self.last_write_progress + limits.write_wait);
                 }
@@ -923,7 +980,16 @@ impl<S: Stream> Connection<S> {
         let close_by = limits.shutdown_deadline.unwrap_or(now + limits.write_wait);
         match std::mem::replace(&mut self.state, State::Done) {
             State::Open(session) => {
-                let Session { ws, user_id, .. } = *session;
+                let Session {
+                    ws,
+                    user_id,
+                    resume,
+                    ..
+                } = *session;
+                if let Some(held) = resume.and_then(|resume| resume.held) {
+                    // Held before `connected` (counted as queued when held): never sent.
+                    self.out.count_unsent(held.len());
+                }
                 if reason == CloseReason::SlowClient {
                     // The client is not reading: what it has not started to receive is
                     // dropped (counted unsent) so the close frame is next in line.
@@ -2295,5 +2361,83 @@ mod tests {
             Queued::Dropped
         );
         assert_eq!(conn.held_dropped(), 1);
+    }
+
+    /// A session opened at `start` (101 queued) that waits for its user's
+    /// subscription until `by`.
+    fn awaiting_subscription(start: Instant, by: Instant) -> Connection<MockStream> {
+        let token_exp = crate::clock::unix_secs_now() + SESSION_LIFE.as_secs();
+        let mut conn = handshaking(b"", start);
+        conn.open_awaiting_subscription(
+            b"HTTP/1.1 101\r\n\r\n",
+            0,
+            session_params(start, token_exp, Duration::ZERO),
+            by,
+        );
+        conn
+    }
+
+    #[test]
+    fn a_session_awaiting_its_subscription_holds_messages_until_confirmed() {
+        let start = Instant::now();
+        let by = start + Duration::from_secs(10);
+        let mut conn = awaiting_subscription(start, by);
+        let frame = |text: &str| -> Frame { Arc::from(text.as_bytes()) };
+        assert_eq!(
+            conn.queue_published(frame("M1"), None, Stamp::default(), 8, start),
+            Queued::Again
+        );
+        assert_eq!(conn.queue_pongs(&frame("G"), 1, 8, start), 1, "no pong yet");
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\n");
+        assert_eq!(conn.timer_at, Some(by), "the wait is the earliest deadline");
+        assert!(conn.subscription_confirmed());
+        assert!(!conn.subscription_confirmed(), "once");
+        // Still holding (the history read may follow) until finished: without
+        // history, at once with an empty replay.
+        assert_eq!(
+            conn.queue_published(frame("M2"), None, Stamp::default(), 8, start),
+            Queued::Again
+        );
+        assert_eq!(
+            conn.finish_history(frame("C"), Vec::new(), None, start, |_| {}),
+            Some(0)
+        );
+        assert_eq!(
+            conn.queue_published(frame("M3"), None, Stamp::default(), 8, start),
+            Queued::First
+        );
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCM1M2M3");
+        // The passed wait no longer matters.
+        assert!(matches!(conn.on_deadline(&LIMITS, by), Step::Continue));
+    }
+
+    #[test]
+    fn a_subscription_not_confirmed_in_time_closes_with_1013() {
+        let start = Instant::now();
+        let by = start + Duration::from_secs(10);
+        let mut conn = awaiting_subscription(start, by);
+        let _ = conn.queue_published(Arc::from(&b"held"[..]), None, Stamp::default(), 8, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
+        let ended = ended(deadline_passes(&mut conn, by));
+        assert_eq!(ended.reason, CloseReason::SubscriptionTimeout);
+        assert_eq!(ended.reason.label(), "subscription_timeout");
+        let _ = conn.settle(&LIMITS, by, &mut WriteMetrics::default());
+        let mut expected = b"HTTP/1.1 101\r\n\r\n".to_vec();
+        expected.extend(close_frame(1013, "try again later"));
+        assert_eq!(
+            conn.socket.written, expected,
+            "the held message is not sent"
+        );
+        assert!(!conn.subscription_confirmed(), "closed: nothing to release");
+        assert_eq!(
+            conn.take_deliveries(),
+            Deliveries {
+                written: 0,
+                unsent: 1
+            },
+            "the held message is accounted for"
+        );
     }
 }

@@ -147,6 +147,15 @@ impl OutboundQueue {
         std::mem::take(&mut self.deliveries)
     }
 
+    /// Deliveries held outside the queue (live messages held while a session
+    /// waited for `connected`) that the connection drops unsent.
+    pub fn count_unsent(&mut self, deliveries: usize) {
+        self.deliveries.unsent = self
+            .deliveries
+            .unsent
+            .saturating_add(saturating_u32(deliveries));
+    }
+
     /// The connection goes: every delivery still queued (a half-written one
     /// too) is unsent. The queue is left empty.
     pub fn discard_all(&mut self) {
