@@ -291,13 +291,29 @@ enum Subscription {
     },
 }
 
+/// One user's channel on the reader's side.
+#[derive(Debug)]
+struct UserChannel {
+    /// The loop's last change for it was a Subscribe (false: an Unsubscribe
+    /// whose reply is still to come; the entry goes with that reply).
+    wanted: bool,
+    /// The loop's number of that Subscribe, echoed in the confirmation.
+    request: u64,
+    /// SUBSCRIBE and UNSUBSCRIBE commands sent on this link and not answered.
+    /// Only the reply to the last one tells where the channel stands: Redis
+    /// answers in order, and a SUBSCRIBE's reply followed by an UNSUBSCRIBE's
+    /// does not mean subscribed.
+    in_flight: u32,
+    /// Redis confirmed it on the current link and nothing was sent since.
+    confirmed: bool,
+}
+
 /// Channel mode: the users whose channel the loop wants, and the queues
 /// between the loop and this thread.
 struct Wanted {
     changes: Changes,
     confirmations: Confirmations,
-    /// User id -> confirmed by Redis on the current link.
-    users: HashMap<Box<str>, bool>,
+    users: HashMap<Box<str>, UserChannel>,
     /// Entries of `users` that are confirmed.
     confirmed: usize,
     /// Reused buffer for `Changes::take`.
@@ -315,40 +331,82 @@ impl Wanted {
         }
     }
 
-    /// A new link: nothing is confirmed on it yet.
-    fn unconfirm_all(&mut self) {
-        self.users
-            .values_mut()
-            .for_each(|confirmed| *confirmed = false);
+    /// A new link: nothing is confirmed or in flight on it, and what was only
+    /// waiting for its UNSUBSCRIBE reply is gone with the old one.
+    fn new_link(&mut self) {
+        self.users.retain(|_, user| user.wanted);
+        for user in self.users.values_mut() {
+            user.confirmed = false;
+            user.in_flight = 0;
+        }
         self.confirmed = 0;
     }
 
-    /// Applies the loop's changes in order. With a link, a user already
-    /// confirmed is confirmed again at once, and the others become SUBSCRIBE
-    /// and UNSUBSCRIBE commands (runs of one kind batched, the order kept).
-    /// Without one only the wanted set changes: the next link subscribes it.
+    /// The users to subscribe on a new link (after `new_link`), each counted
+    /// as in flight.
+    fn resubscribe(&mut self) -> impl Iterator<Item = &str> {
+        self.users.iter_mut().map(|(user, channel)| {
+            channel.in_flight += 1;
+            &**user
+        })
+    }
+
+    /// Applies the loop's changes in order. With a link, a user confirmed
+    /// with nothing in flight is confirmed again at once, and the others
+    /// become SUBSCRIBE and UNSUBSCRIBE commands (runs of one kind batched,
+    /// the order kept). Without one only the wanted set changes: the next
+    /// link subscribes it.
     fn apply_changes(&mut self, mut link: Option<&mut Link>, prefix: &str, status: &RedisStatus) {
         self.taken.clear();
         self.changes.take(&mut self.taken);
         let mut batch = Batch::new(prefix);
         for change in self.taken.drain(..) {
             match change {
-                Change::Subscribe(user) => match self.users.get(&user) {
-                    Some(true) => self.confirmations.push(&user),
-                    // In flight: confirmed when Redis confirms it.
-                    Some(false) => {}
-                    None => {
-                        if let Some(link) = link.as_deref_mut() {
-                            batch.add(link, status, SubscriptionKind::Subscribe, &user);
-                        }
-                        self.users.insert(user, false);
+                Change::Subscribe(user, request) => {
+                    if !self.users.contains_key(&user) {
+                        let channel = UserChannel {
+                            wanted: false,
+                            request,
+                            in_flight: 0,
+                            confirmed: false,
+                        };
+                        self.users.insert(user.clone(), channel);
                     }
-                },
+                    let Some(channel) = self.users.get_mut(&user) else {
+                        continue;
+                    };
+                    channel.request = request;
+                    if channel.wanted {
+                        if channel.confirmed && channel.in_flight == 0 {
+                            self.confirmations.push(&user, request);
+                        }
+                        // Else in flight: confirmed with this request when Redis confirms.
+                        continue;
+                    }
+                    channel.wanted = true;
+                    if let Some(link) = link.as_deref_mut() {
+                        channel.in_flight += 1;
+                        batch.add(link, status, SubscriptionKind::Subscribe, &user);
+                    }
+                }
                 Change::Unsubscribe(user) => {
-                    if let Some(confirmed) = self.users.remove(&user) {
-                        self.confirmed -= usize::from(confirmed);
-                        if let Some(link) = link.as_deref_mut() {
+                    let Some(channel) = self.users.get_mut(&user) else {
+                        continue;
+                    };
+                    if !channel.wanted {
+                        continue;
+                    }
+                    channel.wanted = false;
+                    if std::mem::take(&mut channel.confirmed) {
+                        self.confirmed -= 1;
+                    }
+                    match link.as_deref_mut() {
+                        Some(link) => {
+                            channel.in_flight += 1;
                             batch.add(link, status, SubscriptionKind::Unsubscribe, &user);
+                        }
+                        None => {
+                            self.users.remove(&user);
                         }
                     }
                 }
@@ -360,18 +418,25 @@ impl Wanted {
         status.set_subscriptions(self.confirmed as u64);
     }
 
-    /// Redis confirmed `user`'s channel: tell the loop (also for a user
-    /// unsubscribed meanwhile: every Subscribe gets its confirmation).
-    fn confirmed(&mut self, user: &str, status: &RedisStatus) {
-        match self.users.get_mut(user) {
-            Some(confirmed) if !*confirmed => {
-                *confirmed = true;
-                self.confirmed += 1;
-                status.set_subscriptions(self.confirmed as u64);
-                self.confirmations.push(user);
-            }
-            Some(_) => {}
-            None => self.confirmations.push(user),
+    /// Redis answered a SUBSCRIBE or UNSUBSCRIBE of `user`'s channel. Once
+    /// the last command sent for it is answered, a wanted channel is
+    /// confirmed (the loop hears it with the request it asked last) and an
+    /// unwanted one is forgotten.
+    fn answered(&mut self, user: &str, status: &RedisStatus) {
+        let Some(channel) = self.users.get_mut(user) else {
+            return; // a reply from before a new link's `new_link`: nothing to do
+        };
+        channel.in_flight = channel.in_flight.saturating_sub(1);
+        if channel.in_flight > 0 {
+            return;
+        }
+        if !channel.wanted {
+            self.users.remove(user);
+        } else if !channel.confirmed {
+            channel.confirmed = true;
+            self.confirmed += 1;
+            status.set_subscriptions(self.confirmed as u64);
+            self.confirmations.push(user, channel.request);
         }
     }
 }
@@ -585,7 +650,7 @@ impl ReaderThread {
         }
         let connect_deadline = Instant::now() + self.io_wait;
         if let Some(wanted) = &mut self.wanted {
-            wanted.unconfirm_all();
+            wanted.new_link();
             wanted.apply_changes(None, &self.config.channel_prefix, &self.status);
         }
         let mut link = match Link::connect(
@@ -597,7 +662,7 @@ impl ReaderThread {
             Ok(link) => link,
             Err(e) => return SessionEnd::ConnectFailed(self.describe(&e)),
         };
-        match &self.wanted {
+        match &mut self.wanted {
             None => link.command(
                 redis::cmd("PSUBSCRIBE").arg(&self.pattern),
                 Command::Subscription(SubscriptionKind::Psubscribe),
@@ -605,7 +670,7 @@ impl ReaderThread {
             ),
             Some(wanted) => {
                 let mut batch = Batch::new(&self.config.channel_prefix);
-                for user in wanted.users.keys() {
+                for user in wanted.resubscribe() {
                     batch.add(&mut link, &self.status, SubscriptionKind::Subscribe, user);
                 }
                 batch.finish(&mut link, &self.status);
@@ -749,16 +814,15 @@ impl ReaderThread {
     fn on_subscription(&mut self, kind: SubscriptionKind, channel: Option<&[u8]>) {
         match kind {
             SubscriptionKind::Psubscribe => self.status.set_subscriptions(1),
-            SubscriptionKind::Subscribe => {
+            SubscriptionKind::Subscribe | SubscriptionKind::Unsubscribe => {
                 let prefix = self.config.channel_prefix.as_bytes();
                 let user = channel
                     .and_then(|c| c.strip_prefix(prefix))
                     .and_then(|u| std::str::from_utf8(u).ok());
                 if let (Some(wanted), Some(user)) = (&mut self.wanted, user) {
-                    wanted.confirmed(user, &self.status);
+                    wanted.answered(user, &self.status);
                 }
             }
-            // The wanted set changed when the UNSUBSCRIBE was sent.
             _ => {}
         }
     }

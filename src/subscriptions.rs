@@ -6,15 +6,18 @@
 //!  [event loop]   Requests::subscribe(user) / unsubscribe(user) ... Requests::send()
 //!      --> one Mutex<Vec<Change>> swap + one reader wake per loop turn
 //!  [redis-reader] Changes::take(): SUBSCRIBE / UNSUBSCRIBE in batches
-//!      --> Confirmations::push(user) once Redis confirmed the user's channel
+//!      --> Confirmations::push(user, request) once Redis confirmed the user's channel
 //!      --> the loop's waker (coalesced like the hand-over's)
 //!  [event loop]   Confirmed::drain_into() before the turn's messages
 //! ```
 //!
-//! Order matters in one place: the loop drains confirmations before the
+//! Order matters in two places. The loop drains confirmations before the
 //! hand-over queue in each turn, and the reader pushes a confirmation before
-//! any message it reads after it. So once the loop has sent `connected` on a
-//! confirmation, every message published after it is still to come.
+//! any message it reads after it: so once the loop has sent `connected` on a
+//! confirmation, every message published after it is still to come. And a
+//! confirmation names the Subscribe it answers (its request number): one that
+//! was on its way while the loop unsubscribed and subscribed the user again
+//! must not release a connection before the new subscription is in place.
 //! Neither side bounds these queues by dropping: a change or a confirmation is
 //! a few bytes per user, and there is at most one per connect or disconnect.
 
@@ -27,8 +30,9 @@ use log::warn;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// The user's first connection on this instance: subscribe their channel
-    /// and confirm it (again, if it is already in place).
-    Subscribe(Box<str>),
+    /// and confirm it (again, if it is already in place) with this request
+    /// number.
+    Subscribe(Box<str>, u64),
     /// The user's last connection left (and the linger passed).
     Unsubscribe(Box<str>),
 }
@@ -98,13 +102,19 @@ impl<T> Batched<T> {
 /// over at once.
 pub struct Requests {
     pending: Vec<Change>,
+    /// The last Subscribe's number.
+    last_request: u64,
     shared: Arc<Batched<Change>>,
 }
 
 impl Requests {
-    /// Queues a subscribe for the next [`Requests::send`].
-    pub fn subscribe(&mut self, user_id: &str) {
-        self.pending.push(Change::Subscribe(user_id.into()));
+    /// Queues a subscribe for the next [`Requests::send`]; its confirmation
+    /// will carry the number returned.
+    pub fn subscribe(&mut self, user_id: &str) -> u64 {
+        self.last_request += 1;
+        self.pending
+            .push(Change::Subscribe(user_id.into(), self.last_request));
+        self.last_request
     }
 
     /// Queues an unsubscribe for the next [`Requests::send`].
@@ -138,25 +148,26 @@ impl Changes {
 
 /// The reader's end for confirmations.
 pub struct Confirmations {
-    shared: Arc<Batched<Box<str>>>,
+    shared: Arc<Batched<(Box<str>, u64)>>,
 }
 
 impl Confirmations {
-    /// Redis confirmed this user's channel: tell the loop (wakes it unless it
-    /// is awake already).
-    pub fn push(&self, user_id: &str) {
-        self.shared.push(user_id.into());
+    /// Redis confirmed this user's channel, as asked by the Subscribe
+    /// numbered `request`: tell the loop (wakes it unless it is awake already).
+    pub fn push(&self, user_id: &str, request: u64) {
+        self.shared.push((user_id.into(), request));
     }
 }
 
 /// The loop's end for confirmations.
 pub struct Confirmed {
-    shared: Arc<Batched<Box<str>>>,
+    shared: Arc<Batched<(Box<str>, u64)>>,
 }
 
 impl Confirmed {
-    /// Appends the users whose channel Redis confirmed since the last call.
-    pub fn drain_into(&self, out: &mut Vec<Box<str>>) -> usize {
+    /// Appends the users whose channel Redis confirmed since the last call,
+    /// each with the number of the Subscribe confirmed.
+    pub fn drain_into(&self, out: &mut Vec<(Box<str>, u64)>) -> usize {
         self.shared.drain_into(out)
     }
 
@@ -186,6 +197,7 @@ pub fn channel(
     (
         Requests {
             pending: Vec::new(),
+            last_request: 0,
             shared: Arc::clone(&changes),
         },
         Changes { shared: changes },
@@ -225,12 +237,12 @@ mod tests {
             !woken(&mut reader_poll, &mut events, token),
             "nothing to send"
         );
-        requests.subscribe("alice");
+        assert_eq!(requests.subscribe("alice"), 1);
         requests.unsubscribe("bob");
-        requests.subscribe("bob");
+        assert_eq!(requests.subscribe("bob"), 2);
         assert!(!changes.has_waiting(), "held until send");
         requests.send();
-        requests.subscribe("carol");
+        assert_eq!(requests.subscribe("carol"), 3);
         requests.send();
         assert!(woken(&mut reader_poll, &mut events, token));
         let mut out = Vec::new();
@@ -238,10 +250,10 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Change::Subscribe("alice".into()),
+                Change::Subscribe("alice".into(), 1),
                 Change::Unsubscribe("bob".into()),
-                Change::Subscribe("bob".into()),
-                Change::Subscribe("carol".into()),
+                Change::Subscribe("bob".into(), 2),
+                Change::Subscribe("carol".into(), 3),
             ]
         );
         // The drain cleared the flag: the next send wakes again.
@@ -249,13 +261,16 @@ mod tests {
         requests.send();
         assert!(woken(&mut reader_poll, &mut events, token));
 
-        confirmations.push("alice");
-        confirmations.push("carol");
+        confirmations.push("alice", 1);
+        confirmations.push("carol", 3);
         assert!(confirmed.has_waiting());
         assert!(woken(&mut loop_poll, &mut events, token));
         let mut users = Vec::new();
         assert_eq!(confirmed.drain_into(&mut users), 2);
-        assert_eq!(users, vec![Box::from("alice"), Box::from("carol")]);
+        assert_eq!(
+            users,
+            vec![(Box::from("alice"), 1), (Box::from("carol"), 3)]
+        );
         assert!(!confirmed.has_waiting());
     }
 }

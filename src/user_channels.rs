@@ -58,14 +58,19 @@ pub enum Admission {
 /// One user's channel.
 #[derive(Debug)]
 enum Channel {
-    /// SUBSCRIBE asked of the reader, not yet confirmed; these connections
-    /// wait (every connection of the user here waits).
-    Pending { waiting: Vec<Waiter> },
+    /// SUBSCRIBE asked of the reader (as `request`), not yet confirmed;
+    /// these connections wait (every connection of the user here waits).
+    Pending { waiting: Vec<Waiter>, request: u64 },
     /// Redis confirmed the channel; the user has connections here.
     Confirmed,
     /// No connection left: UNSUBSCRIBE at `until` unless one comes back.
-    /// `confirmed` false while the SUBSCRIBE asked earlier is still in flight.
-    Lingering { until: Instant, confirmed: bool },
+    /// `confirmed` false while the SUBSCRIBE asked earlier (`request`) is
+    /// still in flight.
+    Lingering {
+        until: Instant,
+        confirmed: bool,
+        request: u64,
+    },
 }
 
 /// The users whose channels this instance needs, and the loop's ends of the
@@ -81,7 +86,7 @@ pub struct UserChannels {
     requests: Requests,
     confirmed: Confirmed,
     /// Reused buffer for one drain of confirmations.
-    confirmations: Vec<Box<str>>,
+    confirmations: Vec<(Box<str>, u64)>,
 }
 
 impl UserChannels {
@@ -105,18 +110,19 @@ impl UserChannels {
             if !may_subscribe {
                 return Admission::Refuse;
             }
-            self.requests.subscribe(user_id);
+            let request = self.requests.subscribe(user_id);
             self.users.insert(
                 Rc::clone(user_id),
                 Channel::Pending {
                     waiting: vec![waiter],
+                    request,
                 },
             );
             return Admission::Wait;
         };
         match channel {
             Channel::Confirmed => Admission::Open,
-            Channel::Pending { waiting } => {
+            Channel::Pending { waiting, .. } => {
                 waiting.push(waiter);
                 Admission::Wait
             }
@@ -127,10 +133,13 @@ impl UserChannels {
                 Admission::Open
             }
             Channel::Lingering {
-                confirmed: false, ..
+                confirmed: false,
+                request,
+                ..
             } => {
                 *channel = Channel::Pending {
                     waiting: vec![waiter],
+                    request: *request,
                 };
                 Admission::Wait
             }
@@ -154,13 +163,14 @@ impl UserChannels {
         let Some(channel) = self.users.get_mut(&user) else {
             return;
         };
-        let confirmed = match channel {
-            Channel::Pending { waiting } => {
+        let (confirmed, request) = match channel {
+            Channel::Pending { waiting, request } => {
                 waiting.retain(|w| (w.key, w.connection_id) != (key, connection_id));
                 debug_assert_eq!(waiting.is_empty(), last, "every connection waits");
-                false
+                (false, *request)
             }
-            Channel::Confirmed => true,
+            // A confirmed channel needs no request number any more.
+            Channel::Confirmed => (true, 0),
             Channel::Lingering { .. } => {
                 debug_assert!(false, "a lingering user has no connection");
                 return;
@@ -170,7 +180,11 @@ impl UserChannels {
             return;
         }
         let until = now + self.linger;
-        *channel = Channel::Lingering { until, confirmed };
+        *channel = Channel::Lingering {
+            until,
+            confirmed,
+            request,
+        };
         self.lingering.push_back((until, user));
     }
 
@@ -182,17 +196,20 @@ impl UserChannels {
     /// Takes the reader's confirmations (drain them before the hand-over
     /// inbox: see `subscriptions`) and appends the connections they release,
     /// with their user, to `released`. A confirmation for a user that is
-    /// confirmed already or gone (a resubscription after a Redis reconnect,
-    /// or one that crossed an UNSUBSCRIBE) changes nothing.
+    /// confirmed already or gone (a resubscription after a Redis reconnect),
+    /// or of an earlier Subscribe than the one in flight (it crossed an
+    /// UNSUBSCRIBE), changes nothing.
     pub fn take_confirmed(&mut self, released: &mut Vec<(Rc<str>, Waiter)>) {
         let mut confirmations = std::mem::take(&mut self.confirmations);
         self.confirmed.drain_into(&mut confirmations);
-        for user_id in confirmations.drain(..) {
+        for (user_id, confirmed_request) in confirmations.drain(..) {
             let Some(channel) = self.users.get_mut(&*user_id) else {
                 continue;
             };
             match channel {
-                Channel::Pending { waiting } => {
+                Channel::Pending { request, .. } | Channel::Lingering { request, .. }
+                    if *request != confirmed_request => {}
+                Channel::Pending { waiting, .. } => {
                     let waiting = std::mem::take(waiting);
                     *channel = Channel::Confirmed;
                     if let Some((user, _)) = self.users.get_key_value(&*user_id) {
@@ -260,6 +277,10 @@ mod tests {
         channels: UserChannels,
         changes: Changes,
         confirmations: Confirmations,
+        /// Changes the reader took and `sent` has not returned yet.
+        log: Vec<Change>,
+        /// Each user's last Subscribe number, as the reader saw it.
+        requests: std::collections::HashMap<String, u64>,
         // The polls the wakers are registered with must outlive them.
         _polls: (Poll, Poll),
     }
@@ -282,20 +303,46 @@ mod tests {
                 ),
                 changes,
                 confirmations,
+                log: Vec::new(),
+                requests: std::collections::HashMap::new(),
                 _polls: (loop_poll, reader_poll),
             }
         }
 
-        /// What the reader receives after the loop's `send`.
-        fn sent(&mut self) -> Vec<Change> {
+        /// The loop's `send`, and the reader's take.
+        fn take(&mut self) {
             self.channels.send();
-            let mut out = Vec::new();
-            self.changes.take(&mut out);
-            out
+            let from = self.log.len();
+            self.changes.take(&mut self.log);
+            for change in &self.log[from..] {
+                if let Change::Subscribe(user, request) = change {
+                    self.requests.insert(user.to_string(), *request);
+                }
+            }
         }
 
+        /// What the reader receives after the loop's `send` (request numbers
+        /// zeroed: see `confirm`).
+        fn sent(&mut self) -> Vec<Change> {
+            self.take();
+            self.log
+                .drain(..)
+                .map(|change| match change {
+                    Change::Subscribe(user, _) => Change::Subscribe(user, 0),
+                    other => other,
+                })
+                .collect()
+        }
+
+        /// The reader confirms the user's last Subscribe.
         fn confirm(&mut self, user: &str) -> Vec<(Rc<str>, Waiter)> {
-            self.confirmations.push(user);
+            self.take();
+            let request = self.requests[user];
+            self.confirm_request(user, request)
+        }
+
+        fn confirm_request(&mut self, user: &str, request: u64) -> Vec<(Rc<str>, Waiter)> {
+            self.confirmations.push(user, request);
             assert!(self.channels.confirmations_waiting());
             let mut released = Vec::new();
             self.channels.take_confirmed(&mut released);
@@ -313,7 +360,7 @@ mod tests {
     }
 
     fn subscribe(user: &str) -> Change {
-        Change::Subscribe(user.into())
+        Change::Subscribe(user.into(), 0)
     }
 
     fn unsubscribe(user: &str) -> Change {
@@ -438,6 +485,25 @@ mod tests {
         h.channels.expire(start + LINGER);
         assert_eq!(h.channels.admit(&alice, waiter(2), true), Admission::Wait);
         assert_eq!(h.sent(), vec![unsubscribe("alice"), subscribe("alice")]);
+        assert_eq!(h.confirm("alice"), vec![(alice, waiter(2))]);
+    }
+
+    #[test]
+    fn a_confirmation_of_an_earlier_subscribe_releases_nothing() {
+        let mut h = Harness::new();
+        let start = Instant::now();
+        let alice: Rc<str> = "alice".into();
+        let _ = h.channels.admit(&alice, waiter(1), true);
+        let _ = h.sent();
+        let first = h.requests["alice"];
+        // Alice leaves before Redis answers; the linger passes; she comes back.
+        h.channels.left("alice", 1, 101, true, start);
+        h.channels.expire(start + LINGER);
+        assert_eq!(h.channels.admit(&alice, waiter(2), true), Admission::Wait);
+        assert_eq!(h.sent(), vec![unsubscribe("alice"), subscribe("alice")]);
+        // The first SUBSCRIBE's confirmation was on its way: the UNSUBSCRIBE and
+        // the new SUBSCRIBE are not answered yet, so it releases nothing.
+        assert!(h.confirm_request("alice", first).is_empty());
         assert_eq!(h.confirm("alice"), vec![(alice, waiter(2))]);
     }
 

@@ -515,8 +515,9 @@ fn channel_reader(
 }
 
 impl LoopSide {
-    /// Drains confirmations until `want` more arrived; returns them in order.
-    fn confirmations(&mut self, confirmed: &Confirmed, want: usize) -> Vec<Box<str>> {
+    /// Drains confirmations until `want` more arrived; returns them in order,
+    /// each user with the number of the Subscribe confirmed.
+    fn confirmations(&mut self, confirmed: &Confirmed, want: usize) -> Vec<(Box<str>, u64)> {
         let deadline = Instant::now() + secs(20);
         let mut got = Vec::new();
         while got.len() < want {
@@ -573,12 +574,12 @@ fn channel_mode_confirms_then_delivers_only_subscribed_users() {
     // Nobody wanted: nothing subscribed, nothing delivered.
     assert_eq!(redis.notify("alice", b"early"), 0);
 
-    per_user.requests.subscribe("alice");
-    per_user.requests.subscribe("bob");
+    let alice = per_user.requests.subscribe("alice");
+    let bob = per_user.requests.subscribe("bob");
     per_user.requests.send();
     let mut got = side.confirmations(&per_user.confirmed, 2);
     got.sort();
-    assert_eq!(got, [Box::from("alice"), Box::from("bob")]);
+    assert_eq!(got, [(Box::from("alice"), alice), (Box::from("bob"), bob)]);
     assert_eq!(status.subscriptions(), 2);
     assert_eq!(status.subscribes(), 2);
 
@@ -597,11 +598,11 @@ fn channel_mode_confirms_then_delivers_only_subscribed_users() {
 
     // Unsubscribe, and a subscribe of a user already confirmed: confirmed at once.
     per_user.requests.unsubscribe("bob");
-    per_user.requests.subscribe("alice");
+    let alice_again = per_user.requests.subscribe("alice");
     per_user.requests.send();
     assert_eq!(
         side.confirmations(&per_user.confirmed, 1),
-        [Box::from("alice")]
+        [(Box::from("alice"), alice_again)]
     );
     wait_until(secs(10), "bob unsubscribed", || {
         numsub(&redis, "user_noti:bob") == 0
@@ -613,13 +614,16 @@ fn channel_mode_confirms_then_delivers_only_subscribed_users() {
     assert_eq!(status.subscribes(), 2, "alice was not subscribed twice");
 
     // Subscribe and unsubscribe of one user in one batch: applied in order,
-    // and the subscribe is still confirmed.
+    // and not confirmed (the SUBSCRIBE's reply is followed by the
+    // UNSUBSCRIBE's). Replies come in order, so erin's confirmation coming
+    // first shows that none came for dave.
     per_user.requests.subscribe("dave");
     per_user.requests.unsubscribe("dave");
+    let erin = per_user.requests.subscribe("erin");
     per_user.requests.send();
     assert_eq!(
         side.confirmations(&per_user.confirmed, 1),
-        [Box::from("dave")]
+        [(Box::from("erin"), erin)]
     );
     wait_until(secs(10), "dave unsubscribed", || {
         numsub(&redis, "user_noti:dave") == 0
