@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{
     POLL, PROMPT, UNSET, free_port, health, metric, metric_value, metrics_text, random_hex,
-    send_signal, token, try_http, wait_until,
+    send_signal, token, try_http, wait_for, wait_until,
 };
 
 /// The real `ws-notify` binary on a free port, killed on drop.
@@ -220,6 +220,14 @@ impl Gateway {
     /// Everything the process wrote to stdout and stderr so far.
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until the server's output contains `needle` (the log writer
+    /// writes on its own thread, so a line can come after the state it tells).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for(timeout, &format!("a log line with {needle:?}"), || {
+            self.logs().contains(needle).then_some(())
+        });
     }
 
     pub fn signal(&self, sig: libc::c_int) {
