@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use redis::{Client, Connection, Value};
 
 use crate::config::RedisConfig;
@@ -481,9 +481,11 @@ impl Nodes {
     pub fn connection(&mut self, node: &NodeAddr) -> Result<&mut Connection, String> {
         if !self.connections.contains_key(node) {
             let mut con = connect(&self.config, node, self.io_wait)?;
-            if let Some(library) = &self.library {
-                load_library(&mut con, library).map_err(|e| format!("{node}: {e}"))?;
-                debug!(node:% = node; "function library ws_notify loaded");
+            // Reads work without the library; publishers need it.
+            match self.library.as_deref().map(|l| load_library(&mut con, l)) {
+                Some(Ok(())) => info!(node:% = node; "Redis function library ws_notify loaded"),
+                Some(Err(e)) => warn!(node:% = node; "function library ws_notify not loaded: {e}"),
+                None => {}
             }
             self.connections.insert(node.clone(), con);
         }
@@ -514,6 +516,17 @@ impl Nodes {
             }
         }
         errors
+    }
+
+    /// Loads the function library on every master (a connection to each is
+    /// opened if needed).
+    pub fn load_library_everywhere(&mut self, library: &str) -> Result<(), String> {
+        let masters: Vec<NodeAddr> = self.topology.masters().cloned().collect();
+        for master in masters {
+            let con = self.connection(&master)?;
+            load_library(con, library).map_err(|e| format!("{master}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Runs `cmd` on the master of `key`'s slot. A MOVED reply refreshes the

@@ -3,7 +3,102 @@
 
 mod common;
 
+use std::process::Command;
+
+use common::procs::{Output, run};
 use common::*;
+use serde_json::Value;
+use ws_notify::cluster::{self, NodeAddr};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ws-notify");
+
+/// For each master (in `cluster.masters()` order), a user whose channel
+/// `user_noti:<user>` hashes to one of its slots.
+fn users_on_each_master(cluster: &RedisCluster) -> Vec<(String, usize)> {
+    let slots = cluster.slots();
+    let owner = |slot: u16| {
+        let range = slots
+            .iter()
+            .find(|r| (r.start..=r.end).contains(&slot))
+            .expect("every slot is served");
+        cluster.node_on(range.master)
+    };
+    cluster
+        .masters()
+        .into_iter()
+        .map(|master| {
+            let user = (0..)
+                .map(|i| format!("u{i}"))
+                .find(|u| owner(cluster::key_slot(format!("user_noti:{u}").as_bytes())) == master)
+                .expect("some user hashes to every master");
+            (user, master)
+        })
+        .collect()
+}
+
+/// A redis-rs connection that `SSUBSCRIBE`d to one shard channel.
+struct ShardSubscriber {
+    con: redis::Connection,
+}
+
+impl ShardSubscriber {
+    #[track_caller]
+    fn new(cluster: &RedisCluster, node: usize, channel: &str) -> ShardSubscriber {
+        let mut con = cluster.connection(node);
+        con.send_packed_command(&redis::cmd("SSUBSCRIBE").arg(channel).get_packed_command())
+            .expect("send SSUBSCRIBE");
+        let reply = con.recv_response().expect("SSUBSCRIBE reply");
+        assert_eq!(push_kind(&reply), "ssubscribe", "{reply:?}");
+        ShardSubscriber { con }
+    }
+
+    /// The payload of the next `smessage`.
+    #[track_caller]
+    fn next_message(&mut self) -> String {
+        let reply = self.con.recv_response().expect("a shard message");
+        assert_eq!(push_kind(&reply), "smessage", "{reply:?}");
+        match reply {
+            redis::Value::Array(items) => match &items[2] {
+                redis::Value::BulkString(payload) => String::from_utf8_lossy(payload).into(),
+                other => panic!("payload {other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+fn push_kind(reply: &redis::Value) -> String {
+    match reply {
+        redis::Value::Array(items) | redis::Value::Push { data: items, .. } => {
+            match items.first() {
+                Some(redis::Value::BulkString(kind)) => String::from_utf8_lossy(kind).into(),
+                _ => String::new(),
+            }
+        }
+        _ => String::new(),
+    }
+}
+
+/// `ws-notify <args>` with only `env` (and PATH) set.
+fn cli(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    cmd.args(args).envs(env.iter().copied());
+    run("ws-notify publish", cmd, secs(20))
+}
+
+/// Whether `node` has the `ws_notify` function library.
+fn has_library(cluster: &RedisCluster, node: usize) -> bool {
+    redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("ws_notify")
+        .query::<Vec<redis::Value>>(&mut cluster.connection(node))
+        .is_ok_and(|libraries| !libraries.is_empty())
+}
 
 #[test]
 fn the_harness_starts_a_cluster_and_moves_a_slot() {
@@ -51,7 +146,6 @@ fn sharded_config(seeds: &str) -> ws_notify::config::RedisConfig {
 
 #[test]
 fn slots_and_topology_agree_with_the_cluster() {
-    use ws_notify::cluster::{self, NodeAddr};
     let cluster = RedisCluster::start(3, 0);
     let mut keys: Vec<String> = [
         "foo",
@@ -91,4 +185,153 @@ fn slots_and_topology_agree_with_the_cluster() {
     let error = cluster::discover(&only_dead, &cluster::seeds(&only_dead), secs(1))
         .expect_err("no node answers");
     assert!(error.contains(&format!("127.0.0.1:{dead}")), "{error}");
+}
+
+#[test]
+fn publish_in_sharded_mode_reaches_shard_subscribers_on_every_master() {
+    let cluster = RedisCluster::start(3, 0);
+    for (n, (user, master)) in users_on_each_master(&cluster).into_iter().enumerate() {
+        let channel = format!("user_noti:{user}");
+        let mut subscriber = ShardSubscriber::new(&cluster, master, &channel);
+        // The only seed is another master: the CLI finds the owner itself.
+        let other = cluster
+            .masters()
+            .into_iter()
+            .find(|m| *m != master)
+            .expect("another");
+        let seed = format!("127.0.0.1:{}", cluster.nodes[other].port);
+        let payload = format!(r#"{{"n":{n}}}"#);
+        let out = cli(
+            &["publish", &user, "t", &payload],
+            &[
+                ("REDIS_SUBSCRIBE_MODE", "sharded"),
+                ("REDIS_CLUSTER_NODES", &seed),
+            ],
+        );
+        assert_eq!(out.code, Some(0), "{out:?}");
+        assert_eq!(out.stdout.trim(), "1", "one shard subscriber: {out:?}");
+        assert_eq!(
+            subscriber.next_message(),
+            format!(r#"{{"type":"t","payload":{payload}}}"#)
+        );
+    }
+
+    // No node answers: exit 1, naming the seed.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let out = cli(
+        &["publish", "u0", "t"],
+        &[
+            ("REDIS_SUBSCRIBE_MODE", "sharded"),
+            ("REDIS_CLUSTER_NODES", &dead),
+        ],
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(out.stderr.contains(&dead), "{out:?}");
+}
+
+#[test]
+fn routed_commands_follow_a_migrated_slot() {
+    let cluster = RedisCluster::start(3, 0);
+    let config = sharded_config(&cluster.seeds());
+    let mut nodes = cluster::Nodes::new(config, secs(2), None);
+    nodes.refresh().expect("topology");
+    let (user, master) = users_on_each_master(&cluster).remove(0);
+    let channel = format!("user_noti:{user}");
+    let slot = cluster::key_slot(channel.as_bytes());
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|m| *m != master)
+        .expect("another");
+    let mut set = redis::cmd("SET");
+    set.arg(&channel).arg("v");
+    nodes
+        .query_routed::<()>(channel.as_bytes(), &set)
+        .expect("SET");
+
+    cluster.migrate_slot(slot, to);
+    // The topology held is stale: the old owner answers MOVED, which is followed.
+    let mut get = redis::cmd("GET");
+    get.arg(&channel);
+    let value: String = nodes
+        .query_routed(channel.as_bytes(), &get)
+        .expect("GET after MOVED");
+    assert_eq!(value, "v");
+    let to_addr = NodeAddr::new("127.0.0.1", cluster.nodes[to].port);
+    assert_eq!(
+        nodes.topology().master_for_slot(slot),
+        Some(&to_addr),
+        "refreshed"
+    );
+}
+
+#[test]
+fn history_in_sharded_mode_spublishes_appends_and_reads_on_the_owning_master() {
+    let cluster = RedisCluster::start(3, 0);
+    let users = users_on_each_master(&cluster);
+    let seeds = cluster.seeds();
+    let env = [
+        ("REDIS_SUBSCRIBE_MODE", "sharded"),
+        ("REDIS_CLUSTER_NODES", seeds.as_str()),
+        ("WS_HISTORY_SIZE", "5"),
+    ];
+
+    // The CLI finds no function, loads the library on every master, and
+    // publishes with ws_notify_spublish on the owner of the user's slot.
+    let mut ids = Vec::new();
+    for (user, master) in &users {
+        let channel = format!("user_noti:{user}");
+        let mut subscriber = ShardSubscriber::new(&cluster, *master, &channel);
+        let out = cli(&["publish", user, "first", "1"], &env);
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let id = out.stdout.trim().to_string();
+        assert_eq!(
+            subscriber.next_message(),
+            format!(r#"{{"id":"{id}","type":"first","payload":1}}"#)
+        );
+        let len: i64 = redis::cmd("XLEN")
+            .arg(&channel)
+            .query(&mut cluster.connection(*master))
+            .expect("XLEN on the owner");
+        assert_eq!(len, 1, "{channel} on node {master}");
+        ids.push(id);
+    }
+    for master in cluster.masters() {
+        assert!(
+            has_library(&cluster, master),
+            "node {master} has the library"
+        );
+    }
+
+    // The gateway loads the library on every master at start...
+    for master in cluster.masters() {
+        redis::cmd("FUNCTION")
+            .arg("FLUSH")
+            .query::<()>(&mut cluster.connection(master))
+            .expect("FUNCTION FLUSH");
+    }
+    let gw = Gateway::start(cluster.nodes[0].port, &env);
+    for master in cluster.masters() {
+        wait_until(PROMPT, "the gateway loaded the library everywhere", || {
+            has_library(&cluster, master)
+        });
+    }
+    // ... and reads each user's stream on its master: a resume from the
+    // first message gets the second.
+    for ((user, master), first) in users.iter().zip(&ids) {
+        let out = cli(&["publish", user, "second", "2"], &env);
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let second = out.stdout.trim().to_string();
+        let query = format!("/ws?token={}&since={first}", gw.token(user));
+        let ws = ws_connect_with(gw.port, &query, &[]).expect("connect");
+        let (mut ws, hello) = expect_connected(ws);
+        assert_eq!(
+            hello["recovery"]["complete"], true,
+            "user on node {master}: {hello}"
+        );
+        assert_eq!(hello["position"], second.as_str(), "{hello}");
+        let replayed: Value = recv_json(&mut ws, PROMPT);
+        assert_eq!(replayed["id"], second.as_str(), "{replayed}");
+        assert_eq!(replayed["type"], "second", "{replayed}");
+    }
 }
