@@ -335,3 +335,70 @@ fn history_in_sharded_mode_spublishes_appends_and_reads_on_the_owning_master() {
         assert_eq!(replayed["type"], "second", "{replayed}");
     }
 }
+
+/// What the sharded reader relies on: when a subscribed channel's slot moves
+/// away, Redis (7.0+) tells the subscriber with an unsolicited `sunsubscribe`.
+#[test]
+fn redis_unsubscribes_shard_subscribers_whose_slot_moved() {
+    let cluster = RedisCluster::start(3, 0);
+    let (user, master) = users_on_each_master(&cluster).remove(0);
+    let channel = format!("user_noti:{user}");
+    let mut subscriber = ShardSubscriber::new(&cluster, master, &channel);
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|m| *m != master)
+        .expect("another");
+    cluster.migrate_slot(cluster::key_slot(channel.as_bytes()), to);
+    let reply = subscriber
+        .con
+        .recv_response()
+        .expect("a push after the move");
+    assert_eq!(push_kind(&reply), "sunsubscribe", "{reply:?}");
+    // At the new owner, SPUBLISH reaches a new subscription.
+    let mut moved = ShardSubscriber::new(&cluster, to, &channel);
+    assert_eq!(cluster.spublish(&channel, "after"), 1);
+    assert_eq!(moved.next_message(), "after");
+}
+
+#[test]
+fn after_a_failover_discovery_and_publish_find_the_promoted_replica() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let config = sharded_config(&cluster.seeds());
+    let topology = cluster::discover(&config, &cluster::seeds(&config), secs(1)).expect("topology");
+    assert_eq!(topology.masters().count(), 3);
+    assert!(
+        topology
+            .shards()
+            .iter()
+            .all(|shard| shard.replicas.len() == 1),
+        "{topology:?}"
+    );
+
+    let (user, master) = users_on_each_master(&cluster).remove(0);
+    let channel = format!("user_noti:{user}");
+    let promoted = cluster.kill_and_wait_promotion(master);
+    assert_ne!(promoted, master);
+    let mut subscriber = ShardSubscriber::new(&cluster, promoted, &channel);
+    // The seeds include the dead master: it is skipped.
+    let seeds = cluster.seeds();
+    let out = cli(
+        &["publish", &user, "t", "7"],
+        &[
+            ("REDIS_SUBSCRIBE_MODE", "sharded"),
+            ("REDIS_CLUSTER_NODES", &seeds),
+        ],
+    );
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(subscriber.next_message(), r#"{"type":"t","payload":7}"#);
+
+    // CLUSTER FAILOVER the other way round once the old master is gone: a
+    // replica of another shard takes over without loss.
+    let (_, other) = users_on_each_master(&cluster)
+        .into_iter()
+        .find(|(_, m)| *m != promoted)
+        .expect("another shard");
+    let replica = cluster.replicas_of(other)[0];
+    cluster.failover(replica);
+    assert!(cluster.masters().contains(&replica));
+}
