@@ -24,6 +24,7 @@ use log::{debug, info, warn};
 use redis::{Client, Connection, Value};
 
 use crate::config::RedisConfig;
+use crate::history::load_library;
 
 /// The number of hash slots of a Redis Cluster.
 pub const SLOTS: u16 = 16384;
@@ -598,17 +599,6 @@ impl Nodes {
 
 fn routing_error(text: String) -> redis::RedisError {
     redis::RedisError::from((redis::ErrorKind::Io, "Redis Cluster", text))
-}
-
-/// `FUNCTION LOAD REPLACE <library>`.
-pub fn load_library(con: &mut Connection, library: &str) -> Result<(), String> {
-    redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg("REPLACE")
-        .arg(library)
-        .query::<String>(con)
-        .map(drop)
-        .map_err(|e| format!("FUNCTION LOAD (Redis 7.0+ is needed): {e}"))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use serde_json::value::RawValue;
 use super::{Arg, EXIT_FAILURE, EXIT_USAGE, ParseStop, Parser};
 use crate::cluster;
 use crate::config::{Config, SubscribeMode};
-use crate::history::library_code;
+use crate::history::{library_code, load_library};
 use crate::message::validate_published;
 use crate::redis_reader::build_client;
 
@@ -245,12 +245,7 @@ fn publish_with_history(
         Ok(id) => Ok(id),
         Err(e) if e.to_string().contains("Function not found") => {
             let library = library_code(config.history_size, config.history_ttl);
-            redis::cmd("FUNCTION")
-                .arg("LOAD")
-                .arg("REPLACE")
-                .arg(&library)
-                .query::<String>(con)
-                .map_err(|e| format!("FUNCTION LOAD (Redis 7.0+ is needed): {e}"))?;
+            load_library(con, &library)?;
             fcall(con).map_err(|e| format!("FCALL ws_notify_publish: {e}"))
         }
         Err(e) => Err(format!("FCALL ws_notify_publish: {e}")),

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use redis::{Client, Connection, Value};
 
-use super::{StreamId, library_code, splice_id};
+use super::{StreamId, library_code, load_library, splice_id};
 use crate::clock::Timestamp;
 use crate::cluster::{NodeAddr, Nodes};
 use crate::config::{RedisConfig, SubscribeMode};
@@ -262,18 +262,13 @@ impl ReaderThread {
             Ok(mut con) => {
                 self.failed_at = None;
                 // Reads work without the library; publishers need it.
-                match redis::cmd("FUNCTION")
-                    .arg("LOAD")
-                    .arg("REPLACE")
-                    .arg(&self.library)
-                    .query::<String>(&mut con)
-                {
+                match load_library(&mut con, &self.library) {
                     Ok(_) => info!(
                         "history on: Redis function library ws_notify loaded (WS_HISTORY_SIZE={}, WS_HISTORY_TTL={:?})",
                         self.settings.size, self.settings.ttl
                     ),
                     Err(e) => warn!(
-                        "history on, but the function library ws_notify could not be loaded (Redis 7.0+ is needed): {e}"
+                        "history on, but the function library ws_notify could not be loaded: {e}"
                     ),
                 }
                 self.connection = Some(con);
