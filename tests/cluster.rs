@@ -402,3 +402,38 @@ fn after_a_failover_discovery_and_publish_find_the_promoted_replica() {
     cluster.failover(replica);
     assert!(cluster.masters().contains(&replica));
 }
+
+#[test]
+fn sharded_mode_uses_the_configured_password_on_every_node() {
+    let cluster = RedisCluster::start_with_password(3, 0, Some("s3cret-pw"));
+    let seeds = cluster.seeds();
+    let users = users_on_each_master(&cluster);
+    let env = |password: &'static str| {
+        [
+            ("REDIS_SUBSCRIBE_MODE", "sharded"),
+            ("REDIS_CLUSTER_NODES", seeds.as_str()),
+            ("REDIS_PASSWORD", password),
+            ("WS_HISTORY_SIZE", "3"),
+        ]
+    };
+    for (user, master) in &users {
+        let channel = format!("user_noti:{user}");
+        let mut subscriber = ShardSubscriber::new(&cluster, *master, &channel);
+        let out = cli(&["publish", user, "t", "1"], &env("s3cret-pw"));
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let id = out.stdout.trim();
+        assert_eq!(
+            subscriber.next_message(),
+            format!(r#"{{"id":"{id}","type":"t","payload":1}}"#)
+        );
+    }
+    for master in cluster.masters() {
+        assert!(has_library(&cluster, master), "node {master}");
+    }
+    let out = cli(&["publish", "u0", "t", "1"], &env("bad-pw-7f3"));
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        !out.stderr.contains("bad-pw-7f3"),
+        "no password in errors: {out:?}"
+    );
+}

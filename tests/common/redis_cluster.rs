@@ -38,6 +38,8 @@ pub struct SlotRange {
 /// index in `nodes` (the order they were created in: masters first).
 pub struct RedisCluster {
     pub nodes: Vec<ClusterNode>,
+    /// `requirepass` (and `masterauth`) of every node, if any.
+    pub password: Option<String>,
     dir: TempDir,
 }
 
@@ -45,10 +47,20 @@ impl RedisCluster {
     /// Starts `masters` masters with `replicas_per_master` replicas each and
     /// waits until the cluster is settled.
     pub fn start(masters: usize, replicas_per_master: usize) -> RedisCluster {
+        Self::start_with_password(masters, replicas_per_master, None)
+    }
+
+    /// Like [`RedisCluster::start`], every node requiring `password` (the
+    /// default user's) from clients and from its replicas.
+    pub fn start_with_password(
+        masters: usize,
+        replicas_per_master: usize,
+        password: Option<&str>,
+    ) -> RedisCluster {
         assert!(masters >= 3, "redis-cli --cluster create needs 3 masters");
         let mut last_error = String::new();
         for _ in 0..3 {
-            match Self::try_start(masters, replicas_per_master) {
+            match Self::try_start(masters, replicas_per_master, password) {
                 Ok(cluster) => return cluster,
                 Err(e) => last_error = e,
             }
@@ -56,10 +68,15 @@ impl RedisCluster {
         panic!("could not start a Redis Cluster: {last_error}");
     }
 
-    fn try_start(masters: usize, replicas_per_master: usize) -> Result<RedisCluster, String> {
+    fn try_start(
+        masters: usize,
+        replicas_per_master: usize,
+        password: Option<&str>,
+    ) -> Result<RedisCluster, String> {
         let count = masters * (1 + replicas_per_master);
         let mut cluster = RedisCluster {
             nodes: Vec::with_capacity(count),
+            password: password.map(str::to_string),
             dir: TempDir::new("cluster"),
         };
         for _ in 0..count {
@@ -69,9 +86,12 @@ impl RedisCluster {
             cluster.nodes.push(node);
         }
         for node in &cluster.nodes {
-            wait_ping(node.port)?;
+            cluster.wait_ping(node.port)?;
         }
         let mut create = Command::new("redis-cli");
+        if let Some(password) = password {
+            create.args(["-a", password, "--no-auth-warning"]);
+        }
         create.arg("--cluster").arg("create");
         for node in &cluster.nodes {
             create.arg(format!("127.0.0.1:{}", node.port));
@@ -99,7 +119,11 @@ impl RedisCluster {
     fn spawn(&self, node: &mut ClusterNode) -> Result<(), String> {
         let dir = self.dir.path.join(node.port.to_string());
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password, "--masterauth", password]);
+        }
+        let child = command
             .arg("--port")
             .arg(node.port.to_string())
             .args(["--bind", "127.0.0.1"])
@@ -149,7 +173,7 @@ impl RedisCluster {
     /// A new connection to `node`.
     #[track_caller]
     pub fn connection(&self, node: usize) -> redis::Connection {
-        connect(self.nodes[node].port)
+        self.connect(self.nodes[node].port)
             .unwrap_or_else(|e| panic!("connect to node {node} ({}): {e}", self.nodes[node].port))
     }
 
@@ -157,7 +181,8 @@ impl RedisCluster {
     #[track_caller]
     pub fn slots(&self) -> Vec<SlotRange> {
         let node = self.live_nodes().next().expect("a live node");
-        slot_map(self.nodes[node].port).unwrap_or_else(|e| panic!("CLUSTER SLOTS: {e}"))
+        self.slot_map(self.nodes[node].port)
+            .unwrap_or_else(|e| panic!("CLUSTER SLOTS: {e}"))
     }
 
     /// The index of the master that owns `slot`.
@@ -385,7 +410,9 @@ impl RedisCluster {
         let mut agreed: Option<Vec<SlotRange>> = None;
         for node in self.live_nodes() {
             let port = self.nodes[node].port;
-            let mut con = connect(port).map_err(|e| format!("node {port}: {e}"))?;
+            let mut con = self
+                .connect(port)
+                .map_err(|e| format!("node {port}: {e}"))?;
             let info: String = redis::cmd("CLUSTER")
                 .arg("INFO")
                 .query(&mut con)
@@ -393,7 +420,7 @@ impl RedisCluster {
             if !info.contains("cluster_state:ok") {
                 return Err(format!("node {port} not ok yet"));
             }
-            let mut ranges = slot_map(port)?;
+            let mut ranges = self.slot_map(port)?;
             ranges.sort();
             let served: u32 = ranges
                 .iter()
@@ -418,6 +445,68 @@ impl RedisCluster {
         }
         agreed.ok_or_else(|| "no live node".to_string())
     }
+
+    /// A connection to the node on `port` (with the password, if any).
+    fn connect(&self, port: u16) -> redis::RedisResult<redis::Connection> {
+        let auth = match &self.password {
+            Some(password) => format!(":{password}@"),
+            None => String::new(),
+        };
+        let client = redis::Client::open(format!("redis://{auth}127.0.0.1:{port}/"))?;
+        let con = client.get_connection_with_timeout(Duration::from_secs(1))?;
+        con.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(con)
+    }
+
+    fn wait_ping(&self, port: u16) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let pong = self
+                .connect(port)
+                .and_then(|mut con| redis::cmd("PING").query::<String>(&mut con));
+            match pong {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("redis-server on {port} did not answer PING: {e}"));
+                }
+                Err(_) => thread::sleep(POLL),
+            }
+        }
+    }
+
+    /// `CLUSTER SLOTS` of the node on `port`: `[[start, end, [ip, port, id], replicas...]]`.
+    fn slot_map(&self, port: u16) -> Result<Vec<SlotRange>, String> {
+        let mut con = self
+            .connect(port)
+            .map_err(|e| format!("node {port}: {e}"))?;
+        let reply: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut con)
+            .map_err(|e| format!("CLUSTER SLOTS on {port}: {e}"))?;
+        let int = |value: &redis::Value| match value {
+            redis::Value::Int(n) => u16::try_from(*n).ok(),
+            _ => None,
+        };
+        let node_port = |value: &redis::Value| match value {
+            redis::Value::Array(node) => node.get(1).and_then(int),
+            _ => None,
+        };
+        reply
+            .iter()
+            .map(|range| {
+                let redis::Value::Array(items) = range else {
+                    return None;
+                };
+                Some(SlotRange {
+                    start: int(items.first()?)?,
+                    end: int(items.get(1)?)?,
+                    master: node_port(items.get(2)?)?,
+                    replicas: items[3..].iter().filter_map(node_port).collect(),
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| format!("CLUSTER SLOTS on {port}: unexpected reply {reply:?}"))
+    }
 }
 
 impl Drop for RedisCluster {
@@ -436,57 +525,4 @@ fn cluster_port() -> u16 {
             return port;
         }
     }
-}
-
-fn connect(port: u16) -> redis::RedisResult<redis::Connection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
-    let con = client.get_connection_with_timeout(Duration::from_secs(1))?;
-    con.set_read_timeout(Some(Duration::from_secs(5)))?;
-    Ok(con)
-}
-
-fn wait_ping(port: u16) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let pong = connect(port).and_then(|mut con| redis::cmd("PING").query::<String>(&mut con));
-        match pong {
-            Ok(_) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(format!("redis-server on {port} did not answer PING: {e}"));
-            }
-            Err(_) => thread::sleep(POLL),
-        }
-    }
-}
-
-/// `CLUSTER SLOTS` of the node on `port`: `[[start, end, [ip, port, id], replicas...]]`.
-fn slot_map(port: u16) -> Result<Vec<SlotRange>, String> {
-    let mut con = connect(port).map_err(|e| format!("node {port}: {e}"))?;
-    let reply: Vec<redis::Value> = redis::cmd("CLUSTER")
-        .arg("SLOTS")
-        .query(&mut con)
-        .map_err(|e| format!("CLUSTER SLOTS on {port}: {e}"))?;
-    let int = |value: &redis::Value| match value {
-        redis::Value::Int(n) => u16::try_from(*n).ok(),
-        _ => None,
-    };
-    let node_port = |value: &redis::Value| match value {
-        redis::Value::Array(node) => node.get(1).and_then(int),
-        _ => None,
-    };
-    reply
-        .iter()
-        .map(|range| {
-            let redis::Value::Array(items) = range else {
-                return None;
-            };
-            Some(SlotRange {
-                start: int(items.first()?)?,
-                end: int(items.get(1)?)?,
-                master: node_port(items.get(2)?)?,
-                replicas: items[3..].iter().filter_map(node_port).collect(),
-            })
-        })
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| format!("CLUSTER SLOTS on {port}: unexpected reply {reply:?}"))
 }
