@@ -437,3 +437,54 @@ fn sharded_mode_uses_the_configured_password_on_every_node() {
         "no password in errors: {out:?}"
     );
 }
+
+/// With a slot half-migrated (its keys at the target, the slot still the
+/// source's), the source answers ASK: the history reader and `ws-notify
+/// publish` follow it with ASKING, so resuming and publishing keep working
+/// during a resharding.
+#[test]
+fn history_reads_and_publishing_follow_a_slot_in_migration() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds = cluster.seeds();
+    let env = [
+        ("REDIS_SUBSCRIBE_MODE", "sharded"),
+        ("REDIS_CLUSTER_NODES", seeds.as_str()),
+        ("WS_HISTORY_SIZE", "5"),
+    ];
+    let (user, from) = users_on_each_master(&cluster).remove(0);
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|m| *m != from)
+        .expect("another");
+    let slot = cluster::key_slot(format!("user_noti:{user}").as_bytes());
+    let gw = Gateway::start(cluster.nodes[0].port, &env);
+    let publish = |kind: &str| {
+        let out = cli(&["publish", &user, kind, "1"], &env);
+        assert_eq!(out.code, Some(0), "{out:?}");
+        out.stdout.trim().to_string()
+    };
+    let resume = |since: &str, expected: &str| {
+        let query = format!("/ws?token={}&since={since}", gw.token(&user));
+        let ws = ws_connect_with(gw.port, &query, &[]).expect("connect");
+        let (mut ws, hello) = expect_connected(ws);
+        assert_eq!(hello["recovery"]["complete"], true, "{hello}");
+        assert_eq!(hello["recovery"]["count"], 1, "{hello}");
+        let replayed = recv_json(&mut ws, PROMPT);
+        assert_eq!(replayed["id"], expected, "{replayed}");
+    };
+    let first = publish("first");
+    let second = publish("second");
+
+    cluster.start_migration(slot, to);
+    resume(&first, &second);
+    let third = publish("third");
+
+    cluster.finish_migration(slot, from, to);
+    resume(&second, &third);
+    let len: i64 = redis::cmd("XLEN")
+        .arg(format!("user_noti:{user}"))
+        .query(&mut cluster.connection(to))
+        .expect("XLEN at the new owner");
+    assert_eq!(len, 3);
+}

@@ -36,7 +36,7 @@ use redis::{Client, Connection, Value};
 
 use super::{StreamId, library_code, load_library, splice_id};
 use crate::clock::Timestamp;
-use crate::cluster::{NodeAddr, Nodes};
+use crate::cluster::{NodeAddr, Nodes, Redirect};
 use crate::config::{RedisConfig, SubscribeMode};
 use crate::logging::RateLimited;
 use crate::message::{Frame, MessageEncoder};
@@ -366,10 +366,11 @@ impl ReaderThread {
     }
 
     /// Sharded mode: one pipeline per master, for the requests whose stream
-    /// (key = channel name) lives in that master's slots. Requests that got a
-    /// MOVED or ASK reply, or whose master could not be reached, are tried
-    /// once more after a topology refresh (a failover, a migrated slot). None
-    /// for the requests that could not be read.
+    /// (key = channel name) lives in that master's slots. A request answered
+    /// ASK (its slot is being migrated and the stream already moved) is asked
+    /// again at the target after `ASKING`; one answered MOVED, or whose master
+    /// could not be reached, again after a topology refresh (a failover, a
+    /// migrated slot). Two rounds at most; None for what could not be read.
     fn read_sharded(&mut self, batch: &[Request]) -> Vec<Option<Replies>> {
         let mut replies: Vec<Option<Replies>> = batch.iter().map(|_| None).collect();
         let Some(nodes) = self.nodes.as_mut() else {
@@ -377,11 +378,13 @@ impl ReaderThread {
         };
         let prefix = &self.settings.redis.channel_prefix;
         let size = self.settings.size;
-        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        let mut pending: Vec<(usize, Route)> =
+            (0..batch.len()).map(|i| (i, Route::Owner)).collect();
         let mut key = String::new();
         for attempt in 0..2 {
             let stale = nodes.topology().masters().next().is_none();
-            if attempt > 0 || stale {
+            let rerouted = pending.iter().any(|(_, route)| *route == Route::Owner);
+            if stale || (attempt > 0 && rerouted) {
                 if self.failed_at.is_some_and(|at| at.elapsed() < RETRY_AFTER) {
                     break;
                 }
@@ -391,44 +394,48 @@ impl ReaderThread {
                     break;
                 }
             }
-            let mut by_master: BTreeMap<NodeAddr, Vec<usize>> = BTreeMap::new();
+            // (node, after ASKING) -> the requests read there.
+            let mut by_node: BTreeMap<(NodeAddr, bool), Vec<usize>> = BTreeMap::new();
             let mut retry = Vec::new();
-            for index in pending.drain(..) {
-                key.clear();
-                key.push_str(prefix);
-                key.push_str(&batch[index].user_id);
-                match nodes.topology().master_for_key(key.as_bytes()) {
-                    Some(master) => by_master.entry(master.clone()).or_default().push(index),
-                    None => retry.push(index),
-                }
-            }
-            for (master, indexes) in by_master {
-                let requests = || indexes.iter().map(|i| &batch[*i]);
-                let values = nodes.connection(&master).and_then(|con| {
-                    pipeline(prefix, size, requests())
-                        .query::<Vec<Value>>(con)
-                        .map_err(|e| {
-                            if e.is_timeout() {
-                                format!("{master}: timed out: {e}")
-                            } else {
-                                format!("{master}: {e}")
-                            }
-                        })
-                });
-                match values {
-                    Ok(values) => {
-                        let split = split_replies(requests(), values);
-                        for (index, read) in indexes.iter().zip(split) {
-                            match read {
-                                Some(read) if !read.redirected() => replies[*index] = Some(read),
-                                _ => retry.push(*index),
-                            }
+            for (index, route) in pending.drain(..) {
+                match route {
+                    Route::Asking(node) => by_node.entry((node, true)).or_default().push(index),
+                    Route::Owner => {
+                        key.clear();
+                        key.push_str(prefix);
+                        key.push_str(&batch[index].user_id);
+                        match nodes.topology().master_for_key(key.as_bytes()) {
+                            Some(master) => by_node
+                                .entry((master.clone(), false))
+                                .or_default()
+                                .push(index),
+                            None => retry.push((index, Route::Owner)),
                         }
                     }
+                }
+            }
+            for ((node, asking), indexes) in by_node {
+                let requests = || indexes.iter().map(|i| &batch[*i]);
+                let values = nodes.connection(&node).and_then(|con| {
+                    pipeline(prefix, size, asking, requests())
+                        .query::<Vec<Value>>(con)
+                        .map_err(|e| format!("{node}: {e}"))
+                });
+                let values = match values {
+                    Ok(values) => values,
                     Err(e) => {
                         warn!("history reader: Redis read failed: {e}");
-                        nodes.drop_connection(&master);
-                        retry.extend(indexes);
+                        nodes.drop_connection(&node);
+                        retry.extend(indexes.into_iter().map(|i| (i, Route::Owner)));
+                        continue;
+                    }
+                };
+                let split = split_replies(requests(), values);
+                for (index, read) in indexes.iter().copied().zip(split) {
+                    match read.as_ref().map(|read| read.redirect(&node.host)) {
+                        Some(None) => replies[index] = read,
+                        Some(Some(Redirect::Ask(to))) => retry.push((index, Route::Asking(to))),
+                        Some(Some(Redirect::Moved(_))) | None => retry.push((index, Route::Owner)),
                     }
                 }
             }
@@ -453,6 +460,7 @@ impl ReaderThread {
         let pipe = pipeline(
             &self.settings.redis.channel_prefix,
             self.settings.size,
+            false,
             batch.iter(),
         );
         match pipe.query::<Vec<Value>>(con) {
@@ -536,18 +544,34 @@ struct Replies {
 
 impl Replies {
     /// A MOVED or ASK reply: the stream is (being) moved to another master.
-    fn redirected(&self) -> bool {
-        let redirect = |value: &Value| matches!(value, Value::ServerError(e) if matches!(e.code(), "MOVED" | "ASK"));
-        redirect(&self.position) || self.range.as_ref().is_some_and(redirect)
+    /// `asked` is the host of the node that answered.
+    fn redirect(&self, asked: &str) -> Option<Redirect> {
+        let redirect = |value: &Value| match value {
+            Value::ServerError(e) => Redirect::from_error(Some(e.code()), e.details(), asked),
+            _ => None,
+        };
+        redirect(&self.position).or_else(|| self.range.as_ref().and_then(redirect))
     }
+}
+
+/// Where a sharded read goes next.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// The master of the stream's slot in the topology.
+    Owner,
+    /// This node, after `ASKING` (the slot is being migrated to it).
+    Asking(NodeAddr),
 }
 
 /// Per request the newest entry (the position), and for a resume the newest
 /// `size + 1` entries from `since` on. Errors are kept per command: one user's
-/// WRONGTYPE (or MOVED) must not fail everyone's read.
+/// WRONGTYPE (or MOVED) must not fail everyone's read. With `asking`, each
+/// command follows an `ASKING` (which holds for one command only), whose
+/// replies are left out.
 fn pipeline<'a>(
     prefix: &str,
     size: usize,
+    asking: bool,
     requests: impl Iterator<Item = &'a Request>,
 ) -> redis::Pipeline {
     let mut pipe = redis::pipe();
@@ -557,6 +581,9 @@ fn pipeline<'a>(
         key.clear();
         key.push_str(prefix);
         key.push_str(&request.user_id);
+        if asking {
+            pipe.cmd("ASKING").ignore();
+        }
         pipe.cmd("XREVRANGE")
             .arg(&key)
             .arg("+")
@@ -564,6 +591,9 @@ fn pipeline<'a>(
             .arg("COUNT")
             .arg(1);
         if let Some(since) = request.since {
+            if asking {
+                pipe.cmd("ASKING").ignore();
+            }
             pipe.cmd("XREVRANGE")
                 .arg(&key)
                 .arg("+")

@@ -303,21 +303,25 @@ impl RedisCluster {
         if from == to {
             return;
         }
-        let from_id = self.node_id(from);
-        let to_id = self.node_id(to);
+        self.start_migration(slot, to);
+        self.finish_migration(slot, from, to);
+    }
+
+    /// The first half of a migration: `slot` IMPORTING at `to`, MIGRATING at
+    /// its owner, and every key of it moved to `to`. The owner still owns the
+    /// slot and answers `ASK` for those keys.
+    #[track_caller]
+    pub fn start_migration(&self, slot: u16, to: usize) {
+        let from = self.master_for_slot(slot);
+        assert_ne!(from, to, "slot {slot} is already at node {to}");
         let mut source = self.connection(from);
-        let mut target = self.connection(to);
-        let setslot = |con: &mut redis::Connection, state: &str, id: &str| {
-            redis::cmd("CLUSTER")
-                .arg("SETSLOT")
-                .arg(slot)
-                .arg(state)
-                .arg(id)
-                .query::<String>(con)
-                .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state} {id}: {e}"));
-        };
-        setslot(&mut target, "IMPORTING", &from_id);
-        setslot(&mut source, "MIGRATING", &to_id);
+        setslot(
+            &mut self.connection(to),
+            slot,
+            "IMPORTING",
+            &self.node_id(from),
+        );
+        setslot(&mut source, slot, "MIGRATING", &self.node_id(to));
         loop {
             let keys: Vec<String> = redis::cmd("CLUSTER")
                 .arg("GETKEYSINSLOT")
@@ -328,24 +332,35 @@ impl RedisCluster {
             if keys.is_empty() {
                 break;
             }
-            redis::cmd("MIGRATE")
+            let mut migrate = redis::cmd("MIGRATE");
+            migrate
                 .arg("127.0.0.1")
                 .arg(self.nodes[to].port)
                 .arg("")
                 .arg(0)
-                .arg(5000)
+                .arg(5000);
+            if let Some(password) = &self.password {
+                migrate.arg("AUTH").arg(password);
+            }
+            migrate
                 .arg("KEYS")
                 .arg(&keys)
                 .query::<String>(&mut source)
                 .unwrap_or_else(|e| panic!("MIGRATE {keys:?}: {e}"));
         }
-        // The target first, then the source (which then sunsubscribes the
-        // slot's shard channels), then everyone else.
-        setslot(&mut target, "NODE", &to_id);
-        setslot(&mut source, "NODE", &to_id);
+    }
+
+    /// The second half: `slot` assigned to `to` (the target first, then the
+    /// source `from`, which then sunsubscribes the slot's shard channels, then
+    /// everyone else); waits until every node agrees.
+    #[track_caller]
+    pub fn finish_migration(&self, slot: u16, from: usize, to: usize) {
+        let to_id = self.node_id(to);
+        setslot(&mut self.connection(to), slot, "NODE", &to_id);
+        setslot(&mut self.connection(from), slot, "NODE", &to_id);
         for master in self.masters() {
             if master != from && master != to {
-                setslot(&mut self.connection(master), "NODE", &to_id);
+                setslot(&mut self.connection(master), slot, "NODE", &to_id);
             }
         }
         let port = self.nodes[to].port;
@@ -515,6 +530,18 @@ impl Drop for RedisCluster {
             self.kill(node);
         }
     }
+}
+
+/// `CLUSTER SETSLOT slot state node_id`.
+#[track_caller]
+fn setslot(con: &mut redis::Connection, slot: u16, state: &str, node_id: &str) {
+    redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg(state)
+        .arg(node_id)
+        .query::<String>(con)
+        .unwrap_or_else(|e| panic!("CLUSTER SETSLOT {slot} {state} {node_id}: {e}"));
 }
 
 /// A free port whose cluster bus port (port + 10000) is free too.
