@@ -17,6 +17,8 @@
 //! - `token`: byte 0 = mode (bits 0-1 placement, 2-3 signature, 4-5 algorithm, 6
 //!   percent-encoding, 7 decoy), then `\n`-separated fields.
 //! - `config`: `NAME=value` lines (an env file).
+//! - `pubsub_frames`: byte 0 = read-chunking seed (0 = one read), then the bytes
+//!   Redis sends the reader's pub/sub link.
 //!
 //! This file is compiled as a module of other crates (`#[path]`), so it uses only the
 //! dependencies the main crate and its tests already have: `ws-notify`, `serde`,
@@ -43,23 +45,26 @@ use ws_notify::auth::{Authenticator, TokenSources, token_candidates};
 use ws_notify::clock::Timestamp;
 use ws_notify::config::{Config, VARIABLES, parse_duration};
 use ws_notify::conn::handshake::{
-    ConnectionCounts, Decision, HandshakeRules, MAX_HEAD_BYTES, evaluate,
+    ConnectionCounts, Decision, Endpoints, HandshakeRules, MAX_HEAD_BYTES, evaluate,
 };
 use ws_notify::conn::outbound::{MAX_CONTROL_BYTES, OutboundQueue};
 use ws_notify::conn::refresh::{MAX_REFRESH_BYTES, MAX_REFRESHES_PER_WINDOW, Requests};
 use ws_notify::conn::{FramesRead, read_frames, websocket_config};
 use ws_notify::message::{MessageEncoder, user_id_from_channel};
+use ws_notify::metrics::WriteMetrics;
+use ws_notify::pubsub::resp::{self, Frame};
 
 /// A target's check: panics when a property does not hold for the input.
 pub type Check = fn(&[u8]);
 
 /// Every target: its name (the directory under `fuzz/corpus/`) and its check.
-pub const TARGETS: [(&str, Check); 5] = [
+pub const TARGETS: [(&str, Check); 6] = [
     ("handshake", handshake),
     ("frames", frames),
     ("redis_message", redis_message),
     ("token", token),
     ("config", config),
+    ("pubsub_frames", pubsub_frames),
 ];
 
 /// The HMAC secret every target's `Authenticator` is built with; the seed corpus
@@ -260,6 +265,7 @@ pub fn handshake(data: &[u8]) {
         cookie_name: Some(COOKIE_NAME),
         max_connections: 100,
         max_connections_per_user: if control & 0x40 != 0 { 2 } else { 0 },
+        endpoints: Endpoints::All,
     };
     let counts = FixedCounts {
         open: if control & 0x80 != 0 { 100 } else { 7 },
@@ -497,7 +503,9 @@ pub fn frames(data: &[u8]) {
             );
             if flush_between {
                 sent.clear();
-                let (written, _) = out.flush(&mut sent).expect("a Vec takes everything");
+                let (written, _) = out
+                    .flush(&mut sent, &mut WriteMetrics::default())
+                    .expect("a Vec takes everything");
                 assert_eq!(written, sent.len());
                 assert!(
                     written <= MAX_CONTROL_BYTES,
@@ -526,7 +534,9 @@ pub fn frames(data: &[u8]) {
         }
         if !flush_between {
             sent.clear();
-            let (written, _) = out.flush(&mut sent).expect("a Vec takes everything");
+            let (written, _) = out
+                .flush(&mut sent, &mut WriteMetrics::default())
+                .expect("a Vec takes everything");
             assert!(
                 written <= MAX_CONTROL_BYTES,
                 "control bytes past their bound"
@@ -1107,4 +1117,69 @@ fn check_duration(text: &str) {
         let nanos = format!("{}ns", duration.as_nanos());
         assert_eq!(parse_duration(&nanos), Ok(duration), "{nanos} round trip");
     }
+}
+
+// --- pubsub_frames ---------------------------------------------------------------
+
+/// How a run of `pubsub::resp::parse` over a byte stream ended.
+#[derive(Debug, PartialEq, Eq)]
+enum StreamEnd {
+    /// Every byte was taken by complete frames.
+    Done,
+    /// The last `n` bytes are the start of an unfinished frame.
+    Incomplete(usize),
+    /// A protocol error at this offset (the link drops).
+    Error(usize, resp::ProtocolError),
+}
+
+/// Parses `data` as the link does: frames are taken from the front of a buffer
+/// that grows by one read at a time (`reads` gives the sizes; `None` = all at
+/// once). Returns the frames (as their `Debug` text) and how the stream ended.
+fn parse_stream(data: &[u8], mut reads: impl FnMut() -> usize) -> (Vec<String>, StreamEnd) {
+    let mut frames = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    while end < data.len() {
+        end = (end + reads().max(1)).min(data.len());
+        loop {
+            match resp::parse(&data[start..end]) {
+                Ok(Some((frame, used))) => {
+                    assert!(
+                        used > 0 && used <= end - start,
+                        "{used} bytes taken of {}",
+                        end - start
+                    );
+                    if let Frame::Message {
+                        channel, payload, ..
+                    } = frame
+                    {
+                        assert!(channel.len() + payload.len() < used);
+                    }
+                    frames.push(format!("{frame:?}"));
+                    start += used;
+                }
+                Ok(None) => break,
+                Err(error) => return (frames, StreamEnd::Error(start, error)),
+            }
+        }
+    }
+    let end = if start == data.len() {
+        StreamEnd::Done
+    } else {
+        StreamEnd::Incomplete(data.len() - start)
+    };
+    (frames, end)
+}
+
+/// The pub/sub link's parser (`pubsub::resp::parse`): never panics, takes at
+/// least one byte per frame and never more than it has, and splitting the
+/// stream into reads does not change the frames nor where and how it ends.
+pub fn pubsub_frames(data: &[u8]) {
+    let Some((&seed, bytes)) = data.split_first() else {
+        return;
+    };
+    let whole = parse_stream(bytes, || usize::MAX);
+    let mut rng = Rng::new(u64::from(seed));
+    let split = parse_stream(bytes, || if seed == 0 { 1 } else { rng.chunk() });
+    assert_eq!(whole, split, "splitting the reads changed the parse");
 }

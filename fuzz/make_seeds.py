@@ -414,12 +414,61 @@ def config_seeds():
     w("empty_user_claim_is_default", "JWT_SECRET_KEY=x\nJWT_USER_CLAIM=\n")
 
 
+# --- pubsub_frames: byte 0 = chunk seed, then what Redis sends -------------------------
+
+def resp_bulk(b):
+    if isinstance(b, str):
+        b = b.encode()
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
+def resp_array(*items, kind=b"*"):
+    return kind + b"%d\r\n" % len(items) + b"".join(
+        i if isinstance(i, bytes) and i[:1] in b":$*>%_" else resp_bulk(i) for i in items)
+
+
+def pubsub_frames_seeds():
+    def w(name, data, seed=0):
+        write("pubsub_frames", name, bytes([seed]) + data)
+
+    msg = resp_array("message", "user_noti:42", '{"type":"t","payload":1}')
+    pmsg = resp_array("pmessage", "user_noti:*", "user_noti:42", '{"type":"t"}')
+    w("auth_ok_psubscribe_pong_pmessage",
+      b"+OK\r\n" + resp_array("psubscribe", "user_noti:*", b":1\r\n")
+      + resp_array("pong", "") + pmsg * 3, seed=7)
+    w("subscribe_batch_then_messages",
+      b"".join(resp_array("subscribe", "user_noti:u%d" % i, b":%d\r\n" % (i + 1))
+               for i in range(5)) + msg * 2, seed=3)
+    w("unsubscribe_all", resp_array("unsubscribe", "user_noti:u1", b":1\r\n")
+      + resp_array("unsubscribe", b"$-1\r\n", b":0\r\n") + b"+PONG\r\n")
+    w("sharded", resp_array("ssubscribe", "{u}1", b":1\r\n")
+      + resp_array("smessage", "{u}1", "x", kind=b">")
+      + resp_array("sunsubscribe", "{u}1", b":0\r\n"), seed=1)
+    w("binary_payload", resp_array("message", "user_noti:b", b"\r\n\xff\x00$3\r\n"), seed=9)
+    w("errors", b"-WRONGPASS invalid username-password pair or user is disabled.\r\n"
+      b"-NOAUTH Authentication required.\r\n-NOPERM this user has no permissions\r\n"
+      b"!11\r\nERR blob xx\r\n")
+    w("resp3_hello_map", b"%3\r\n+server\r\n$5\r\nredis\r\n+proto\r\n:3\r\n"
+      b"+modules\r\n*1\r\n%1\r\n#t\r\n,1.5\r\n_\r\n(123\r\n=7\r\ntxt:abc\r\n~1\r\n:1\r\n", seed=5)
+    w("integers", b":0\r\n:-9223372036854775808\r\n:9223372036854775807\r\n:+1\r\n")
+    w("integer_overflow", b":9223372036854775808\r\n")
+    w("nested_too_deep", b"*1\r\n" * 9 + b":1\r\n")
+    w("bulk_too_large", b"$536870913\r\n")
+    w("bulk_without_crlf", b"$3\r\nabcd\r\n")
+    w("cr_without_lf", b"+OK\rX")
+    w("unknown_type", b"+OK\r\n?\r\n")
+    w("attribute", b"|1\r\n+a\r\n+b\r\n+OK\r\n")
+    w("unfinished_bulk", msg + b"*3\r\n$7\r\nmessage\r\n$3\r\nabc\r\n$100\r\npartial", seed=2)
+    w("null_array_and_bulk", b"*-1\r\n$-1\r\n*0\r\n")
+
+
 def main():
     handshake_seeds()
     frames_seeds()
     redis_message_seeds()
     token_seeds()
     config_seeds()
+    pubsub_frames_seeds()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,10 @@ pub struct Config {
     pub host: String,
     /// `WS_PORT`, default 8081.
     pub port: u16,
+    /// `WS_ADMIN_ADDR` (`host:port`): when set, `/health` and `/metrics` are
+    /// served on a listener of their own there, and answered 404 on `WS_PORT`.
+    /// The host is kept without brackets.
+    pub admin: Option<(String, u16)>,
     /// `JWT_*`: how tokens are checked.
     pub jwt: JwtConfig,
     /// `REDIS_*` (or `REDIS_URL`): where notifications come from.
@@ -216,6 +220,7 @@ pub const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 100;
 pub const VARIABLES: &[&str] = &[
     "WS_HOST",
     "WS_PORT",
+    "WS_ADMIN_ADDR",
     "JWT_SECRET_KEY",
     "JWT_PUBLIC_KEY_FILE",
     "JWT_ALGORITHM",
@@ -286,6 +291,9 @@ impl Config {
             Some(host) => unbracket_host(&host).map_err(|m| error("WS_HOST", m))?,
         };
         let port = env.parse("WS_PORT", 8081, parse_port)?;
+        let admin = env.parse("WS_ADMIN_ADDR", None, |text| {
+            parse_host_port(text).map(Some)
+        })?;
 
         let jwt = JwtConfig {
             secret: env.get("JWT_SECRET_KEY"),
@@ -344,6 +352,7 @@ impl Config {
         Ok(Config {
             host,
             port,
+            admin,
             jwt,
             redis,
             ping_interval,
@@ -375,6 +384,13 @@ impl Config {
     /// (`[::1]:8081`), ready for `str::parse::<SocketAddr>` or a log line.
     pub fn listen_addr_text(&self) -> String {
         host_port_text(&self.host, self.port)
+    }
+
+    /// `WS_ADMIN_ADDR` as `host:port` (IPv6 in brackets), when set.
+    pub fn admin_addr_text(&self) -> Option<String> {
+        self.admin
+            .as_ref()
+            .map(|(host, port)| host_port_text(host, *port))
     }
 }
 
@@ -541,6 +557,25 @@ fn parse_port(text: &str) -> Result<u16, String> {
         Ok(port) if port != 0 => Ok(port),
         _ => Err(format!("{text:?} is not a port number (1-65535)")),
     }
+}
+
+/// `host:port` with a port (`127.0.0.1:9090`, `[::1]:9090`, `admin.local:9090`);
+/// the host comes back without brackets.
+fn parse_host_port(text: &str) -> Result<(String, u16), String> {
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} is not host:port"));
+    };
+    if host.is_empty() {
+        return Err(format!(
+            "{text:?} has no host (0.0.0.0 listens on every interface)"
+        ));
+    }
+    if !host.starts_with('[') && host.contains(':') {
+        return Err(format!(
+            "{text:?}: an IPv6 address needs brackets ([::1]:9090)"
+        ));
+    }
+    Ok((unbracket_host(host)?, parse_port(port)?))
 }
 
 /// A count that must be at least 1.
@@ -924,6 +959,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("host", &self.host)
             .field("port", &self.port)
+            .field("admin", &self.admin)
             .field("jwt", &self.jwt)
             .field("redis", &self.redis)
             .field("ping_interval", &self.ping_interval)
@@ -1002,6 +1038,28 @@ mod tests {
         match config(pairs) {
             Ok(config) => panic!("expected an error for {pairs:?}, got {config:?}"),
             Err(error) => error,
+        }
+    }
+
+    #[test]
+    fn admin_addr_is_a_host_and_a_port() {
+        assert_eq!(config(&[]).unwrap().admin_addr_text(), None);
+        let admin = config(&[("WS_ADMIN_ADDR", "127.0.0.1:9090")]).unwrap();
+        assert_eq!(admin.admin_addr_text().as_deref(), Some("127.0.0.1:9090"));
+        let admin = config(&[("WS_ADMIN_ADDR", "[::1]:9090")]).unwrap();
+        assert_eq!(admin.admin, Some(("::1".to_string(), 9090)));
+        assert_eq!(admin.admin_addr_text().as_deref(), Some("[::1]:9090"));
+        for bad in [
+            "9090",
+            ":9090",
+            "::1:9090",
+            "[::1:9090",
+            "host:0",
+            "host:http",
+            "my host:9090",
+        ] {
+            let e = error_for(&[("WS_ADMIN_ADDR", bad)]);
+            assert_eq!(e.variable, "WS_ADMIN_ADDR", "{bad}: {e}");
         }
     }
 

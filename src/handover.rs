@@ -13,14 +13,19 @@
 //! ```
 //!
 //! The loop keeps no state of its own about the queue: it asks
-//! [`Inbox::has_waiting`]. How the pieces fit is drawn in docs/ARCHITECTURE.md.
+//! [`Inbox::has_waiting`]. The hand-over also sets the time base (`Epoch`) that
+//! both ends stamp against for the delivery latency (`crate::latency`). How the
+//! pieces fit is drawn in docs/ARCHITECTURE.md.
 
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Instant;
 
 use log::warn;
+
+use crate::latency::{Epoch, Stamp};
 
 /// Hand-over bound; past it messages are dropped and counted. Large enough to
 /// absorb a publisher burst of a few seconds while the loop catches up (about
@@ -41,24 +46,32 @@ const DRAIN_BYTES: usize = 8 << 20;
 
 /// One published message as handed to the event loop: the user id (the
 /// channel without the prefix, checked as UTF-8 once by the reader, never
-/// empty) and the raw payload, in one allocation.
+/// empty) and the raw payload, in one allocation, with the time it was read.
 pub struct Published {
     /// The user id followed by the payload; the first `user_id_len` bytes are
     /// UTF-8 (they were copied from a `&str`).
     bytes: Box<[u8]>,
     user_id_len: usize,
+    /// When the reader took it off the Redis connection (`Handoff::stamp`).
+    read_at: Stamp,
 }
 
 impl Published {
     /// Copies `user_id` and `payload` into one allocation.
-    pub fn new(user_id: &str, payload: &[u8]) -> Published {
+    pub fn new(user_id: &str, payload: &[u8], read_at: Stamp) -> Published {
         let mut bytes = Vec::with_capacity(user_id.len() + payload.len());
         bytes.extend_from_slice(user_id.as_bytes());
         bytes.extend_from_slice(payload);
         Published {
             bytes: bytes.into_boxed_slice(),
             user_id_len: user_id.len(),
+            read_at,
         }
+    }
+
+    /// When the reader read it, for the delivery latency.
+    pub fn read_at(&self) -> Stamp {
+        self.read_at
     }
 
     /// The user id: the channel name without the prefix.
@@ -107,6 +120,8 @@ struct Shared {
     waker: Arc<mio::Waker>,
     /// `waker.wake()` calls, for tests and diagnosis.
     wakes: AtomicU64,
+    /// What `Published::read_at` counts from.
+    epoch: Epoch,
 }
 
 /// The event loop's end.
@@ -174,6 +189,11 @@ impl Inbox {
     pub fn wakes(&self) -> u64 {
         self.shared.wakes.load(Ordering::Relaxed)
     }
+
+    /// The time base of `Published::read_at`, for the loop's write stamps.
+    pub fn epoch(&self) -> Epoch {
+        self.shared.epoch
+    }
 }
 
 /// The reader's end.
@@ -218,6 +238,11 @@ impl Handoff {
         PushOutcome::Queued
     }
 
+    /// `at` (the reader's read time of a message) as a stamp for `Published::new`.
+    pub fn stamp(&self, at: Instant) -> Stamp {
+        self.shared.epoch.stamp(at)
+    }
+
     /// The bound in messages, for log lines.
     pub fn capacity(&self) -> usize {
         self.shared.capacity
@@ -259,6 +284,7 @@ pub fn channel(waker: Arc<mio::Waker>, capacity: usize, byte_capacity: usize) ->
         awake: AtomicBool::new(false),
         waker,
         wakes: AtomicU64::new(0),
+        epoch: Epoch::new(),
     });
     (
         Handoff {
@@ -296,7 +322,11 @@ mod tests {
             } else {
                 PushOutcome::Full
             };
-            assert_eq!(handoff.push(Published::new("u", &[i])), want, "push {i}");
+            assert_eq!(
+                handoff.push(Published::new("u", &[i], Stamp::default())),
+                want,
+                "push {i}"
+            );
         }
         assert_eq!(inbox.wakes(), 1, "one wake for the batch");
         assert!(woken(&mut poll, &mut events), "the real waker fired");
@@ -308,7 +338,7 @@ mod tests {
         // Messages wait, so re-arming keeps the flag: pushes meanwhile do not wake.
         inbox.rearm();
         assert_eq!(
-            handoff.push(Published::new("u", &[10])),
+            handoff.push(Published::new("u", &[10], Stamp::default())),
             PushOutcome::Queued
         );
         assert_eq!(inbox.wakes(), 1, "still awake");
@@ -321,12 +351,18 @@ mod tests {
 
         // Re-armed with nothing waiting: the next push wakes again.
         inbox.rearm();
-        assert_eq!(handoff.push(Published::new("u", b"x")), PushOutcome::Queued);
+        assert_eq!(
+            handoff.push(Published::new("u", b"x", Stamp::default())),
+            PushOutcome::Queued
+        );
         assert_eq!(inbox.wakes(), 2);
         assert!(woken(&mut poll, &mut events));
 
         drop(inbox);
-        assert_eq!(handoff.push(Published::new("u", b"x")), PushOutcome::Closed);
+        assert_eq!(
+            handoff.push(Published::new("u", b"x", Stamp::default())),
+            PushOutcome::Closed
+        );
     }
 
     #[test]
@@ -336,15 +372,15 @@ mod tests {
         let (handoff, inbox) = channel(waker, 100, 10);
         // 1 + 4 bytes each: two fit, the third would pass the bound.
         assert_eq!(
-            handoff.push(Published::new("u", b"aaaa")),
+            handoff.push(Published::new("u", b"aaaa", Stamp::default())),
             PushOutcome::Queued
         );
         assert_eq!(
-            handoff.push(Published::new("u", b"bbbb")),
+            handoff.push(Published::new("u", b"bbbb", Stamp::default())),
             PushOutcome::Queued
         );
         assert_eq!(
-            handoff.push(Published::new("u", b"cccc")),
+            handoff.push(Published::new("u", b"cccc", Stamp::default())),
             PushOutcome::Full
         );
         assert_eq!((inbox.queued(), inbox.queued_bytes()), (2, 10));
@@ -353,10 +389,13 @@ mod tests {
         assert_eq!((inbox.queued(), inbox.queued_bytes()), (0, 0));
         let large = vec![b'x'; 100];
         assert_eq!(
-            handoff.push(Published::new("u", &large)),
+            handoff.push(Published::new("u", &large, Stamp::default())),
             PushOutcome::Queued
         );
-        assert_eq!(handoff.push(Published::new("u", b"")), PushOutcome::Full);
+        assert_eq!(
+            handoff.push(Published::new("u", b"", Stamp::default())),
+            PushOutcome::Full
+        );
         assert_eq!(inbox.drain_into(&mut out, 100), 1);
         assert_eq!(out[2].payload(), &large[..]);
     }
@@ -369,7 +408,7 @@ mod tests {
         let half = vec![0u8; DRAIN_BYTES / 2];
         for _ in 0..3 {
             assert_eq!(
-                handoff.push(Published::new("u", &half)),
+                handoff.push(Published::new("u", &half, Stamp::default())),
                 PushOutcome::Queued
             );
         }
@@ -384,13 +423,13 @@ mod tests {
 
     #[test]
     fn published_layout() {
-        let p = Published::new("user:1", b"{\"type\":\"t\"}");
+        let p = Published::new("user:1", b"{\"type\":\"t\"}", Stamp::default());
         assert_eq!(p.user_id(), "user:1");
         assert_eq!(p.payload(), b"{\"type\":\"t\"}");
-        let odd = Published::new("é\u{1F600}", b"\xff\x00");
+        let odd = Published::new("é\u{1F600}", b"\xff\x00", Stamp::default());
         assert_eq!(odd.user_id(), "é\u{1F600}");
         assert_eq!(odd.payload(), b"\xff\x00");
-        assert_eq!(Published::new("u", b"").payload(), b"");
+        assert_eq!(Published::new("u", b"", Stamp::default()).payload(), b"");
         assert!(format!("{p:?}").contains("user:1"));
     }
 }

@@ -40,18 +40,21 @@ impl Hub {
     }
 
     /// Removes a connection; the user's entry goes with its last connection.
-    pub fn remove(&mut self, user_id: &str, key: usize) {
+    /// True when that was the user's last connection.
+    pub fn remove(&mut self, user_id: &str, key: usize) -> bool {
         let Some(keys) = self.users.get_mut(user_id) else {
-            return;
+            return false;
         };
         let Some(position) = keys.iter().position(|&k| k == key) else {
-            return;
+            return false;
         };
         keys.swap_remove(position);
         self.connections -= 1;
         if keys.is_empty() {
             self.users.remove(user_id);
+            return true;
         }
+        false
     }
 
     /// The user's connections, if any.
@@ -84,13 +87,13 @@ mod tests {
         assert_eq!(hub.connection_count(), 3);
         assert_eq!(hub.user_count(), 2);
         assert_eq!(hub.connections_of("alice"), Some(&[1, 2][..]));
-        hub.remove("alice", 1);
+        assert!(!hub.remove("alice", 1));
         assert_eq!(hub.connections_of("alice"), Some(&[2][..]));
-        hub.remove("alice", 2);
+        assert!(hub.remove("alice", 2), "the last one");
         assert_eq!(hub.connections_of("alice"), None);
         assert_eq!(hub.user_count(), 1);
         // Removing twice is harmless.
-        hub.remove("alice", 2);
+        assert!(!hub.remove("alice", 2));
         assert_eq!(hub.connection_count(), 1);
     }
 }

@@ -12,6 +12,11 @@
 //! full (`messages_delivered_total`) or thrown away unsent when the connection
 //! closes first (`deliveries_dropped_total`, `unsent_on_close`); until then it
 //! is in `deliveries_queued`.
+//!
+//! Each delivery written is also observed in the latency histogram
+//! (`crate::latency`), at the same point where it is counted written (and where
+//! a resume counts one delivered without a write), so the histogram's `_count`
+//! equals `messages_delivered_total`.
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -20,6 +25,7 @@ use crate::clock::Timestamp;
 use crate::conn::refresh::Outcome;
 use crate::conn::{CloseReason, Deliveries};
 use crate::http::Rejection;
+use crate::latency::{DeliveryLatency, Epoch, Stamp};
 use crate::process_stats;
 use crate::redis_status::RedisStatus;
 
@@ -57,6 +63,29 @@ pub struct Metrics {
     pub resume_replayed: u64,
     /// Resumes answered `complete:false`.
     pub resumes_incomplete: u64,
+    /// Bytes written and delivery latency, recorded by `OutboundQueue::flush`.
+    pub writes: WriteMetrics,
+}
+
+/// What the loop records as it writes to client sockets. `OutboundQueue::flush`
+/// adds to it directly (the loop lends it to the connection it settles), so no
+/// connection carries counters of its own for these.
+#[derive(Default)]
+pub struct WriteMetrics {
+    /// Bytes written to client sockets: every byte, HTTP answers included.
+    pub bytes: u64,
+    /// Deliveries by the time from their read from Redis to their write.
+    pub latency: DeliveryLatency,
+}
+
+impl WriteMetrics {
+    /// Stamping the writes against `epoch` (the hand-over's).
+    pub fn new(epoch: Epoch) -> WriteMetrics {
+        WriteMetrics {
+            bytes: 0,
+            latency: DeliveryLatency::new(epoch),
+        }
+    }
 }
 
 /// Point-in-time numbers that are not counters.
@@ -121,6 +150,22 @@ impl ProcessSampler {
 }
 
 impl Metrics {
+    /// Counters at zero; deliveries are stamped against `epoch` (the hand-over's).
+    pub fn new(epoch: Epoch) -> Metrics {
+        Metrics {
+            writes: WriteMetrics::new(epoch),
+            ..Metrics::default()
+        }
+    }
+
+    /// A delivery that needs no write (the client got the message in its
+    /// resume's replay): counted delivered, and observed with the time now.
+    pub fn delivered_by_replay(&mut self, read_at: Stamp) {
+        self.delivered += 1;
+        let now = self.writes.latency.now();
+        self.writes.latency.observe(read_at, now);
+    }
+
     /// Adds what a connection reports after it wrote or closed.
     pub fn count_deliveries(&mut self, deliveries: Deliveries) {
         self.delivered += u64::from(deliveries.written);
@@ -198,6 +243,12 @@ impl Metrics {
             "counter",
             "Deliveries (one message to one connection) written to the client's socket in full.",
             &[("", self.delivered)],
+        );
+        metric(
+            "bytes_written_total",
+            "counter",
+            "Bytes written to client sockets (WebSocket frames and HTTP answers).",
+            &[("", self.writes.bytes)],
         );
         metric(
             "deliveries_queued",
@@ -304,6 +355,38 @@ impl Metrics {
             "Redis reader sessions that ended in a panic and were restarted.",
             &[("", redis.reader_restarts())],
         );
+        let mode = match redis.mode() {
+            crate::config::SubscribeMode::Pattern => "{mode=\"pattern\"}",
+            crate::config::SubscribeMode::Channel => "{mode=\"channel\"}",
+            crate::config::SubscribeMode::Sharded => "{mode=\"sharded\"}",
+        };
+        metric(
+            "redis_subscriptions",
+            "gauge",
+            "Subscriptions Redis confirmed and the reader holds (the pattern, or users' channels).",
+            &[(mode, redis.subscriptions())],
+        );
+        metric(
+            "redis_subscribe_total",
+            "counter",
+            "Channels sent in SUBSCRIBE commands, resubscribes included.",
+            &[("", redis.subscribes())],
+        );
+        metric(
+            "redis_unsubscribe_total",
+            "counter",
+            "Channels sent in UNSUBSCRIBE commands.",
+            &[("", redis.unsubscribes())],
+        );
+        metric(
+            "redis_resubscribes_total",
+            "counter",
+            "Channels subscribed again, by reason (after a reconnect).",
+            &[(
+                "{reason=\"reconnect\"}",
+                redis.resubscribes_after_reconnect(),
+            )],
+        );
         metric(
             "uptime_seconds",
             "gauge",
@@ -327,6 +410,7 @@ impl Metrics {
                 &[("", fds)],
             );
         }
+        self.writes.latency.render(&mut out);
         render_standard_process(&mut out, &process);
         render_build_info(&mut out);
         out

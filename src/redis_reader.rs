@@ -1,22 +1,32 @@
-//! The Redis reader thread: connect, `PSUBSCRIBE <prefix>*`, read, hand over.
+//! The Redis reader thread: connect, subscribe, read, hand over.
 //!
 //! ```text
-//!  Redis --PSUBSCRIBE <prefix>*--> [redis-reader thread]
+//!  Redis --PSUBSCRIBE <prefix>*  (pattern mode)
+//!        --SUBSCRIBE <prefix><user> ... (channel mode: the users the loop asks for)
+//!      --> [redis-reader thread: its own mio Poll: the link's socket + a Waker]
+//!      pubsub::Link: RESP frames parsed in the read buffer, no allocation
 //!      strip the prefix, copy (user id, payload) into one `Published`
 //!      --> handover::Handoff (bounded; one wake per batch) --> [event loop]
+//!      channel mode: subscriptions::Changes in, Confirmations out
 //! ```
 //!
-//! The thread owns one blocking redis-rs connection. It never parses JSON and
-//! never waits on the event loop: it reads a message, hands it over and reads
-//! on, so Redis never sees a slow subscriber (Redis disconnects a pub/sub
-//! client whose output buffer passes its limit, losing messages). It pings
-//! Redis once the link has been quiet for `ping_interval` and treats a missing pong as a
-//! lost connection; on any error it reconnects forever with exponential
-//! backoff (capped by `REDIS_RECONNECT_MAX`) and full jitter. A panic inside a
-//! session is caught: the thread marks itself unsubscribed (so `/health` says
-//! 503), logs it, counts it and reconnects. Health crosses to the loop thread
-//! through [`RedisStatus`]; messages through [`crate::handover`].
+//! The thread owns one pub/sub link (`pubsub::link`), whose socket it waits
+//! on in its own `mio::Poll` together with a `Waker` for subscription
+//! changes. It never parses JSON and never waits on the event loop: it reads
+//! a message, hands it over and reads on, so Redis never sees a slow
+//! subscriber (Redis disconnects a pub/sub client whose output buffer passes
+//! its limit, losing messages). Every wait on Redis is bounded in total:
+//! connect, AUTH and the subscriptions within `io_wait`, and any command's
+//! reply (a pong included) within `io_wait` of sending it, however the bytes
+//! trickle in. It pings Redis once the link has carried no frame for
+//! `ping_interval`; on any error it reconnects forever with exponential
+//! backoff (capped by `REDIS_RECONNECT_MAX`) and full jitter, and subscribes
+//! again to everything still wanted. A panic inside a session is caught: the
+//! thread marks itself unsubscribed (so `/health` says 503), logs it, counts
+//! it and reconnects. Health crosses to the loop thread through
+//! [`RedisStatus`]; messages through [`crate::handover`].
 
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
@@ -26,10 +36,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{debug, error, info, warn};
-use redis::{
-    Client, Connection, ConnectionAddr, IntoConnectionInfo, PubSub, RedisConnectionInfo,
-    TlsCertificates, Value,
-};
+use mio::{Events, Poll, Token, Waker};
+use redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, TlsCertificates};
 
 use crate::clock;
 use crate::config::RedisConfig;
@@ -38,7 +46,10 @@ use crate::handover::{
 };
 use crate::logging::RateLimited;
 use crate::message::user_id_from_channel;
+use crate::pubsub::link::{Command, Event, Fill, Link, LinkError, Target};
+use crate::pubsub::resp::SubscriptionKind;
 use crate::redis_status::RedisStatus;
+use crate::subscriptions::{self, Change, Changes, Confirmations, PerUser};
 
 /// First reconnect delay cap; doubles per consecutive failure up to
 /// `REDIS_RECONNECT_MAX`.
@@ -49,15 +60,22 @@ const HEALTHY_AFTER: Duration = Duration::from_secs(30);
 /// Redis kept answering that long was healthy (with the default 5 s interval
 /// both are 30 s).
 const HEALTHY_PINGS: u32 = 6;
-/// Longest the thread blocks (read or sleep) before looking at the stop flag.
+/// Longest the thread blocks (poll or sleep) before looking at the stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(250);
-/// Bounds for connect and pong waits derived from `ping_interval`.
+/// Bounds for the connect and reply waits derived from `ping_interval`.
 const MIN_IO_WAIT: Duration = Duration::from_secs(1);
 const MAX_IO_WAIT: Duration = Duration::from_secs(30);
-/// How long leaving a connection may wait for the server's unsubscribe replies.
-const TEARDOWN_WAIT: Duration = Duration::from_millis(100);
 /// At most one warning of each kind per period.
 const WARN_PERIOD: Duration = Duration::from_secs(10);
+/// Channels named in one SUBSCRIBE or UNSUBSCRIBE command: a connect storm
+/// of 10,000 users is ten commands, written at once.
+const CHANNELS_PER_COMMAND: usize = 1000;
+/// Reads in a row before the thread looks at changes, the stop flag and the
+/// deadlines again (a flood never ends in `WouldBlock`).
+const READS_PER_TURN: usize = 64;
+/// The poll tokens of the reader's own `Poll`.
+const LINK_TOKEN: Token = Token(0);
+const CHANGES_TOKEN: Token = Token(1);
 /// Debug builds only: a message on the channel named by this variable makes
 /// the reader panic, so that tests can check that a dead session is noticed
 /// and restarted. Compiled out of release builds.
@@ -72,20 +90,41 @@ pub struct RedisReader {
 
 impl RedisReader {
     /// Starts the reader thread (named "redis-reader"). `waker` is the event
-    /// loop's mio::Waker. Fails if the thread cannot be started or the TLS
-    /// settings are unusable (unreadable or invalid `REDIS_TLS_CA_FILE`);
-    /// Redis being unreachable is not an error here, the thread keeps retrying.
+    /// loop's mio::Waker (the hand-over and the confirmations wake it).
+    /// Returns the per-user queues in `channel` mode. Fails if the thread or
+    /// its poll cannot be started or the TLS settings are unusable
+    /// (unreadable or invalid `REDIS_TLS_CA_FILE`); Redis being unreachable
+    /// is not an error here, the thread keeps retrying.
     pub fn spawn(
         config: RedisConfig,
         waker: Arc<mio::Waker>,
-    ) -> io::Result<(RedisReader, Inbox, Arc<RedisStatus>)> {
-        let client = build_client(&config)?;
+    ) -> io::Result<(RedisReader, Inbox, Arc<RedisStatus>, Option<PerUser>)> {
+        let target = Target::from_config(&config)?;
+        let poll = Poll::new()?;
+        let (per_user, loop_end) = if config.subscribe_mode.per_user() {
+            // One waker per Poll (mio's rule): the reader's own.
+            let reader_waker = Arc::new(Waker::new(poll.registry(), CHANGES_TOKEN)?);
+            let (requests, changes, confirmations, confirmed) =
+                subscriptions::channel(Arc::clone(&waker), reader_waker);
+            (
+                Some(Wanted::new(changes, confirmations)),
+                Some(PerUser {
+                    requests,
+                    confirmed,
+                }),
+            )
+        } else {
+            (None, None)
+        };
         let (handoff, inbox) = handover::channel(waker, QUEUE_CAPACITY, QUEUE_BYTES_CAPACITY);
         let status = Arc::new(RedisStatus::new());
+        status.set_mode(config.subscribe_mode);
         let stop = Arc::new(AtomicBool::new(false));
         let thread = ReaderThread::new(
             config,
-            client,
+            target,
+            poll,
+            per_user,
             handoff,
             Arc::clone(&status),
             Arc::clone(&stop),
@@ -93,11 +132,11 @@ impl RedisReader {
         let thread = std::thread::Builder::new()
             .name("redis-reader".into())
             .spawn(move || thread.run())?;
-        Ok((RedisReader { stop, thread }, inbox, status))
+        Ok((RedisReader { stop, thread }, inbox, status, loop_end))
     }
 
     /// Asks the thread to stop (it notices within `STOP_CHECK`, 250 ms, or a
-    /// connect/pong wait in progress); does not join.
+    /// TCP connect in progress); does not join.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
     }
@@ -252,10 +291,147 @@ enum Subscription {
     },
 }
 
+/// Channel mode: the users whose channel the loop wants, and the queues
+/// between the loop and this thread.
+struct Wanted {
+    changes: Changes,
+    confirmations: Confirmations,
+    /// User id -> confirmed by Redis on the current link.
+    users: HashMap<Box<str>, bool>,
+    /// Entries of `users` that are confirmed.
+    confirmed: usize,
+    /// Reused buffer for `Changes::take`.
+    taken: Vec<Change>,
+}
+
+impl Wanted {
+    fn new(changes: Changes, confirmations: Confirmations) -> Wanted {
+        Wanted {
+            changes,
+            confirmations,
+            users: HashMap::new(),
+            confirmed: 0,
+            taken: Vec::new(),
+        }
+    }
+
+    /// A new link: nothing is confirmed on it yet.
+    fn unconfirm_all(&mut self) {
+        self.users
+            .values_mut()
+            .for_each(|confirmed| *confirmed = false);
+        self.confirmed = 0;
+    }
+
+    /// Applies the loop's changes in order. With a link, a user already
+    /// confirmed is confirmed again at once, and the others become SUBSCRIBE
+    /// and UNSUBSCRIBE commands (runs of one kind batched, the order kept).
+    /// Without one only the wanted set changes: the next link subscribes it.
+    fn apply_changes(&mut self, mut link: Option<&mut Link>, prefix: &str, status: &RedisStatus) {
+        self.taken.clear();
+        self.changes.take(&mut self.taken);
+        let mut batch = Batch::new(prefix);
+        for change in self.taken.drain(..) {
+            match change {
+                Change::Subscribe(user) => match self.users.get(&user) {
+                    Some(true) => self.confirmations.push(&user),
+                    // In flight: confirmed when Redis confirms it.
+                    Some(false) => {}
+                    None => {
+                        if let Some(link) = link.as_deref_mut() {
+                            batch.add(link, status, SubscriptionKind::Subscribe, &user);
+                        }
+                        self.users.insert(user, false);
+                    }
+                },
+                Change::Unsubscribe(user) => {
+                    if let Some(confirmed) = self.users.remove(&user) {
+                        self.confirmed -= usize::from(confirmed);
+                        if let Some(link) = link.as_deref_mut() {
+                            batch.add(link, status, SubscriptionKind::Unsubscribe, &user);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(link) = link {
+            batch.finish(link, status);
+        }
+        status.set_subscriptions(self.confirmed as u64);
+    }
+
+    /// Redis confirmed `user`'s channel: tell the loop (also for a user
+    /// unsubscribed meanwhile: every Subscribe gets its confirmation).
+    fn confirmed(&mut self, user: &str, status: &RedisStatus) {
+        match self.users.get_mut(user) {
+            Some(confirmed) if !*confirmed => {
+                *confirmed = true;
+                self.confirmed += 1;
+                status.set_subscriptions(self.confirmed as u64);
+                self.confirmations.push(user);
+            }
+            Some(_) => {}
+            None => self.confirmations.push(user),
+        }
+    }
+}
+
+/// Builds (UN)SUBSCRIBE commands of up to `CHANNELS_PER_COMMAND` channels
+/// and queues them on the link.
+struct Batch<'a> {
+    prefix: &'a str,
+    current: Option<(SubscriptionKind, redis::Cmd, usize)>,
+    /// Reused for `<prefix><user>`.
+    channel: String,
+}
+
+impl<'a> Batch<'a> {
+    fn new(prefix: &'a str) -> Batch<'a> {
+        Batch {
+            prefix,
+            current: None,
+            channel: String::new(),
+        }
+    }
+
+    fn add(&mut self, link: &mut Link, status: &RedisStatus, kind: SubscriptionKind, user: &str) {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(k, _, n)| *k != kind || *n >= CHANNELS_PER_COMMAND)
+        {
+            self.finish(link, status);
+        }
+        let (_, cmd, channels) = self
+            .current
+            .get_or_insert_with(|| (kind, redis::cmd(kind.command()), 0));
+        self.channel.clear();
+        self.channel.push_str(self.prefix);
+        self.channel.push_str(user);
+        cmd.arg(self.channel.as_str());
+        *channels += 1;
+    }
+
+    fn finish(&mut self, link: &mut Link, status: &RedisStatus) {
+        if let Some((kind, cmd, channels)) = self.current.take() {
+            link.command(&cmd, Command::Subscription(kind), channels);
+            match kind {
+                SubscriptionKind::Unsubscribe => status.count_unsubscribes(channels as u64),
+                _ => status.count_subscribes(channels as u64),
+            }
+        }
+    }
+}
+
 /// What the thread owns.
 struct ReaderThread {
     config: RedisConfig,
-    client: Client,
+    target: Target,
+    /// The link's socket and, in channel mode, the changes' waker.
+    poll: Poll,
+    events: Events,
+    /// Channel mode only.
+    wanted: Option<Wanted>,
     handoff: Handoff,
     status: Arc<RedisStatus>,
     stop: Arc<AtomicBool>,
@@ -263,10 +439,8 @@ struct ReaderThread {
     pattern: String,
     /// `host:port`, for logs.
     addr: String,
-    /// Connect timeout and pong wait.
+    /// The bound of connect + AUTH + subscribe, and of every reply.
     io_wait: Duration,
-    /// Read timeout while waiting for messages: the stop flag is checked at least this often.
-    read_slice: Duration,
     /// A session that lasted this long resets the backoff.
     healthy_after: Duration,
     subscription: Subscription,
@@ -282,25 +456,24 @@ struct ReaderThread {
 impl ReaderThread {
     fn new(
         config: RedisConfig,
-        client: Client,
+        target: Target,
+        poll: Poll,
+        wanted: Option<Wanted>,
         handoff: Handoff,
         status: Arc<RedisStatus>,
         stop: Arc<AtomicBool>,
     ) -> ReaderThread {
-        // A zero read timeout is an error for std sockets.
         let ping_interval = config.ping_interval.max(Duration::from_millis(1));
         ReaderThread {
             pattern: subscribe_pattern(&config.channel_prefix),
-            addr: if config.host.contains(':') {
-                format!("[{}]:{}", config.host, config.port)
-            } else {
-                format!("{}:{}", config.host, config.port)
-            },
+            addr: target.addr(),
             io_wait: ping_interval.clamp(MIN_IO_WAIT, MAX_IO_WAIT),
-            read_slice: ping_interval.min(STOP_CHECK),
             healthy_after: HEALTHY_AFTER.min(ping_interval.saturating_mul(HEALTHY_PINGS)),
             config,
-            client,
+            target,
+            poll,
+            events: Events::with_capacity(16),
+            wanted,
             handoff,
             status,
             stop,
@@ -355,6 +528,7 @@ impl ReaderThread {
             self.sleep_unless_stopped(delay);
         }
         self.status.set_subscribed(false);
+        self.status.set_subscriptions(0);
         debug!("Redis reader stopped");
     }
 
@@ -377,6 +551,7 @@ impl ReaderThread {
                 // The error first, so /health never shows "disconnected" without a reason.
                 self.status.set_error(error.clone());
                 self.status.set_subscribed(false);
+                self.status.set_subscriptions(0);
                 self.status.count_reader_restart();
                 self.lost_subscription();
                 error!(
@@ -401,55 +576,236 @@ impl ReaderThread {
         }
     }
 
-    /// Connects, subscribes, and reads until the connection fails or the
-    /// thread is asked to stop.
+    /// Connects, subscribes (everything at once: AUTH, SELECT, the
+    /// subscriptions and a PING leave in one write), and reads until the
+    /// connection fails or the thread is asked to stop.
     fn session(&mut self) -> SessionEnd {
         if let Subscription::Lost { attempts, .. } = &mut self.subscription {
             *attempts += 1;
         }
-        let mut con = match self.connect_and_subscribe() {
-            Ok(con) => con,
-            Err(error) => return SessionEnd::ConnectFailed(error),
-        };
-        let mut pubsub = con.as_pubsub();
-        let end = match self.ping(&mut pubsub) {
-            Err(error) => SessionEnd::ConnectFailed(error),
-            Ok(()) => {
-                self.subscribed();
-                let end = match self.read_messages(&mut pubsub) {
-                    SessionEnd::Lost(error) => {
-                        // The error first, so /health never shows "disconnected"
-                        // without a reason.
-                        let error = scrub(error, self.config.password.as_deref());
-                        self.status.set_error(error.clone());
-                        SessionEnd::Lost(error)
-                    }
-                    end => end,
-                };
-                self.status.set_subscribed(false);
-                self.lost_subscription();
-                end
-            }
-        };
-        // Dropping a redis-rs PubSub sends UNSUBSCRIBE + PUNSUBSCRIBE and waits
-        // for the replies (its `impl Drop`); keep that wait short on a
-        // connection we are abandoning anyway.
-        if let Err(e) = pubsub.set_read_timeout(Some(TEARDOWN_WAIT)) {
-            debug!(error:% = e; "Redis teardown failed");
+        let connect_deadline = Instant::now() + self.io_wait;
+        if let Some(wanted) = &mut self.wanted {
+            wanted.unconfirm_all();
+            wanted.apply_changes(None, &self.config.channel_prefix, &self.status);
         }
-        drop(pubsub);
+        let mut link = match Link::connect(
+            &self.target,
+            self.poll.registry(),
+            LINK_TOKEN,
+            connect_deadline,
+        ) {
+            Ok(link) => link,
+            Err(e) => return SessionEnd::ConnectFailed(self.describe(&e)),
+        };
+        match &self.wanted {
+            None => link.command(
+                redis::cmd("PSUBSCRIBE").arg(&self.pattern),
+                Command::Subscription(SubscriptionKind::Psubscribe),
+                1,
+            ),
+            Some(wanted) => {
+                let mut batch = Batch::new(&self.config.channel_prefix);
+                for user in wanted.users.keys() {
+                    batch.add(&mut link, &self.status, SubscriptionKind::Subscribe, user);
+                }
+                batch.finish(&mut link, &self.status);
+                if !matches!(self.subscription, Subscription::Never) {
+                    self.status
+                        .count_resubscribes_after_reconnect(wanted.users.len() as u64);
+                }
+            }
+        }
+        // Its pong comes after every confirmation above: the link is ready then.
+        link.ping();
+        let end = self.drive(&mut link, connect_deadline);
+        link.deregister(self.poll.registry());
+        self.status.set_subscriptions(0);
         end
+    }
+
+    /// The session's loop: flush, check the deadlines, poll, take changes,
+    /// read and handle what was read.
+    fn drive(&mut self, link: &mut Link, connect_deadline: Instant) -> SessionEnd {
+        let mut ready = false;
+        let mut last_frame = Instant::now();
+        // Edge-triggered: read until WouldBlock before waiting again.
+        let mut read_pending = true;
+        let mut changes_pending = false;
+        loop {
+            if changes_pending {
+                changes_pending = false;
+                if let Some(wanted) = &mut self.wanted {
+                    wanted.apply_changes(Some(link), &self.config.channel_prefix, &self.status);
+                }
+            }
+            if let Err(e) = link.flush(self.poll.registry()) {
+                return self.failed(ready, self.describe(&e));
+            }
+            let now = Instant::now();
+            let mut wake_at = now + STOP_CHECK;
+            if !ready {
+                if now >= connect_deadline {
+                    let waited = self.io_wait.as_millis();
+                    return self.failed(ready, format!("not subscribed within {waited} ms"));
+                }
+                wake_at = wake_at.min(connect_deadline);
+            }
+            // Every command's reply within io_wait of sending it, a pong
+            // included, whatever trickles in meanwhile.
+            if let Some((command, sent)) = link.oldest_unanswered() {
+                let due = sent + self.io_wait;
+                if now >= due {
+                    let (name, waited) = (command.name(), self.io_wait.as_millis());
+                    return self.failed(ready, format!("{name}: no reply within {waited} ms"));
+                }
+                wake_at = wake_at.min(due);
+            }
+            // A ping only after `ping_interval` without a frame: under a flood,
+            // messages prove the link alive (and a pong queued behind a
+            // backlog would measure the backlog, not the link); a Redis that
+            // freezes mid-flood goes quiet, so it is pinged and caught.
+            if ready && !link.ping_in_flight() {
+                let due = last_frame + self.config.ping_interval;
+                if now >= due {
+                    link.ping();
+                    continue;
+                }
+                wake_at = wake_at.min(due);
+            }
+            let timeout = if read_pending || link.has_input() {
+                Duration::ZERO
+            } else {
+                wake_at.saturating_duration_since(now)
+            };
+            match self.poll.poll(&mut self.events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return self.failed(ready, format!("poll: {e}")),
+            }
+            if self.stopping() {
+                return SessionEnd::Stopped;
+            }
+            for event in self.events.iter() {
+                match event.token() {
+                    LINK_TOKEN => read_pending |= event.is_readable() || event.is_read_closed(),
+                    CHANGES_TOKEN => changes_pending = true,
+                    _ => {}
+                }
+            }
+            if !read_pending {
+                continue;
+            }
+            read_pending = false;
+            for turn in 0..READS_PER_TURN {
+                match link.fill() {
+                    Ok(Fill::Read(_)) => {}
+                    Ok(Fill::WouldBlock) => break,
+                    Err(e) => return self.failed(ready, self.describe(&e)),
+                }
+                // One clock read per socket read: the read time of every
+                // message it completed, for the delivery latency (README
+                // "Endpoints"), and the link's last sign of life.
+                let read_at = Instant::now();
+                let mut frames = 0u32;
+                loop {
+                    let event = match link.next_event() {
+                        Ok(Some(event)) => event,
+                        Ok(None) => break,
+                        Err(e) => return self.failed(ready, self.describe(&e)),
+                    };
+                    frames += 1;
+                    match event {
+                        Event::Message { channel, payload } => {
+                            if let Some(end) = self.hand_over(channel, payload, read_at) {
+                                return end;
+                            }
+                        }
+                        Event::Subscription {
+                            kind,
+                            channel,
+                            solicited: _,
+                        } => self.on_subscription(kind, channel),
+                        Event::Pong { round_trip } => {
+                            self.status.set_ping(round_trip);
+                            if !ready {
+                                ready = true;
+                                self.subscribed();
+                            }
+                        }
+                        Event::Done(_) => {}
+                    }
+                }
+                if frames > 0 {
+                    last_frame = read_at;
+                }
+                if turn + 1 == READS_PER_TURN {
+                    read_pending = true;
+                }
+            }
+        }
+    }
+
+    /// A confirmation (or end) of a subscription.
+    fn on_subscription(&mut self, kind: SubscriptionKind, channel: Option<&[u8]>) {
+        match kind {
+            SubscriptionKind::Psubscribe => self.status.set_subscriptions(1),
+            SubscriptionKind::Subscribe => {
+                let prefix = self.config.channel_prefix.as_bytes();
+                let user = channel
+                    .and_then(|c| c.strip_prefix(prefix))
+                    .and_then(|u| std::str::from_utf8(u).ok());
+                if let (Some(wanted), Some(user)) = (&mut self.wanted, user) {
+                    wanted.confirmed(user, &self.status);
+                }
+            }
+            // The wanted set changed when the UNSUBSCRIBE was sent.
+            _ => {}
+        }
+    }
+
+    /// The session ends: before the link was ready it is a failed connect,
+    /// after it a lost subscription (recorded here, scrubbed).
+    fn failed(&mut self, ready: bool, error: String) -> SessionEnd {
+        if !ready {
+            return SessionEnd::ConnectFailed(error);
+        }
+        // The error first, so /health never shows "disconnected" without a reason.
+        let error = scrub(error, self.config.password.as_deref());
+        self.status.set_error(error.clone());
+        self.status.set_subscriptions(0);
+        self.status.set_subscribed(false);
+        self.lost_subscription();
+        SessionEnd::Lost(error)
+    }
+
+    /// A link error as text, naming the variables to check when Redis
+    /// refused the credentials (the password itself is never part of it).
+    fn describe(&self, e: &LinkError) -> String {
+        match e {
+            LinkError::Refused { command, error } if e.is_auth_refusal() => {
+                format!("{command}: {}: {error}", self.credentials_hint())
+            }
+            _ => e.to_string(),
+        }
     }
 
     /// Marks the subscription in place and logs it: the start-up line the
     /// first time, the recovery (how long it was lost, how many attempts) after.
     fn subscribed(&mut self) {
         match std::mem::replace(&mut self.subscription, Subscription::Active) {
-            Subscription::Never => info!(
-                redis = self.addr.as_str(),
-                pattern = self.pattern.as_str();
-                "subscribed to Redis"
-            ),
+            Subscription::Never => match &self.wanted {
+                None => info!(
+                    redis = self.addr.as_str(),
+                    pattern = self.pattern.as_str();
+                    "subscribed to Redis"
+                ),
+                Some(wanted) => info!(
+                    redis = self.addr.as_str(),
+                    mode = self.config.subscribe_mode.as_str(),
+                    channels = wanted.users.len();
+                    "subscribed to Redis"
+                ),
+            },
             Subscription::Lost { since, attempts } => {
                 self.status.count_reconnect();
                 info!(
@@ -474,48 +830,6 @@ impl ReaderThread {
         }
     }
 
-    fn connect_and_subscribe(&self) -> Result<Connection, String> {
-        let mut con = self
-            .client
-            .get_connection_with_timeout(self.io_wait)
-            .map_err(|e| self.connect_error("connect", &e))?;
-        con.set_write_timeout(Some(self.io_wait))
-            .and_then(|()| con.set_read_timeout(Some(self.io_wait)))
-            .map_err(|e| format!("connect: {e}"))?;
-        // Subscribed by hand rather than with `PubSub::psubscribe`, which
-        // discards the reply and so would take an error (e.g. ACL NOPERM on
-        // the channels) for success.
-        let command = redis::cmd("PSUBSCRIBE")
-            .arg(&self.pattern)
-            .get_packed_command();
-        con.send_packed_command(&command)
-            .map_err(|e| format!("PSUBSCRIBE: {e}"))?;
-        match con.recv_response() {
-            Ok(Value::Array(reply)) if is_bulk(reply.first(), b"psubscribe") => {}
-            Ok(Value::ServerError(e)) if e.code() == "NOAUTH" => {
-                return Err(format!("PSUBSCRIBE: {}: {e}", self.credentials_hint()));
-            }
-            Ok(Value::ServerError(e)) => return Err(format!("PSUBSCRIBE: {e}")),
-            Ok(other) => return Err(format!("PSUBSCRIBE: unexpected reply {other:?}")),
-            Err(e) => return Err(self.connect_error("PSUBSCRIBE", &e)),
-        }
-        con.set_read_timeout(Some(self.read_slice))
-            .map_err(|e| format!("PSUBSCRIBE: {e}"))?;
-        Ok(con)
-    }
-
-    /// `what: error`, naming the variables to check when Redis refused the
-    /// credentials (the password itself is never part of it).
-    fn connect_error(&self, what: &str, e: &redis::RedisError) -> String {
-        let refused = e.kind() == redis::ErrorKind::AuthenticationFailed
-            || matches!(e.code(), Some("WRONGPASS" | "NOAUTH"));
-        if refused {
-            format!("{what}: {}: {e}", self.credentials_hint())
-        } else {
-            format!("{what}: {e}")
-        }
-    }
-
     /// Which settings to look at when Redis refuses to authenticate us.
     fn credentials_hint(&self) -> String {
         let set = |value: &Option<String>| value.as_deref().is_some_and(|v| !v.is_empty());
@@ -537,104 +851,30 @@ impl ReaderThread {
         }
     }
 
-    /// `PING` in subscribed mode. RESP2 answers `["pong", ""]` (a plain `PONG`
-    /// would mean the connection is not in subscribed mode after all). The
-    /// wait is bounded by `io_wait`; a timeout or any other error is a lost
-    /// connection. Messages that arrive before the pong are kept by redis-rs
-    /// and returned by the next `get_message`.
-    fn ping(&self, pubsub: &mut PubSub<'_>) -> Result<(), String> {
-        pubsub
-            .set_read_timeout(Some(self.io_wait))
-            .map_err(|e| format!("PING: {e}"))?;
-        let sent = Instant::now();
-        let reply = pubsub.ping::<Value>();
-        let round_trip = sent.elapsed();
-        let answered = match reply {
-            Ok(Value::Array(reply)) if is_bulk(reply.first(), b"pong") => true,
-            Ok(Value::ServerError(e)) => return Err(format!("PING: {e}")),
-            Ok(other) => return Err(format!("PING: unexpected reply {other:?}")),
-            Err(e) if e.is_timeout() => {
-                return Err(format!(
-                    "PING: no reply within {} ms",
-                    self.io_wait.as_millis()
-                ));
-            }
-            // A signal cut the wait for the pong short (see `read_messages`):
-            // the connection is fine. The pong arrives later and `get_message`
-            // skips it (it is not a message); the next ping measures again.
-            Err(e) if is_interrupted(&e) => false,
-            Err(e) => return Err(format!("PING: {e}")),
-        };
-        pubsub
-            .set_read_timeout(Some(self.read_slice))
-            .map_err(|e| format!("PING: {e}"))?;
-        if answered {
-            self.status.set_ping(round_trip);
-        }
-        Ok(())
-    }
-
-    /// Reads messages until the connection fails or the thread is asked to
-    /// stop, pinging once the link has carried nothing for `ping_interval`.
-    /// Not under traffic: messages arriving prove the link alive, and redis-rs
-    /// keeps every message that arrives before a pong in memory until the pong
-    /// (a flood of 1 MiB messages queued in Redis ahead of a pong held hundreds
-    /// of MiB). On an idle link nothing is queued ahead of the pong, and a
-    /// Redis that freezes mid-flood goes quiet, so it is pinged and caught.
-    fn read_messages(&mut self, pubsub: &mut PubSub<'_>) -> SessionEnd {
-        let ping_interval = self.config.ping_interval;
-        let mut last_activity = Instant::now();
-        loop {
-            if self.stopping() {
-                return SessionEnd::Stopped;
-            }
-            if last_activity.elapsed() >= ping_interval {
-                if let Err(error) = self.ping(pubsub) {
-                    return SessionEnd::Lost(error);
-                }
-                last_activity = Instant::now();
-            }
-            match pubsub.get_message() {
-                Ok(msg) => {
-                    last_activity = Instant::now();
-                    if let Some(end) = self.hand_over(&msg) {
-                        return end;
-                    }
-                }
-                // The read slice passed without a message, or a signal cut it short
-                // (a read with SO_RCVTIMEO fails with EINTR even under SA_RESTART,
-                // and after every SIGSTOP/SIGCONT). The parser keeps what it read.
-                Err(e) if e.is_timeout() || is_interrupted(&e) => {}
-                Err(e) => return SessionEnd::Lost(format!("read: {e}")),
-            }
-        }
-    }
-
-    /// Strips the prefix and queues the message for the loop. Returns Some
-    /// when the thread should end.
-    fn hand_over(&mut self, msg: &redis::Msg) -> Option<SessionEnd> {
+    /// Strips the prefix and queues the message, read at `read_at`, for the
+    /// loop. Returns Some when the thread should end.
+    fn hand_over(
+        &mut self,
+        channel: &[u8],
+        payload: &[u8],
+        read_at: Instant,
+    ) -> Option<SessionEnd> {
         self.status
             .count_received(clock::unix_millis(SystemTime::now()));
         let prefix = self.config.channel_prefix.as_str();
-        // `get_channel_name` borrows after one UTF-8 check (the only one: the
-        // user id crosses to the loop as a `str`), and answers "?" for a channel
-        // that is not UTF-8; the real bytes are fetched only then, for the log.
-        let name = msg.get_channel_name();
+        // The one UTF-8 check: the user id crosses to the loop as a `str`.
+        let name = std::str::from_utf8(channel).ok();
         #[cfg(debug_assertions)]
-        if self.panic_on_channel.as_deref() == Some(name) {
+        if let Some(name) = name
+            && self.panic_on_channel.as_deref() == Some(name)
+        {
             panic!("test fault: message on channel {name:?} ({TEST_PANIC_CHANNEL})");
         }
-        let user_id = if name == "?" {
-            None
-        } else {
-            user_id_from_channel(name, prefix)
-        };
-        let Some(user_id) = user_id else {
+        let Some(user_id) = name.and_then(|name| user_id_from_channel(name, prefix)) else {
             self.status.count_dropped_invalid_channel();
             if let Some(suppressed) = self.warn_bad_channel.check(Instant::now()) {
-                let channel: Vec<u8> = msg.get_channel().unwrap_or_default();
                 warn!(
-                    channel:% = String::from_utf8_lossy(&channel),
+                    channel:% = String::from_utf8_lossy(channel),
                     prefix,
                     suppressed;
                     "Redis message dropped: no user id after the channel prefix"
@@ -642,10 +882,8 @@ impl ReaderThread {
             }
             return None;
         };
-        match self
-            .handoff
-            .push(Published::new(user_id, msg.get_payload_bytes()))
-        {
+        let read_at = self.handoff.stamp(read_at);
+        match self.handoff.push(Published::new(user_id, payload, read_at)) {
             PushOutcome::Queued => None,
             PushOutcome::Full => {
                 self.status.count_dropped_queue_full();
@@ -678,41 +916,11 @@ impl Drop for DeadReaderGuard {
     }
 }
 
-/// EINTR. redis-rs keeps its io::Error private (`source()` gives the `Arc` it
-/// is stored in), so look through that wrapper; a unit test pins this down.
-fn is_interrupted(error: &redis::RedisError) -> bool {
-    type Shared = Arc<dyn std::error::Error + Send + Sync>;
-    let Some(source) = std::error::Error::source(error) else {
-        return false;
-    };
-    let io_error = match source.downcast_ref::<Shared>() {
-        Some(shared) => shared.downcast_ref::<io::Error>(),
-        None => source.downcast_ref::<io::Error>(),
-    };
-    io_error.is_some_and(|e| e.kind() == io::ErrorKind::Interrupted)
-}
-
-fn is_bulk(value: Option<&Value>, expected: &[u8]) -> bool {
-    match value {
-        Some(Value::BulkString(bytes)) => bytes.eq_ignore_ascii_case(expected),
-        Some(Value::SimpleString(text)) => text.as_bytes().eq_ignore_ascii_case(expected),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     // The tests that need a real Redis are in tests/redis_reader.rs.
-
-    #[test]
-    fn eintr_is_recognised_through_redis_errors() {
-        let interrupted = redis::RedisError::from(io::Error::from(io::ErrorKind::Interrupted));
-        assert!(is_interrupted(&interrupted));
-        let reset = redis::RedisError::from(io::Error::from(io::ErrorKind::ConnectionReset));
-        assert!(!is_interrupted(&reset));
-    }
 
     #[test]
     fn backoff_cap_bounds() {

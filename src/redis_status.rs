@@ -4,8 +4,10 @@
 //! the `received` counter and the last message time.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::config::SubscribeMode;
 
 /// `u64::MAX` stands for "none" in the optional atomics below.
 const NONE: u64 = u64::MAX;
@@ -26,6 +28,15 @@ pub struct RedisStatus {
     /// `NONE` until the first message.
     last_message_unix_millis: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// `SubscribeMode` as its index (pattern 0, channel 1, sharded 2).
+    mode: AtomicU8,
+    /// Channels (or the pattern) Redis confirmed and the reader still holds.
+    subscriptions: AtomicU64,
+    /// Channels sent in SUBSCRIBE / UNSUBSCRIBE commands.
+    subscribes: AtomicU64,
+    unsubscribes: AtomicU64,
+    /// Channels subscribed again after a reconnect.
+    resubscribes_reconnect: AtomicU64,
 }
 
 impl Default for RedisStatus {
@@ -49,10 +60,46 @@ impl RedisStatus {
             dropped_invalid_channel: AtomicU64::new(0),
             last_message_unix_millis: AtomicU64::new(NONE),
             last_error: Mutex::new(None),
+            mode: AtomicU8::new(0),
+            subscriptions: AtomicU64::new(0),
+            subscribes: AtomicU64::new(0),
+            unsubscribes: AtomicU64::new(0),
+            resubscribes_reconnect: AtomicU64::new(0),
         }
     }
 
-    /// Connected and `PSUBSCRIBE` confirmed by Redis.
+    /// How the reader subscribes (`REDIS_SUBSCRIBE_MODE`).
+    pub fn mode(&self) -> SubscribeMode {
+        match self.mode.load(Ordering::Relaxed) {
+            1 => SubscribeMode::Channel,
+            2 => SubscribeMode::Sharded,
+            _ => SubscribeMode::Pattern,
+        }
+    }
+
+    /// Subscriptions Redis confirmed and the reader holds: 1 for the pattern,
+    /// the users' channels in `channel` mode.
+    pub fn subscriptions(&self) -> u64 {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    /// Channels sent in SUBSCRIBE commands (resubscribes included).
+    pub fn subscribes(&self) -> u64 {
+        self.subscribes.load(Ordering::Relaxed)
+    }
+
+    /// Channels sent in UNSUBSCRIBE commands.
+    pub fn unsubscribes(&self) -> u64 {
+        self.unsubscribes.load(Ordering::Relaxed)
+    }
+
+    /// Channels subscribed again after a reconnect.
+    pub fn resubscribes_after_reconnect(&self) -> u64 {
+        self.resubscribes_reconnect.load(Ordering::Relaxed)
+    }
+
+    /// Connected, the subscriptions in place when the link came up confirmed
+    /// by Redis, and the first ping answered.
     pub fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
     }
@@ -117,6 +164,32 @@ impl RedisStatus {
         if !subscribed {
             self.ping_micros.store(NONE, Ordering::Relaxed);
         }
+    }
+
+    pub(crate) fn set_mode(&self, mode: SubscribeMode) {
+        let index = match mode {
+            SubscribeMode::Pattern => 0,
+            SubscribeMode::Channel => 1,
+            SubscribeMode::Sharded => 2,
+        };
+        self.mode.store(index, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_subscriptions(&self, held: u64) {
+        self.subscriptions.store(held, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_subscribes(&self, channels: u64) {
+        self.subscribes.fetch_add(channels, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_unsubscribes(&self, channels: u64) {
+        self.unsubscribes.fetch_add(channels, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_resubscribes_after_reconnect(&self, channels: u64) {
+        self.resubscribes_reconnect
+            .fetch_add(channels, Ordering::Relaxed);
     }
 
     pub(crate) fn set_ping(&self, round_trip: Duration) {

@@ -21,6 +21,7 @@ use std::fmt;
 use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::AsRawFd;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use crate::auth::Authenticator;
 use crate::clock::Timestamp;
 use crate::config::Config;
 use crate::conn::CloseReason;
-use crate::conn::handshake::{self, ConnectionCounts, Decision, HandshakeRules};
+use crate::conn::handshake::{self, ConnectionCounts, Decision, Endpoints, HandshakeRules};
 use crate::conn::refresh::{self, Outcome};
 use crate::conn::{Connection, Ended, Limits, Next, Queued, SessionParams, Step, websocket_config};
 use crate::handover::{Inbox, Published};
@@ -45,15 +46,17 @@ use crate::history::reader::{
 use crate::http::{self, Rejection};
 use crate::hub::Hub;
 use crate::logging::RateLimited;
-use crate::message::{self, ConnectedHistory, InvalidMessage, MessageEncoder, Recovery};
+use crate::message::{self, ConnectedHistory, Frame, InvalidMessage, MessageEncoder, Recovery};
 use crate::metrics::{self, Gauges, Metrics, ProcessFigures, ProcessSampler};
 use crate::redis_reader::RedisReader;
 use crate::redis_status::RedisStatus;
+use crate::user_channels::{Admission, UserChannels, Waiter};
 
 // Reserved tokens sit at the top of the range so a slab key is directly a token.
 const LISTENER_TOKEN: Token = Token(usize::MAX - 1);
 const WAKER_TOKEN: Token = Token(usize::MAX - 2);
 const SIGNAL_TOKEN: Token = Token(usize::MAX - 3);
+const ADMIN_LISTENER_TOKEN: Token = Token(usize::MAX - 4);
 
 /// Events taken from one `poll`.
 const EVENTS_CAPACITY: usize = 1024;
@@ -73,6 +76,11 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 const RESPOND_WAIT: Duration = Duration::from_secs(5);
 /// One "request refused" line per reason per period; the rest are counted in the next.
 const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(5);
+/// Per-user subscription modes: how long a new connection waits for Redis to
+/// confirm its user's channel before it is closed with 1013 (try again later).
+/// A healthy Redis confirms in a round trip; the reader's reconnect backoff and
+/// resubscription after an outage fit in it.
+pub const SUBSCRIBE_WAIT: Duration = Duration::from_secs(10);
 
 /// The event loop and everything it owns.
 pub struct Server {
@@ -80,6 +88,10 @@ pub struct Server {
     /// None once shutdown has begun.
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
+    /// The `/health` and `/metrics` listener (`WS_ADMIN_ADDR`); None when unset
+    /// or once shutdown has begun.
+    admin_listener: Option<TcpListener>,
+    admin_addr: Option<SocketAddr>,
     /// Read end of the pipe the signal handler writes to.
     signals: UnixStream,
     conns: Slab<Connection>,
@@ -97,6 +109,11 @@ pub struct Server {
     history: Option<HistoryReader>,
     /// Reused buffer for the history reader's answers.
     history_answers: Vec<Answer>,
+    /// Per-user subscription modes: the users whose channels this instance
+    /// needs and the queues to the reader; None in pattern mode.
+    channels: Option<UserChannels>,
+    /// Reused buffer for the connections a turn's confirmations release.
+    released: Vec<(Rc<str>, Waiter)>,
     redis: Arc<RedisStatus>,
     authenticator: Authenticator,
     config: Config,
@@ -122,6 +139,15 @@ pub struct Server {
     instance: String,
     /// The clients still to close while a `SHUTDOWN_DRAIN` runs.
     drain: Option<Drain>,
+}
+
+/// The listener an accept is for.
+#[derive(Clone, Copy)]
+enum Listener {
+    /// `WS_HOST:WS_PORT`.
+    Main,
+    /// `WS_ADMIN_ADDR`.
+    Admin,
 }
 
 /// A gentle drain (`SHUTDOWN_DRAIN`): the connections open when shutdown began,
@@ -221,23 +247,53 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER_TOKEN, Interest::READABLE)?;
 
+        let mut admin_listener = match config.admin_addr_text() {
+            Some(text) => {
+                let named =
+                    |e: io::Error| io::Error::new(e.kind(), format!("WS_ADMIN_ADDR {text}: {e}"));
+                let address = text
+                    .to_socket_addrs()
+                    .map_err(named)?
+                    .next()
+                    .ok_or_else(|| {
+                        named(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "resolves to no address",
+                        ))
+                    })?;
+                Some(TcpListener::bind(address).map_err(named)?)
+            }
+            None => None,
+        };
+        let admin_addr = match &mut admin_listener {
+            Some(admin) => {
+                poll.registry()
+                    .register(admin, ADMIN_LISTENER_TOKEN, Interest::READABLE)?;
+                Some(admin.local_addr()?)
+            }
+            None => None,
+        };
+
         let mut signals = install_signal_pipe()?;
         poll.registry()
             .register(&mut signals, SIGNAL_TOKEN, Interest::READABLE)?;
 
         let waker = Arc::new(Waker::new(poll.registry(), WAKER_TOKEN)?);
         // One waker per poll: the history reader shares it (the loop checks both queues).
+        let (reader, inbox, redis, per_user) =
+            RedisReader::spawn(config.redis.clone(), Arc::clone(&waker))?;
+        let channels =
+            per_user.map(|queues| UserChannels::new(queues, config.redis.unsubscribe_linger));
         let history = if config.history_size > 0 {
             let settings = HistorySettings {
                 redis: config.redis.clone(),
                 size: config.history_size,
                 ttl: config.history_ttl,
             };
-            Some(HistoryReader::spawn(settings, Arc::clone(&waker))?)
+            Some(HistoryReader::spawn(settings, waker, Arc::clone(&redis))?)
         } else {
             None
         };
-        let (reader, inbox, redis) = RedisReader::spawn(config.redis.clone(), waker)?;
 
         let max_connections = connection_limit_for(
             raise_open_file_limit(config.max_connections),
@@ -256,6 +312,8 @@ impl Server {
             poll,
             listener: Some(listener),
             local_addr,
+            admin_listener,
+            admin_addr,
             signals,
             // Sized for the connection limit up front: pages are only touched as
             // connections arrive, and growing by doubling would leave the old copies'
@@ -264,13 +322,15 @@ impl Server {
             hub: Hub::with_capacity(max_connections),
             // About two live entries per connection (see `schedule`).
             timers: BinaryHeap::with_capacity(2 * (max_connections + HANDSHAKE_HEADROOM)),
-            metrics: Metrics::default(),
+            metrics: Metrics::new(inbox.epoch()),
             process_sampler: ProcessSampler::default(),
             inbox,
             inbound: Vec::with_capacity(INBOX_BATCH),
             reader,
             history,
             history_answers: Vec::new(),
+            channels,
+            released: Vec::new(),
             redis,
             authenticator,
             config,
@@ -305,11 +365,22 @@ impl Server {
         self.local_addr
     }
 
+    /// The address `/health` and `/metrics` are served on when `WS_ADMIN_ADDR` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// Runs until a graceful shutdown completes.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(EVENTS_CAPACITY);
         lower_loop_priority(self.config.loop_nice);
-        info!(address:% = self.local_addr, instance = self.instance.as_str(); "listening");
+        let admin = self.admin_addr.map(|a| a.to_string()).unwrap_or_default();
+        info!(
+            address:% = self.local_addr,
+            admin_address = admin.as_str(),
+            instance = self.instance.as_str();
+            "listening"
+        );
         loop {
             // From here on a push wakes the poll below (while messages wait, the
             // poll does not block and pushes cost no wake).
@@ -324,7 +395,8 @@ impl Server {
             let now = Instant::now();
             for event in events.iter() {
                 match event.token() {
-                    LISTENER_TOKEN => self.accept(now),
+                    LISTENER_TOKEN => self.accept(Listener::Main, now),
+                    ADMIN_LISTENER_TOKEN => self.accept(Listener::Admin, now),
                     // The inbox is drained below whenever messages wait.
                     WAKER_TOKEN => {}
                     SIGNAL_TOKEN => self.on_signal(now),
@@ -336,6 +408,10 @@ impl Server {
                 }
             }
             self.read_leftovers(now);
+            // Confirmations before the turn's messages (see `subscriptions`).
+            if self.channels.is_some() {
+                self.release_confirmed(now);
+            }
             if self.inbox.has_waiting() {
                 self.deliver_inbox(now);
             }
@@ -351,7 +427,13 @@ impl Server {
             self.drain_some(now);
             if self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.accept_paused_until = None;
-                self.accept(now);
+                self.accept(Listener::Main, now);
+                self.accept(Listener::Admin, now);
+            }
+            if let Some(channels) = &mut self.channels {
+                channels.expire(now);
+                // The turn's subscribes and unsubscribes in one batch.
+                channels.send();
             }
             if let Some(deadline) = self.limits.shutdown_deadline
                 && (self.conns.is_empty() || now >= deadline)
@@ -366,11 +448,18 @@ impl Server {
 
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
         let delivering = self.limits.shutdown_deadline.is_none() || self.drain.is_some();
-        if (self.inbox.has_waiting() && delivering) || !self.read_again.is_empty() {
+        if (self.inbox.has_waiting() && delivering)
+            || !self.read_again.is_empty()
+            || self
+                .channels
+                .as_ref()
+                .is_some_and(UserChannels::confirmations_waiting)
+        {
             return Some(Duration::ZERO);
         }
         let next = [
             self.timers.peek().map(|Reverse((at, _, _))| *at),
+            self.channels.as_ref().and_then(UserChannels::next_deadline),
             self.accept_paused_until,
             self.limits.shutdown_deadline,
             self.drain.as_ref().and_then(Drain::next_at),
@@ -382,12 +471,21 @@ impl Server {
         next.map(|at| at.saturating_duration_since(now) + Duration::from_micros(500))
     }
 
-    fn accept(&mut self, now: Instant) {
+    fn accept(&mut self, on: Listener, now: Instant) {
         if self.accept_paused_until.is_some() {
             return;
         }
+        let endpoints = match on {
+            Listener::Main if self.admin_addr.is_some() => Endpoints::WebSocket,
+            Listener::Main => Endpoints::All,
+            Listener::Admin => Endpoints::Admin,
+        };
         loop {
-            let accepted = match &self.listener {
+            let listener = match on {
+                Listener::Main => &self.listener,
+                Listener::Admin => &self.admin_listener,
+            };
+            let accepted = match listener {
                 Some(listener) => listener.accept(),
                 None => return,
             };
@@ -415,6 +513,7 @@ impl Server {
                         id,
                         now,
                         now + self.config.handshake_timeout,
+                        endpoints,
                     ));
                     self.settle(key, now);
                 }
@@ -495,7 +594,10 @@ impl Server {
             timeout_ms = self.config.shutdown_timeout.as_millis() as u64;
             "shutting down"
         );
-        if let Some(mut listener) = self.listener.take() {
+        for mut listener in [self.listener.take(), self.admin_listener.take()]
+            .into_iter()
+            .flatten()
+        {
             // The listener is dropped (closed) right after; a failed deregister changes nothing.
             let _ = self.poll.registry().deregister(&mut listener);
         }
@@ -537,7 +639,13 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let step = conn.on_ready(readable, writable, &self.limits, now);
+        let step = conn.on_ready(
+            readable,
+            writable,
+            &self.limits,
+            now,
+            &mut self.metrics.writes,
+        );
         self.carry_out(key, step, now);
         self.settle(key, now);
     }
@@ -573,7 +681,7 @@ impl Server {
                     self.read_again.push(key);
                 }
             }
-            Step::Ended(ended) => self.report_end(key, ended),
+            Step::Ended(ended) => self.report_end(key, ended, now),
             Step::HandshakeTimedOut { connection_id } => {
                 self.metrics.handshake_timeouts += 1;
                 debug!(
@@ -636,6 +744,7 @@ impl Server {
             cookie_name: self.config.jwt.cookie_name.as_deref(),
             max_connections: self.max_connections,
             max_connections_per_user: self.config.max_connections_per_user,
+            endpoints: conn.endpoints(),
         };
         let respond_deadline = now + RESPOND_WAIT;
         match handshake::evaluate(conn.head(), &rules, &self.hub) {
@@ -710,31 +819,31 @@ impl Server {
                     id: conn.id(),
                 }
                 .to_string();
-                let connected = if self.history.is_some() {
-                    // Sent once the history read is done (`finish_history`).
+                // Per-user modes: `connected` waits for the user's channel.
+                let admission = match &mut self.channels {
+                    None => Admission::Open,
+                    Some(channels) => {
+                        let waiter = Waiter {
+                            key,
+                            connection_id: conn.id(),
+                            since: upgrade.since,
+                        };
+                        let may_subscribe = self.limits.shutdown_deadline.is_none();
+                        channels.admit(&user_id, waiter, may_subscribe)
+                    }
+                };
+                let connected = if admission != Admission::Open || self.history.is_some() {
+                    // Sent once the subscription is confirmed (`release_confirmed`)
+                    // and the history read is done (`finish_history`).
                     None
-                } else if upgrade.since.is_some() {
-                    // History off: nothing can be proven about the gap.
-                    self.metrics.resumes += 1;
-                    self.metrics.resumes_incomplete += 1;
-                    let history = ConnectedHistory {
-                        position: None,
-                        recovery: Some(Recovery {
-                            complete: false,
-                            count: 0,
-                        }),
-                    };
-                    Some(self.encoder.encode_connected_with_history(
+                } else {
+                    Some(connected_without_history(
+                        &mut self.encoder,
+                        &mut self.metrics,
                         &upgrade.user_id,
                         &name,
-                        &history,
-                        &Timestamp::now(),
+                        upgrade.since.is_some(),
                     ))
-                } else {
-                    Some(
-                        self.encoder
-                            .encode_connected(&upgrade.user_id, &name, &Timestamp::now()),
-                    )
                 };
                 let expires_at =
                     refresh::expiry_instant(upgrade.expires_at, self.config.jwt.leeway, now);
@@ -756,13 +865,28 @@ impl Server {
                     ws_config: self.ws_config,
                     send_buffer_bytes: self.config.send_buffer_bytes,
                 };
-                let awaits_history = connected.is_none();
-                match connected {
-                    Some(connected) => conn.open(&answer, connected, upgrade.head_len, session),
-                    None => conn.open_awaiting_history(&answer, upgrade.head_len, session),
+                let awaits_history = connected.is_none() && admission == Admission::Open;
+                match (connected, admission) {
+                    (Some(connected), _) => {
+                        conn.open(&answer, connected, upgrade.head_len, session)
+                    }
+                    (None, Admission::Open) => {
+                        conn.open_awaiting_history(&answer, upgrade.head_len, session)
+                    }
+                    (None, Admission::Wait | Admission::Refuse) => conn.open_awaiting_subscription(
+                        &answer,
+                        upgrade.head_len,
+                        session,
+                        now + SUBSCRIBE_WAIT,
+                    ),
                 }
-                // Frames that came with the request head are already buffered: read them now.
-                let step = conn.read(&self.limits, now);
+                let step = if admission == Admission::Refuse {
+                    // Shutting down: no new subscription; closed like the others (1001).
+                    conn.shut_down(&self.limits, now)
+                } else {
+                    // Frames that came with the request head are already buffered: read them now.
+                    conn.read(&self.limits, now)
+                };
                 if awaits_history {
                     self.request_history(key, upgrade.user_id, upgrade.since, now);
                 }
@@ -832,7 +956,13 @@ impl Server {
                 let Some(conn) = self.conns.get_mut(key) else {
                     continue;
                 };
-                match conn.queue_published(frame.clone(), id, self.config.send_buffer, now) {
+                match conn.queue_published(
+                    frame.clone(),
+                    id,
+                    published.read_at(),
+                    self.config.send_buffer,
+                    now,
+                ) {
                     Queued::First => {
                         self.metrics.queued += 1;
                         self.to_flush.push(key);
@@ -842,13 +972,58 @@ impl Server {
                     // The client got it in its resume's replay: delivered.
                     Queued::Duplicate => {
                         self.metrics.queued += 1;
-                        self.metrics.delivered += 1;
+                        self.metrics.delivered_by_replay(published.read_at());
                     }
                 }
             }
         }
         // Keep the buffer's capacity for the next batch.
         self.inbound = inbound;
+    }
+
+    /// Per-user modes: the connections whose user's channel Redis confirmed
+    /// stop waiting. With history on their history read starts now (after the
+    /// subscription, so nothing published falls between the two); without,
+    /// they get `connected` and the messages held meanwhile.
+    fn release_confirmed(&mut self, now: Instant) {
+        let Some(channels) = &mut self.channels else {
+            return;
+        };
+        let mut released = std::mem::take(&mut self.released);
+        channels.take_confirmed(&mut released);
+        for (user_id, waiter) in released.drain(..) {
+            let Some(conn) = self.conns.get_mut(waiter.key) else {
+                continue;
+            };
+            // A reused slot, or a session that closed meanwhile: nothing to release.
+            if conn.id() != waiter.connection_id || !conn.subscription_confirmed() {
+                continue;
+            }
+            if self.history.is_some() {
+                self.request_history(waiter.key, user_id.to_string(), waiter.since, now);
+                continue;
+            }
+            let name = ConnectionName {
+                instance: &self.instance,
+                id: waiter.connection_id,
+            }
+            .to_string();
+            let connected = connected_without_history(
+                &mut self.encoder,
+                &mut self.metrics,
+                &user_id,
+                &name,
+                waiter.since.is_some(),
+            );
+            if conn
+                // No replay and no `seen`: nothing is skipped.
+                .finish_history(connected, Vec::new(), None, now, |_| {})
+                .is_some()
+            {
+                self.settle(waiter.key, now);
+            }
+        }
+        self.released = released;
     }
 
     /// Asks the history reader for a connection's history (its position, and the
@@ -934,10 +1109,12 @@ impl Server {
         // Everything up to the read's position was in the read (or is older than
         // the client's position); without a read, what precedes `since`.
         let seen = position.or(answer.since);
-        if let Some(skipped) = conn.finish_history(connected, replay, seen, now) {
-            // Held live messages the replay already carried: delivered (they were
-            // counted as queued when held).
-            self.metrics.delivered += skipped as u64;
+        // Held live messages the replay already carried: delivered (they were
+        // counted as queued when held).
+        let metrics = &mut self.metrics;
+        if let Some(skipped) = conn.finish_history(connected, replay, seen, now, |read_at| {
+            metrics.delivered_by_replay(read_at)
+        }) {
             debug!(
                 "history sent user_id={} connection_id={} recovery={recovery:?} duplicates_skipped={skipped}",
                 answer.user_id, answer.connection_id
@@ -991,9 +1168,12 @@ impl Server {
         }
     }
 
-    /// A session ended: the hub, the metrics and the log line.
-    fn report_end(&mut self, key: usize, ended: Ended) {
-        self.hub.remove(&ended.user_id, key);
+    /// A session ended: the hub, the user's channel, the metrics and the log line.
+    fn report_end(&mut self, key: usize, ended: Ended, now: Instant) {
+        let last = self.hub.remove(&ended.user_id, key);
+        if let Some(channels) = &mut self.channels {
+            channels.left(&ended.user_id, key, ended.connection_id, last, now);
+        }
         self.metrics.disconnects[ended.reason as usize] += 1;
         let level = if ended.reason == CloseReason::Shutdown {
             log::Level::Debug
@@ -1016,7 +1196,7 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        let next = conn.settle(&self.limits, now);
+        let next = conn.settle(&self.limits, now, &mut self.metrics.writes);
         self.metrics.count_deliveries(conn.take_deliveries());
         match next {
             Next::Keep { reregister, arm } => {
@@ -1036,7 +1216,7 @@ impl Server {
             }
             Next::Remove(ended) => {
                 if let Some(ended) = ended {
-                    self.report_end(key, ended);
+                    self.report_end(key, ended, now);
                 }
                 self.remove(key, now);
             }
@@ -1061,12 +1241,37 @@ impl Server {
             return;
         };
         if let Some(ended) = conn.abort(now) {
-            self.report_end(key, ended);
+            self.report_end(key, ended, now);
         }
         self.metrics.count_deliveries(conn.take_deliveries());
         // The socket is closed right after; a failed deregister leaves nothing behind.
         let _ = self.poll.registry().deregister(conn.socket_mut());
     }
+}
+
+/// The `connected` message without history; a client that asks to resume
+/// (`since`) gets `recovery` with `complete:false`, since nothing can be proven
+/// about the gap (counted as an incomplete resume).
+fn connected_without_history(
+    encoder: &mut MessageEncoder,
+    metrics: &mut Metrics,
+    user_id: &str,
+    connection_name: &str,
+    resumes: bool,
+) -> Frame {
+    if !resumes {
+        return encoder.encode_connected(user_id, connection_name, &Timestamp::now());
+    }
+    metrics.resumes += 1;
+    metrics.resumes_incomplete += 1;
+    let history = ConnectedHistory {
+        position: None,
+        recovery: Some(Recovery {
+            complete: false,
+            count: 0,
+        }),
+    };
+    encoder.encode_connected_with_history(user_id, connection_name, &history, &Timestamp::now())
 }
 
 fn gauges(hub: &Hub, started: Instant, process: Option<ProcessFigures>) -> Gauges {

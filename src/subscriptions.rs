@@ -166,6 +166,15 @@ impl Confirmed {
     }
 }
 
+/// The loop's ends of the per-user queues, as `RedisReader::spawn` returns
+/// them in `channel` and `sharded` modes.
+pub struct PerUser {
+    /// Changes to the reader.
+    pub requests: Requests,
+    /// Confirmations from the reader.
+    pub confirmed: Confirmed,
+}
+
 /// The two queues: changes from the loop to the reader (waking
 /// `reader_waker`), confirmations back (waking `loop_waker`).
 pub fn channel(

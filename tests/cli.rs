@@ -428,6 +428,26 @@ fn healthcheck_healthy_degraded_and_closed() {
 }
 
 #[test]
+fn healthcheck_follows_ws_admin_addr() {
+    let redis = RedisServer::start();
+    let admin_port = free_port();
+    let admin = format!("0.0.0.0:{admin_port}");
+    let gw = Gateway::start(redis.port, &[("WS_ADMIN_ADDR", admin.as_str())]);
+    wait_until(PROMPT, "healthy on the admin port", || {
+        health(admin_port).0 == 200
+    });
+    // The main port answers /health 404 now; the default goes to the admin port.
+    let port = gw.port.to_string();
+    let env = [
+        ("WS_PORT", port.as_str()),
+        ("WS_ADMIN_ADDR", admin.as_str()),
+    ];
+    let out = run(&["healthcheck"], &env);
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(out.stdout.contains(r#""status":"healthy""#), "{out:?}");
+}
+
+#[test]
 fn healthcheck_times_out_on_a_silent_server() {
     // A listener that accepts but never answers: exit 1 once its 2 s are up
     // (never sooner; how much later depends on the machine's load, and `run`

@@ -205,6 +205,8 @@ fn dashboard_and_alerts_query_only_metrics_the_server_exports() {
         "ws_notify_redis_reconnects_total",
         "ws_notify_connections_rejected_total",
         "ws_notify_log_lines_dropped_total",
+        "ws_notify_delivery_latency_seconds_bucket",
+        "ws_notify_bytes_written_total",
         "process_resident_memory_bytes",
         "process_open_fds",
     ] {
@@ -220,6 +222,7 @@ fn dashboard_and_alerts_query_only_metrics_the_server_exports() {
         "process_max_fds",
         "ws_notify_redis_reconnects_total",
         "ws_notify_redis_reader_restarts_total",
+        "ws_notify_delivery_latency_seconds_bucket",
     ] {
         assert!(in_alerts.contains(name), "no alert rule watches {name}");
     }

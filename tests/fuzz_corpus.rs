@@ -100,6 +100,11 @@ fn config_corpus() {
     replay_target("config");
 }
 
+#[test]
+fn pubsub_frames_corpus() {
+    replay_target("pubsub_frames");
+}
+
 /// Every directory under `fuzz/corpus/` and `fuzz/artifacts/` is a known target, so
 /// a renamed target cannot silently stop being replayed.
 #[test]

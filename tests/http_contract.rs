@@ -768,3 +768,39 @@ fn metrics_show_the_redis_round_trip_and_the_hand_over_depth() {
         "{text}"
     );
 }
+
+/// `WS_ADMIN_ADDR`: `/health` and `/metrics` move to a listener of their own,
+/// which serves nothing else; the main port answers them 404 and serves
+/// WebSocket clients as before.
+#[test]
+fn an_admin_address_takes_health_and_metrics_off_the_main_port() {
+    let redis = RedisServer::start();
+    let admin_port = free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let gw = Gateway::start(redis.port, &[("WS_ADMIN_ADDR", admin.as_str())]);
+    wait_until(PROMPT, "healthy on the admin port", || {
+        health(admin_port).0 == 200
+    });
+    assert!(metrics_text(admin_port).contains("\nws_notify_connections 0\n"));
+    assert_eq!(metrics_json(admin_port)["service"], "websocket-service");
+    let upgrade = upgrade_request(&format!("/ws?token={}", gw.token("ada")), &[]);
+    for (what, request) in [
+        ("an upgrade", upgrade),
+        ("an unknown path", request_head("GET", "/nope", &[])),
+    ] {
+        let resp = raw_request(admin_port, &request);
+        assert_eq!(resp.status, 404, "admin port, {what}: {resp:?}");
+        resp.assert_error(404, "not found");
+    }
+
+    for path in ["/health", "/metrics", "/metrics?format=json"] {
+        let resp = http_get(gw.port, path, &[]);
+        assert_eq!(resp.status, 404, "main port, {path}: {resp:?}");
+        resp.assert_error(404, "not found");
+    }
+    assert_serving(&redis, &gw, "ada");
+    assert_eq!(
+        metric(admin_port, "ws_notify_connections_accepted_total"),
+        1.0
+    );
+}

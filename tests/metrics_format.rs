@@ -1,8 +1,10 @@
 //! `/metrics` of the real binary, read by a Prometheus text parser nobody on
 //! this team wrote (`prometheus_client.parser` from Python): every family
 //! parses and is declared once, the standard `process_*` metrics are there with
-//! sane values, `ws_notify_build_info` carries the version, and counters follow
-//! the naming conventions. The parser comes from Debian's
+//! sane values, `ws_notify_build_info` carries the version, counters follow
+//! the naming conventions, the delivery latency histogram is consistent with
+//! itself and with the delivered counter, and the bytes written count the
+//! frames delivered. The parser comes from Debian's
 //! python3-prometheus-client (installed by `.ci/run`); see tests/common/python.rs
 //! for when the test skips.
 
@@ -82,8 +84,13 @@ fn metrics_parse_with_the_prometheus_client_parser() {
     let (mut ws, _hello) = ws_open(gw.port, &gw.token("mia"));
     assert_eq!(redis.notify("mia", r#"{"type":"t","payload":1}"#), 1);
     assert_eq!(recv_json(&mut ws, PROMPT)["type"], "t");
-    ws.send(Message::Close(None)).expect("send close");
     gw.wait_metric_at_least("ws_notify_messages_delivered_total", 1.0);
+    // A second message, whose frame must be among the bytes written after this.
+    let bytes_before = gw.metric("ws_notify_bytes_written_total");
+    assert_eq!(redis.notify("mia", r#"{"type":"t","payload":2}"#), 1);
+    let second = recv_text(&mut ws, PROMPT);
+    ws.send(Message::Close(None)).expect("send close");
+    gw.wait_metric_at_least("ws_notify_messages_delivered_total", 2.0);
 
     let text = gw.metrics_text();
     let scraped_at = unix_now();
@@ -167,5 +174,68 @@ fn metrics_parse_with_the_prometheus_client_parser() {
     assert_eq!(build.samples[0].value, 1.0);
 
     // The traffic above is in the parsed numbers.
-    assert!(family(&by_name, "ws_notify_messages_delivered", &text).samples[0].value >= 1.0);
+    let delivered = family(&by_name, "ws_notify_messages_delivered", &text).samples[0].value;
+    assert!(delivered >= 2.0, "{delivered}");
+
+    // Bytes written: at least the second message's frame (unmasked: a 2-byte
+    // header up to 125 bytes of payload, 4 up to 65,535) since the scrape before it.
+    let bytes = family(&by_name, "ws_notify_bytes_written", &text);
+    assert_eq!(bytes.kind, "counter");
+    assert_eq!(bytes.samples[0].name, "ws_notify_bytes_written_total");
+    let header = if second.len() <= 125 { 2 } else { 4 };
+    assert!(
+        bytes.samples[0].value - bytes_before >= (second.len() + header) as f64,
+        "bytes written grew from {bytes_before} to {}, the frame alone is {} bytes",
+        bytes.samples[0].value,
+        second.len() + header
+    );
+
+    // The latency histogram: the documented buckets, cumulative, +Inf is the
+    // count, one observation per delivery, and the deliveries took some time.
+    let latency = family(&by_name, "ws_notify_delivery_latency_seconds", &text);
+    assert_eq!(latency.kind, "histogram");
+    let samples = |suffix: &str| -> Vec<&Sample> {
+        let name = format!("ws_notify_delivery_latency_seconds{suffix}");
+        latency.samples.iter().filter(|s| s.name == name).collect()
+    };
+    let buckets = samples("_bucket");
+    let bounds: Vec<f64> = buckets
+        .iter()
+        .map(|s| s.labels["le"].parse().expect("le is a number"))
+        .collect();
+    assert_eq!(
+        bounds,
+        [
+            0.00005,
+            0.0001,
+            0.00025,
+            0.0005,
+            0.001,
+            0.0025,
+            0.005,
+            0.01,
+            0.025,
+            0.05,
+            0.1,
+            0.25,
+            0.5,
+            1.0,
+            f64::INFINITY
+        ],
+        "{latency:?}"
+    );
+    for pair in buckets.windows(2) {
+        assert!(
+            pair[0].value <= pair[1].value,
+            "not cumulative: {latency:?}"
+        );
+    }
+    let (sum, count) = (samples("_sum"), samples("_count"));
+    assert_eq!((sum.len(), count.len()), (1, 1), "{latency:?}");
+    let count = count[0].value;
+    assert_eq!(buckets[buckets.len() - 1].value, count, "+Inf is the count");
+    assert_eq!(count, delivered, "one observation per delivery");
+    assert!(sum[0].value > 0.0, "{latency:?}");
+    // A delivery on an idle loopback takes well under a second.
+    assert_eq!(buckets[buckets.len() - 2].value, count, "{latency:?}");
 }

@@ -15,6 +15,7 @@ use ws_notify::config::{RedisConfig, SubscribeMode};
 use ws_notify::handover::{Inbox, Published};
 use ws_notify::redis_reader::RedisReader;
 use ws_notify::redis_status::RedisStatus;
+use ws_notify::subscriptions::{Confirmed, PerUser};
 
 const WAKE: Token = Token(7);
 
@@ -59,7 +60,10 @@ impl LoopSide {
     }
 
     fn spawn(&self, config: RedisConfig) -> (RedisReader, Inbox, Arc<RedisStatus>) {
-        RedisReader::spawn(config, Arc::clone(&self.waker)).expect("spawn reader")
+        let (reader, inbox, status, per_user) =
+            RedisReader::spawn(config, Arc::clone(&self.waker)).expect("spawn reader");
+        assert!(per_user.is_none(), "per-user queues in pattern mode");
+        (reader, inbox, status)
     }
 
     /// Re-arms, blocks while nothing waits, drains in batches of 64, until
@@ -492,4 +496,239 @@ fn backoff_stays_under_the_configured_cap() {
     });
     eprintln!("30 attempts after {:?}", started.elapsed());
     reader.stop();
+}
+
+// --- channel mode ----------------------------------------------------------------
+
+/// A reader in `channel` mode and the loop's ends of its per-user queues.
+fn channel_reader(
+    redis: &RedisServer,
+) -> (LoopSide, RedisReader, Inbox, Arc<RedisStatus>, PerUser) {
+    let side = LoopSide::new();
+    let mut cfg = config(redis.port);
+    cfg.subscribe_mode = SubscribeMode::Channel;
+    let (reader, inbox, status, per_user) =
+        RedisReader::spawn(cfg, Arc::clone(&side.waker)).expect("spawn reader");
+    let per_user = per_user.expect("per-user queues in channel mode");
+    wait_subscribed(&status);
+    (side, reader, inbox, status, per_user)
+}
+
+impl LoopSide {
+    /// Drains confirmations until `want` more arrived; returns them in order.
+    fn confirmations(&mut self, confirmed: &Confirmed, want: usize) -> Vec<Box<str>> {
+        let deadline = Instant::now() + secs(20);
+        let mut got = Vec::new();
+        while got.len() < want {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {want} confirmations",
+                got.len()
+            );
+            if !confirmed.has_waiting() {
+                self.poll
+                    .poll(&mut self.events, Some(ms(50)))
+                    .expect("poll");
+            }
+            confirmed.drain_into(&mut got);
+        }
+        got
+    }
+}
+
+fn numsub(redis: &RedisServer, channel: &str) -> i64 {
+    let mut con = redis.connection().expect("connection");
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query(&mut con)
+        .expect("PUBSUB NUMSUB");
+    n
+}
+
+/// `calls` of `cmdstat_<command>` in `INFO commandstats`.
+fn command_calls(redis: &RedisServer, command: &str) -> u64 {
+    let mut con = redis.connection().expect("connection");
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .expect("INFO");
+    let key = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|line| line.strip_prefix(key.as_str()))
+        .map_or(0, |rest| {
+            rest.split(',')
+                .next()
+                .unwrap_or("0")
+                .parse()
+                .expect("calls")
+        })
+}
+
+#[test]
+fn channel_mode_confirms_then_delivers_only_subscribed_users() {
+    let redis = RedisServer::start();
+    let (mut side, reader, inbox, status, mut per_user) = channel_reader(&redis);
+    assert_eq!(status.subscriptions(), 0);
+    // Nobody wanted: nothing subscribed, nothing delivered.
+    assert_eq!(redis.notify("alice", b"early"), 0);
+
+    per_user.requests.subscribe("alice");
+    per_user.requests.subscribe("bob");
+    per_user.requests.send();
+    let mut got = side.confirmations(&per_user.confirmed, 2);
+    got.sort();
+    assert_eq!(got, [Box::from("alice"), Box::from("bob")]);
+    assert_eq!(status.subscriptions(), 2);
+    assert_eq!(status.subscribes(), 2);
+
+    assert_eq!(redis.notify("alice", b"a1"), 1);
+    assert_eq!(redis.notify("carol", b"c1"), 0, "carol is not subscribed");
+    assert_eq!(redis.notify("bob", b"b1"), 1);
+    let messages = side.collect(&inbox, 2, Duration::ZERO);
+    assert_eq!(
+        (messages[0].user_id(), messages[0].payload()),
+        ("alice", &b"a1"[..])
+    );
+    assert_eq!(
+        (messages[1].user_id(), messages[1].payload()),
+        ("bob", &b"b1"[..])
+    );
+
+    // Unsubscribe, and a subscribe of a user already confirmed: confirmed at once.
+    per_user.requests.unsubscribe("bob");
+    per_user.requests.subscribe("alice");
+    per_user.requests.send();
+    assert_eq!(
+        side.confirmations(&per_user.confirmed, 1),
+        [Box::from("alice")]
+    );
+    wait_until(secs(10), "bob unsubscribed", || {
+        numsub(&redis, "user_noti:bob") == 0
+    });
+    assert_eq!(numsub(&redis, "user_noti:alice"), 1);
+    assert_eq!(redis.notify("bob", b"b2"), 0);
+    assert_eq!(status.subscriptions(), 1);
+    assert_eq!(status.unsubscribes(), 1);
+    assert_eq!(status.subscribes(), 2, "alice was not subscribed twice");
+
+    // Subscribe and unsubscribe of one user in one batch: applied in order,
+    // and the subscribe is still confirmed.
+    per_user.requests.subscribe("dave");
+    per_user.requests.unsubscribe("dave");
+    per_user.requests.send();
+    assert_eq!(
+        side.confirmations(&per_user.confirmed, 1),
+        [Box::from("dave")]
+    );
+    wait_until(secs(10), "dave unsubscribed", || {
+        numsub(&redis, "user_noti:dave") == 0
+    });
+    assert!(status.is_subscribed());
+    reader.stop();
+    reader.join().expect("reader thread");
+}
+
+#[test]
+fn ten_thousand_subscribes_take_few_commands() {
+    let redis = RedisServer::start();
+    let (mut side, reader, _inbox, status, mut per_user) = channel_reader(&redis);
+    let before = command_calls(&redis, "subscribe");
+    let users: Vec<String> = (0..10_000).map(|i| format!("storm-{i}")).collect();
+    for user in &users {
+        per_user.requests.subscribe(user);
+    }
+    per_user.requests.send();
+    let got = side.confirmations(&per_user.confirmed, users.len());
+    assert_eq!(got.len(), users.len());
+    let commands = command_calls(&redis, "subscribe") - before;
+    eprintln!("10,000 channels in {commands} SUBSCRIBE commands");
+    assert!(commands <= 20, "{commands} SUBSCRIBE commands");
+    assert_eq!(status.subscriptions(), 10_000);
+    assert_eq!(numsub(&redis, "user_noti:storm-9999"), 1);
+    reader.stop();
+}
+
+#[test]
+fn channel_mode_resubscribes_everything_after_a_restart() {
+    let mut redis = RedisServer::start();
+    let (mut side, reader, inbox, status, mut per_user) = channel_reader(&redis);
+    let users: Vec<String> = (0..2_500).map(|i| format!("r{i}")).collect();
+    for user in &users {
+        per_user.requests.subscribe(user);
+    }
+    per_user.requests.send();
+    side.confirmations(&per_user.confirmed, users.len());
+
+    redis.kill();
+    wait_until(secs(10), "not subscribed", || !status.is_subscribed());
+    assert_eq!(status.subscriptions(), 0);
+    // A change while Redis is down is applied to what the next link subscribes.
+    per_user.requests.unsubscribe("r0");
+    per_user.requests.send();
+    redis.restart();
+    wait_subscribed(&status);
+    // Subscribed means every wanted channel is confirmed again.
+    for user in &users[1..] {
+        assert_eq!(numsub(&redis, &format!("user_noti:{user}")), 1, "{user}");
+    }
+    assert_eq!(numsub(&redis, "user_noti:r0"), 0);
+    assert_eq!(status.subscriptions(), 2_499);
+    assert_eq!(status.resubscribes_after_reconnect(), 2_499);
+    assert_eq!(status.reconnects(), 1);
+    // The confirmations are pushed again (the loop ignores users nobody waits for).
+    side.confirmations(&per_user.confirmed, users.len() - 1);
+    assert_eq!(redis.notify("r7", b"back"), 1);
+    let got = side.collect(&inbox, 1, Duration::ZERO);
+    assert_eq!((got[0].user_id(), got[0].payload()), ("r7", &b"back"[..]));
+    reader.stop();
+}
+
+/// A fake Redis that confirms the PSUBSCRIBE and the first PING, then sends
+/// one byte of a frame that never ends every 100 ms and answers nothing else.
+#[test]
+fn a_trickling_server_is_declared_lost_within_the_bounded_wait() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server_stop = Arc::clone(&stop);
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut streams = Vec::new();
+        while !server_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((mut stream, _)) = listener.accept() {
+                stream.set_nonblocking(false).expect("blocking");
+                let mut buf = [0u8; 4096];
+                // AUTH-less PSUBSCRIBE + PING arrive in one write.
+                let _ = stream.read(&mut buf);
+                let _ = stream.write_all(
+                    b"*3\r\n$10\r\npsubscribe\r\n$11\r\nuser_noti:*\r\n:1\r\n\
+                      *2\r\n$4\r\npong\r\n$0\r\n\r\n",
+                );
+                streams.push(stream);
+            }
+            for stream in &mut streams {
+                let _ = stream.write_all(b"*");
+            }
+            std::thread::sleep(ms(100));
+        }
+    });
+    let side = LoopSide::new();
+    let mut cfg = config(port);
+    cfg.ping_interval = ms(200);
+    let (reader, _inbox, status) = side.spawn(cfg);
+    wait_subscribed(&status);
+    let subscribed_at = Instant::now();
+    wait_until(secs(10), "the trickling link declared lost", || {
+        !status.is_subscribed()
+    });
+    // ping_interval (200 ms) + io_wait (1 s minimum); generous for a loaded machine.
+    let lost_after = subscribed_at.elapsed();
+    let error = status.last_error().expect("error recorded");
+    assert!(error.contains("PING: no reply within"), "{error}");
+    assert!(lost_after < secs(5), "lost after {lost_after:?}");
+    reader.stop();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server.join().expect("fake server");
 }

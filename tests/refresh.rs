@@ -221,14 +221,29 @@ fn a_refresh_rearms_the_notice_for_the_new_expiry() {
     let notice = recv_json(&mut ws, secs(30));
     assert_expires_at(&notice, "token_expiring", first_exp);
 
-    // Refreshed on the notice, as a client does, with a token 3 s later.
-    let next_exp = first_exp + 3;
+    // Refreshed on the notice, as a client does, with a token 5 s later.
+    let next_exp = first_exp + 5;
     let next = token_with_claims(&gw.secret, &json!({"sub": "alice", "exp": next_exp}));
     assert_expires_at(&refresh(&mut ws, &next), "refreshed", next_exp);
     // A new notice for the new token, then (no refresh this time) the close.
     assert_expires_at(&recv_json(&mut ws, secs(30)), "token_expiring", next_exp);
     let (code, _) = expect_close_with_no_message_before(&mut ws, secs(30));
     assert_eq!(code, 4001);
+}
+
+#[test]
+fn a_refresh_to_a_token_inside_the_notice_window_gets_no_notice() {
+    let (_redis, gw) = setup(&[("WS_TOKEN_EXPIRY_NOTICE", "10s")]);
+    let first = token(&gw.secret, "alice", 60);
+    let (mut ws, _) = ws_open(gw.port, &first);
+    // A token that has less than the notice left: `refreshed` says when it
+    // expires, and no `token_expiring` follows it (a client that refreshes on
+    // every notice would otherwise loop), only the close at its exp.
+    let short_exp = now_secs() + 3;
+    let short = token_with_claims(&gw.secret, &json!({"sub": "alice", "exp": short_exp}));
+    assert_expires_at(&refresh(&mut ws, &short), "refreshed", short_exp);
+    let (code, reason) = expect_close_with_no_message_before(&mut ws, secs(30));
+    assert_eq!((code, reason.as_str()), (4001, "token expired"));
 }
 
 /// Reads until the server's close frame, failing on any text or binary

@@ -26,6 +26,9 @@ PRESETS (explicit flags override their values):
               reconnect with `since`, 1,000 handshakes in flight: resumed/s,
               replayed/s, time until the last client has every missed message,
               missing/duplicate per client
+  reader      no gateway: the server's Redis reader in this process against
+              --redis-url, flooded with 2,000,000 pipelined PUBLISHes (-m);
+              messages/s handed over and the reader thread's CPU per message
   (no preset: 1,000 connections, 1,000 users, 10,000 messages)
 
 FLAGS:
@@ -76,6 +79,8 @@ pub enum Preset {
     Handshake,
     Soak,
     Resume,
+    /// The Redis reader alone, in-process (src/reader.rs).
+    Reader,
 }
 
 impl Preset {
@@ -88,6 +93,7 @@ impl Preset {
             "handshake" => Preset::Handshake,
             "soak" => Preset::Soak,
             "resume" => Preset::Resume,
+            "reader" => Preset::Reader,
             "custom" => Preset::Custom,
             _ => return None,
         })
@@ -104,6 +110,7 @@ impl Preset {
             Preset::Handshake => "handshake",
             Preset::Soak => "soak",
             Preset::Resume => "resume",
+            Preset::Reader => "reader",
         }
     }
 }
@@ -306,6 +313,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, UsageEr
         Preset::Soak => (5_000, None, 0, Some(1_000.0), 0.0),
         // Messages: 10 per user, filled in below once the user count is known.
         Preset::Resume => (10_000, None, 0, None, 0.0),
+        Preset::Reader => (1, None, 2_000_000, None, 0.0),
     };
     let resume = preset == Preset::Resume;
     let soak = preset == Preset::Soak;

@@ -26,6 +26,7 @@ mod counts;
 mod frame;
 mod histogram;
 mod publish;
+mod reader;
 mod report;
 mod resume;
 mod soak;
@@ -78,6 +79,9 @@ fn main() {
 
 /// Runs the preset: the JSON line, the table, and whether the run was complete.
 fn measure(options: &Options) -> Result<(Value, String, bool), Box<dyn Error>> {
+    if options.preset == Preset::Reader {
+        return reader::run(options);
+    }
     let sources: Arc<[Ipv4Addr]> = source_addresses(options).into();
     if options.preset == Preset::Soak {
         let summary = soak::run(options, sources)?;

@@ -1,14 +1,14 @@
 //! `ws-notify healthcheck`: `GET /health` over a plain `TcpStream` with a 2 s
 //! limit; exit 0 on 200, 1 otherwise (503 degraded, refused, timed out).
 //! It is the container image's `HEALTHCHECK` (distroless has no shell or
-//! curl), so it reads the same `WS_HOST`/`WS_PORT` as the server.
+//! curl), so it reads the same `WS_HOST`/`WS_PORT` (or `WS_ADMIN_ADDR`) as the server.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::{Arg, EXIT_FAILURE, ParseStop, Parser, local_gateway};
+use super::{Arg, EXIT_FAILURE, ParseStop, Parser, local_health_endpoint};
 
 pub const USAGE: &str = "\
 Usage: ws-notify healthcheck [--url <http-url>]
@@ -17,7 +17,8 @@ GETs the gateway's /health and exits 0 if it answers 200 (healthy), 1 on
 anything else: 503 (degraded: not subscribed to Redis), no answer within 2 s,
 connection refused. Prints the answer's status line and body.
 
-  --url <http-url>   default http://127.0.0.1:<WS_PORT>/health (http:// only)
+  --url <http-url>   default http://127.0.0.1:<WS_PORT>/health, or the
+                     WS_ADMIN_ADDR port when that is set (http:// only)
 
 Used by the container image: HEALTHCHECK CMD [\"/usr/local/bin/ws-notify\",\"healthcheck\"]";
 
@@ -48,7 +49,7 @@ pub fn parse(parser: &mut Parser) -> Result<HealthcheckArgs, ParseStop> {
     match url {
         Some(url) => parse_url(&url).map_err(ParseStop::Usage),
         None => {
-            let (host, port) = local_gateway().map_err(ParseStop::Usage)?;
+            let (host, port) = local_health_endpoint().map_err(ParseStop::Usage)?;
             Ok(HealthcheckArgs {
                 host,
                 port,

@@ -373,15 +373,39 @@ fn local_gateway_from(env: impl Fn(&str) -> Option<String>) -> Result<(String, u
             _ => return Err(format!("WS_PORT: {text:?} is not a port (1-65535)")),
         },
     };
-    let host = env("WS_HOST").unwrap_or_default();
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let host = match host {
+    Ok((reachable_host(&env("WS_HOST").unwrap_or_default()), port))
+}
+
+/// Where this host's gateway answers `/health`: `WS_ADMIN_ADDR` when set (the
+/// main port then answers it 404), else as [`local_gateway`].
+pub(crate) fn local_health_endpoint() -> Result<(String, u16), String> {
+    local_health_endpoint_from(env_var)
+}
+
+/// [`local_health_endpoint`] with the environment given as a lookup function.
+fn local_health_endpoint_from(
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<(String, u16), String> {
+    let Some(admin) = env("WS_ADMIN_ADDR") else {
+        return local_gateway_from(env);
+    };
+    let bad = || format!("WS_ADMIN_ADDR: {admin:?} is not host:port");
+    let (host, port) = admin.rsplit_once(':').ok_or_else(bad)?;
+    match port.parse::<u16>() {
+        Ok(port) if port != 0 && !host.is_empty() => Ok((reachable_host(host), port)),
+        _ => Err(bad()),
+    }
+}
+
+/// A listen host as an address to connect to: the wildcard addresses become
+/// loopback, an IPv6 address gets its brackets.
+fn reachable_host(host: &str) -> String {
+    match host.trim_start_matches('[').trim_end_matches(']') {
         "" | "0.0.0.0" => "127.0.0.1".to_string(),
         "::" => "[::1]".to_string(),
         h if h.contains(':') => format!("[{h}]"),
         h => h.to_string(),
-    };
-    Ok((host, port))
+    }
 }
 
 #[cfg(test)]
@@ -483,6 +507,36 @@ mod tests {
         );
         assert!(with(&[("WS_PORT", "0")]).is_err());
         assert!(with(&[("WS_PORT", "http")]).is_err());
+    }
+
+    #[test]
+    fn health_is_asked_on_the_admin_address_when_there_is_one() {
+        let with = |pairs: &'static [(&'static str, &'static str)]| {
+            local_health_endpoint_from(move |name| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            })
+        };
+        assert_eq!(
+            with(&[("WS_PORT", "9000")]),
+            Ok(("127.0.0.1".to_string(), 9000))
+        );
+        assert_eq!(
+            with(&[("WS_PORT", "9000"), ("WS_ADMIN_ADDR", "0.0.0.0:9090")]),
+            Ok(("127.0.0.1".to_string(), 9090))
+        );
+        assert_eq!(
+            with(&[("WS_ADMIN_ADDR", "[::]:9090")]),
+            Ok(("[::1]".to_string(), 9090))
+        );
+        assert_eq!(
+            with(&[("WS_ADMIN_ADDR", "10.0.0.5:9090")]),
+            Ok(("10.0.0.5".to_string(), 9090))
+        );
+        assert!(with(&[("WS_ADMIN_ADDR", "9090")]).is_err());
+        assert!(with(&[("WS_ADMIN_ADDR", ":9090")]).is_err());
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub fn run() -> ExitCode {
             log::error!(
                 address = listen.as_str(),
                 error:% = e;
-                "cannot listen (WS_HOST/WS_PORT)"
+                "cannot listen (WS_HOST/WS_PORT, or WS_ADMIN_ADDR when the error names it)"
             );
             logging::flush();
             return ExitCode::from(EXIT_FAILURE);
@@ -110,6 +110,7 @@ fn log_startup(config: &Config) {
     log::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = config.listen_addr_text().as_str(),
+        admin_addr = config.admin_addr_text().unwrap_or_default().as_str(),
         jwt_secret_key = if jwt.secret.is_some() { "***" } else { "" },
         jwt_public_key_file = public_key_file.as_str(),
         jwt_algorithm = algorithm.as_deref().unwrap_or("inferred"),

@@ -25,6 +25,20 @@ pub struct HandshakeRules<'a> {
     pub max_connections: usize,
     /// 0 = no limit.
     pub max_connections_per_user: usize,
+    /// The paths served on the listener the request came in on.
+    pub endpoints: Endpoints,
+}
+
+/// Which paths a listener serves (`WS_ADMIN_ADDR`, README "Configuration"); the
+/// others are answered 404.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// `/ws`, `/health` and `/metrics`: the only listener (no `WS_ADMIN_ADDR`).
+    All,
+    /// `/ws` only: the main listener beside an admin one.
+    WebSocket,
+    /// `/health` and `/metrics` only: the admin listener.
+    Admin,
 }
 
 /// Live counts the limits are checked against.
@@ -87,6 +101,13 @@ pub fn evaluate(buf: &[u8], rules: &HandshakeRules<'_>, counts: &dyn ConnectionC
     let head = Head {
         headers: request.headers,
     };
+    let admin_path = matches!(path, "/health" | "/metrics");
+    if matches!(
+        (rules.endpoints, admin_path),
+        (Endpoints::WebSocket, true) | (Endpoints::Admin, false)
+    ) {
+        return Decision::Reject(Rejection::NotFound);
+    }
     match path {
         "/ws" => {}
         "/health" if method == "GET" || method == "HEAD" => {
@@ -342,6 +363,16 @@ mod tests {
         cookie_name: Option<&str>,
         counts: &Counts,
     ) -> Decision {
+        decide_on(head, origins, cookie_name, counts, Endpoints::All)
+    }
+
+    fn decide_on(
+        head: &[u8],
+        origins: &[String],
+        cookie_name: Option<&str>,
+        counts: &Counts,
+        endpoints: Endpoints,
+    ) -> Decision {
         let authenticator = authenticator();
         let rules = HandshakeRules {
             authenticator: &authenticator,
@@ -349,6 +380,7 @@ mod tests {
             cookie_name,
             max_connections: 10,
             max_connections_per_user: 2,
+            endpoints,
         };
         evaluate(head, &rules, counts)
     }
@@ -439,6 +471,40 @@ mod tests {
         assert_eq!(
             rejection(b"POST /health HTTP/1.1\r\n\r\n"),
             Some(Rejection::MethodNotAllowed)
+        );
+    }
+
+    #[test]
+    fn an_admin_listener_splits_the_paths() {
+        let on = |endpoints, head: &str| decide_on(head.as_bytes(), &[], None, &NO_LOAD, endpoints);
+        let upgrade = upgrade_head(&format!("/ws?token={}", token("alice")), "");
+        let not_found = Decision::Reject(Rejection::NotFound);
+        // Beside an admin listener the main one serves /ws only ...
+        assert!(matches!(
+            on(Endpoints::WebSocket, &upgrade),
+            Decision::Upgrade(_)
+        ));
+        for head in [
+            "GET /health HTTP/1.1\r\n\r\n",
+            "HEAD /health HTTP/1.1\r\n\r\n",
+            "GET /metrics HTTP/1.1\r\n\r\n",
+            "POST /metrics HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(on(Endpoints::WebSocket, head), not_found, "{head}");
+        }
+        // ... and the admin listener /health and /metrics only.
+        assert_eq!(on(Endpoints::Admin, &upgrade), not_found);
+        assert_eq!(
+            on(Endpoints::Admin, "GET /nope HTTP/1.1\r\n\r\n"),
+            not_found
+        );
+        assert_eq!(
+            on(Endpoints::Admin, "GET /health HTTP/1.1\r\n\r\n"),
+            Decision::Health { head_only: false }
+        );
+        assert_eq!(
+            on(Endpoints::Admin, "GET /metrics HTTP/1.1\r\n\r\n"),
+            Decision::Metrics { json: false }
         );
     }
 

@@ -13,7 +13,7 @@
 //! Handshake --(head complete, refused or /health, /metrics)--> Respond --> Done
 //!     |                                                        (answer written, write side shut,
 //!     |                                                         input drained until EOF or deadline)
-//!     +--(valid upgrade)--> Open --(server closes: 1001, 4001, 4008, 1002, 1007, 1009)--> Closing --> Done
+//!     +--(valid upgrade)--> Open --(server closes: 1001, 1013, 4001, 4008, 1002, 1007, 1009)--> Closing --> Done
 //!                             |                                   (close frame queued, waiting for the
 //!                             +--(client close: reply queued)-->   peer's close, the flush, or the deadline)
 //!                             +--(EOF, I/O error, pong timeout)--> Done
@@ -49,7 +49,10 @@ use tungstenite::error::{Error as WsError, ProtocolError};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
 
 use crate::history::StreamId;
+use crate::latency::Stamp;
 use crate::message::Frame;
+use crate::metrics::WriteMetrics;
+use handshake::Endpoints;
 pub use outbound::Deliveries;
 use outbound::{FlushResult, FrameLimit, OutboundQueue};
 
@@ -97,10 +100,13 @@ pub enum CloseReason {
     Shutdown,
     /// Anything else the server could not handle (close 1011).
     InternalError,
+    /// Per-user subscription modes: Redis did not confirm the user's channel
+    /// within the loop's bound (close 1013, try again later).
+    SubscriptionTimeout,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 10] = [
+    pub const ALL: [CloseReason; 11] = [
         CloseReason::ClientClosed,
         CloseReason::ConnectionLost,
         CloseReason::PongTimeout,
@@ -111,6 +117,7 @@ impl CloseReason {
         CloseReason::MessageTooBig,
         CloseReason::Shutdown,
         CloseReason::InternalError,
+        CloseReason::SubscriptionTimeout,
     ];
 
     /// Label for logs and metrics.
@@ -126,6 +133,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => "message_too_big",
             CloseReason::Shutdown => "shutdown",
             CloseReason::InternalError => "internal_error",
+            CloseReason::SubscriptionTimeout => "subscription_timeout",
         }
     }
 
@@ -142,6 +150,7 @@ impl CloseReason {
             CloseReason::MessageTooBig => Some((1009, "message too big")),
             CloseReason::Shutdown => Some((1001, "server shutting down")),
             CloseReason::InternalError => Some((1011, "internal error")),
+            CloseReason::SubscriptionTimeout => Some((1013, "try again later")),
         }
     }
 
@@ -150,7 +159,10 @@ impl CloseReason {
     fn awaits_reply(self) -> bool {
         matches!(
             self,
-            CloseReason::SlowClient | CloseReason::TokenExpired | CloseReason::Shutdown
+            CloseReason::SlowClient
+                | CloseReason::TokenExpired
+                | CloseReason::Shutdown
+                | CloseReason::SubscriptionTimeout
         )
     }
 }
@@ -193,14 +205,19 @@ struct Session {
     resume: Option<Box<Resume>>,
 }
 
-/// A session's history read and its aftermath (README: "History and resume").
-/// Boxed in `Session`: every idle connection pays for the fields it holds
-/// inline, and most sessions have no resume state at all.
+/// A session's wait before `connected` (the user's channel subscription in
+/// per-user modes, then the history read) and the history read's aftermath
+/// (README: "History and resume", "Subscription modes"). Boxed in `Session`:
+/// every idle connection pays for the fields it holds inline, and most
+/// sessions have no resume state at all.
 struct Resume {
-    /// While the history read is in flight: the live messages that arrived
-    /// meanwhile, with their ids, held back so that `connected` and the replay
-    /// go first.
-    held: Option<Vec<(Frame, Option<StreamId>)>>,
+    /// While the session waits for its user's channel subscription: when it
+    /// gives up (close 1013).
+    subscribe_by: Option<Instant>,
+    /// While the subscription or the history read is awaited: the live
+    /// messages that arrived meanwhile, with their ids and read times, held
+    /// back so that `connected` and the replay go first.
+    held: Option<Vec<(Frame, Option<StreamId>, Stamp)>>,
     /// Live messages dropped while held (the hold is bounded like the queue):
     /// the resume cannot be complete.
     held_dropped: usize,
@@ -331,12 +348,20 @@ pub struct Connection<S = TcpStream> {
     writable_interest: bool,
     /// Whether the connection is in the loop's list of connections to flush.
     flush_pending: bool,
+    /// The paths its listener serves.
+    endpoints: Endpoints,
 }
 
 impl<S: Stream> Connection<S> {
     /// A connection in its handshake; the loop registers it for `READABLE` and
     /// calls `settle` to arm its deadline.
-    pub fn new(socket: S, id: u64, now: Instant, handshake_deadline: Instant) -> Self {
+    pub fn new(
+        socket: S,
+        id: u64,
+        now: Instant,
+        handshake_deadline: Instant,
+        endpoints: Endpoints,
+    ) -> Self {
         Connection {
             socket,
             id,
@@ -351,7 +376,13 @@ impl<S: Stream> Connection<S> {
             timer_at: None,
             writable_interest: false,
             flush_pending: false,
+            endpoints,
         }
+    }
+
+    /// The paths the listener that accepted it serves.
+    pub fn endpoints(&self) -> Endpoints {
+        self.endpoints
     }
 
     /// The `connection_id` clients see.
@@ -378,15 +409,16 @@ impl<S: Stream> Connection<S> {
     }
 
     /// The socket is ready: write what waits, then read (the request head, frames,
-    /// or the input a lingering close drops).
+    /// or the input a lingering close drops). What is written is recorded in `writes`.
     pub fn on_ready(
         &mut self,
         readable: bool,
         writable: bool,
         limits: &Limits,
         now: Instant,
+        writes: &mut WriteMetrics,
     ) -> Step {
-        if writable && !self.out.is_empty() && self.flush(now).is_err() {
+        if writable && !self.out.is_empty() && self.flush(now, writes).is_err() {
             return self.end(CloseReason::ConnectionLost, limits, now);
         }
         if !readable {
@@ -481,7 +513,7 @@ impl<S: Stream> Connection<S> {
         head_len: usize,
         session: SessionParams,
     ) {
-        self.open_session(answer, Some(connected), head_len, session);
+        self.open_session(answer, Some(connected), None, head_len, session);
     }
 
     /// Completes the upgrade like `open`, but `connected` waits for the user's
@@ -492,13 +524,28 @@ impl<S: Stream> Connection<S> {
         head_len: usize,
         session: SessionParams,
     ) {
-        self.open_session(answer, None, head_len, session);
+        self.open_session(answer, None, None, head_len, session);
+    }
+
+    /// Completes the upgrade like `open_awaiting_history`, but the session
+    /// first waits for its user's channel subscription (per-user modes): the
+    /// loop calls `subscription_confirmed` when Redis confirmed it; past
+    /// `subscribe_by` the session closes with 1013.
+    pub fn open_awaiting_subscription(
+        &mut self,
+        answer: &[u8],
+        head_len: usize,
+        session: SessionParams,
+        subscribe_by: Instant,
+    ) {
+        self.open_session(answer, None, Some(subscribe_by), head_len, session);
     }
 
     fn open_session(
         &mut self,
         answer: &[u8],
         connected: Option<Frame>,
+        subscribe_by: Option<Instant>,
         head_len: usize,
         session: SessionParams,
     ) {
@@ -520,6 +567,7 @@ impl<S: Stream> Connection<S> {
                 None
             }
             None => Some(Box::new(Resume {
+                subscribe_by,
                 held: Some(Vec::new()),
                 held_dropped: 0,
                 replayed_through: None,
@@ -544,6 +592,7 @@ impl<S: Stream> Connection<S> {
         &mut self,
         frame: Frame,
         id: Option<StreamId>,
+        read_at: Stamp,
         limit: usize,
         now: Instant,
     ) -> Queued {
@@ -555,7 +604,7 @@ impl<S: Stream> Connection<S> {
                     resume.held_dropped += 1;
                     return Queued::Dropped;
                 }
-                held.push((frame, id));
+                held.push((frame, id, read_at));
                 return Queued::Again;
             }
             if let (Some(id), Some(through)) = (id, resume.replayed_through) {
@@ -566,12 +615,28 @@ impl<S: Stream> Connection<S> {
                 session.resume = None;
             }
         }
-        self.queue_message(frame, limit, now)
+        self.queue_message(frame, read_at, limit, now)
     }
 
-    /// Whether the session still waits for its history read (nothing but the
-    /// 101 has been sent).
-    fn awaits_history(&self) -> bool {
+    /// The user's channel subscription is confirmed: the session stops
+    /// waiting for it. It still holds live messages until `finish_history`
+    /// (the loop asks for the history read, or finishes at once without
+    /// history). False when the session was not waiting for it (it closed
+    /// meanwhile, or was confirmed already).
+    pub fn subscription_confirmed(&mut self) -> bool {
+        match &mut self.state {
+            State::Open(session) => session
+                .resume
+                .as_mut()
+                .and_then(|resume| resume.subscribe_by.take())
+                .is_some(),
+            _ => false,
+        }
+    }
+
+    /// Whether the session still waits for its subscription or its history
+    /// read (nothing but the 101 has been sent).
+    fn awaits_connected(&self) -> bool {
         matches!(
             &self.state,
             State::Open(session) if session.resume.as_ref().is_some_and(|r| r.held.is_some())
@@ -590,20 +655,26 @@ impl<S: Stream> Connection<S> {
     /// The history read is done: queues `connected`, the replayed messages in
     /// order, then the held live messages except those with an id up to
     /// `seen` (the newest id the read covered: already replayed, or older than
-    /// the client's position). Returns how many held messages were skipped, or
-    /// None when the session is not waiting for history (closed meanwhile).
-    /// The loop settles the connection afterwards.
+    /// the client's position); `skipped` hears the read time of each one
+    /// skipped. Returns how many were skipped, or None when the session is not
+    /// waiting for history (closed meanwhile). The loop settles the connection
+    /// afterwards.
     pub fn finish_history(
         &mut self,
         connected: Frame,
         replay: Vec<(StreamId, Frame)>,
         seen: Option<StreamId>,
         now: Instant,
+        mut skipped: impl FnMut(Stamp),
     ) -> Option<usize> {
         let State::Open(session) = &mut self.state else {
             return None;
         };
         let resume = session.resume.as_mut()?;
+        if resume.subscribe_by.is_some() {
+            debug_assert!(false, "history finished before the subscription");
+            return None;
+        }
         let held = resume.held.take()?;
         resume.replayed_through = seen;
         if self.out.is_empty() {
@@ -617,27 +688,35 @@ impl<S: Stream> Connection<S> {
         for (_, frame) in replay {
             self.out.push_reply(frame, FrameLimit::NONE);
         }
-        let mut skipped = 0;
-        for (frame, id) in held {
+        let mut skipped_count = 0;
+        for (frame, id, read_at) in held {
             if let (Some(id), Some(seen)) = (id, resume.replayed_through) {
                 if id <= seen {
-                    skipped += 1;
+                    skipped_count += 1;
+                    skipped(read_at);
                     continue;
                 }
                 resume.replayed_through = None;
             }
-            self.out.push_message(frame, FrameLimit::NONE);
+            self.out.push_message(frame, read_at, FrameLimit::NONE);
         }
         if resume.replayed_through.is_none() {
             session.resume = None;
         }
-        Some(skipped)
+        Some(skipped_count)
     }
 
-    /// Queues a published message's frame (a delivery), unless `limit` frames or
-    /// `WS_SEND_BUFFER_BYTES` bytes are already waiting. The hot path: no
-    /// allocation, no system call (the loop flushes once per turn).
-    pub fn queue_message(&mut self, frame: Frame, limit: usize, now: Instant) -> Queued {
+    /// Queues a published message's frame (a delivery; its message was read from
+    /// Redis at `read_at`), unless `limit` frames or `WS_SEND_BUFFER_BYTES` bytes
+    /// are already waiting. The hot path: no allocation, no system call (the loop
+    /// flushes once per turn).
+    pub fn queue_message(
+        &mut self,
+        frame: Frame,
+        read_at: Stamp,
+        limit: usize,
+        now: Instant,
+    ) -> Queued {
         let limit = FrameLimit {
             frames: limit,
             bytes: self.send_buffer_bytes,
@@ -645,7 +724,7 @@ impl<S: Stream> Connection<S> {
         if self.out.is_empty() {
             self.last_write_progress = now;
         }
-        if !self.out.push_message(frame, limit) {
+        if !self.out.push_message(frame, read_at, limit) {
             return Queued::Dropped;
         }
         if self.flush_pending {
@@ -673,9 +752,10 @@ impl<S: Stream> Connection<S> {
 
     /// Queues `count` pong messages for `{"type":"ping"}` requests (replies, not
     /// deliveries); returns how many were dropped for a full queue. While the
-    /// session waits for its history read none are sent: `connected` comes first.
+    /// session waits for its subscription or history read none are sent:
+    /// `connected` comes first.
     pub fn queue_pongs(&mut self, pong: &Frame, count: usize, limit: usize, now: Instant) -> usize {
-        if self.awaits_history() {
+        if self.awaits_connected() {
             return count;
         }
         (0..count)
@@ -759,10 +839,13 @@ impl<S: Stream> Connection<S> {
             State::Open(session) => {
                 let stalled =
                     !self.out.is_empty() && now >= self.last_write_progress + limits.write_wait;
+                let subscribe_by = session.resume.as_ref().and_then(|r| r.subscribe_by);
                 if now >= session.expires_at {
                     self.end(CloseReason::TokenExpired, limits, now)
                 } else if now >= session.last_seen + limits.pong_wait {
                     self.end(CloseReason::PongTimeout, limits, now)
+                } else if subscribe_by.is_some_and(|by| now >= by) {
+                    self.end(CloseReason::SubscriptionTimeout, limits, now)
                 } else if stalled {
                     self.end(CloseReason::SlowClient, limits, now)
                 } else {
@@ -817,11 +900,12 @@ impl<S: Stream> Connection<S> {
         ended
     }
 
-    /// After any activity: write what is queued, finish a final answer, and tell
-    /// the loop the interest and deadline to keep, or to remove the connection.
-    pub fn settle(&mut self, limits: &Limits, now: Instant) -> Next {
+    /// After any activity: write what is queued (recorded in `writes`), finish a
+    /// final answer, and tell the loop the interest and deadline to keep, or to
+    /// remove the connection.
+    pub fn settle(&mut self, limits: &Limits, now: Instant, writes: &mut WriteMetrics) -> Next {
         self.flush_pending = false;
-        if !self.out.is_empty() && self.flush(now).is_err() {
+        if !self.out.is_empty() && self.flush(now, writes).is_err() {
             let ended = match self.end(CloseReason::ConnectionLost, limits, now) {
                 Step::Ended(ended) => Some(ended),
                 _ => None,
@@ -875,6 +959,9 @@ impl<S: Stream> Connection<S> {
                 if let Some(notice_at) = session.token.notice_at() {
                     next = next.min(notice_at);
                 }
+                if let Some(by) = session.resume.as_ref().and_then(|r| r.subscribe_by) {
+                    next = next.min(by);
+                }
                 if !self.out.is_empty() {
                     next = next.min(self.last_write_progress + limits.write_wait);
                 }
@@ -893,7 +980,16 @@ impl<S: Stream> Connection<S> {
         let close_by = limits.shutdown_deadline.unwrap_or(now + limits.write_wait);
         match std::mem::replace(&mut self.state, State::Done) {
             State::Open(session) => {
-                let Session { ws, user_id, .. } = *session;
+                let Session {
+                    ws,
+                    user_id,
+                    resume,
+                    ..
+                } = *session;
+                if let Some(held) = resume.and_then(|resume| resume.held) {
+                    // Held before `connected` (counted as queued when held): never sent.
+                    self.out.count_unsent(held.len());
+                }
                 if reason == CloseReason::SlowClient {
                     // The client is not reading: what it has not started to receive is
                     // dropped (counted unsent) so the close frame is next in line.
@@ -956,8 +1052,8 @@ impl<S: Stream> Connection<S> {
     }
 
     /// Writes queued output. Err means the socket is dead.
-    fn flush(&mut self, now: Instant) -> io::Result<FlushResult> {
-        let (written, result) = self.out.flush(&mut self.socket)?;
+    fn flush(&mut self, now: Instant, writes: &mut WriteMetrics) -> io::Result<FlushResult> {
+        let (written, result) = self.out.flush(&mut self.socket, writes)?;
         if written > 0 {
             self.last_write_progress = now;
         }
@@ -1356,7 +1452,8 @@ mod tests {
         );
         assert!(refreshes.is_empty(), "{refreshes:?}");
         let mut written = Vec::new();
-        out.flush(&mut written).expect("flush into a Vec");
+        out.flush(&mut written, &mut WriteMetrics::default())
+            .expect("flush into a Vec");
         (report, written)
     }
 
@@ -1539,7 +1636,13 @@ mod tests {
     const SESSION_LIFE: Duration = Duration::from_secs(3600);
 
     fn handshaking(input: &[u8], start: Instant) -> Connection<MockStream> {
-        Connection::new(MockStream::new(input), 7, start, start + HANDSHAKE_WAIT)
+        Connection::new(
+            MockStream::new(input),
+            7,
+            start,
+            start + HANDSHAKE_WAIT,
+            Endpoints::All,
+        )
     }
 
     /// A connection whose session is open and whose 101 and `connected` are written.
@@ -1562,7 +1665,7 @@ mod tests {
             session_params(start, token_exp, expiry_notice),
         );
         assert!(matches!(
-            conn.settle(&LIMITS, start),
+            conn.settle(&LIMITS, start, &mut WriteMetrics::default()),
             Next::Keep {
                 reregister: None,
                 arm: Some(_)
@@ -1610,10 +1713,10 @@ mod tests {
     #[track_caller]
     fn assert_read_ends_it(conn: &mut Connection<MockStream>, now: Instant) {
         assert!(matches!(
-            conn.on_ready(true, false, &LIMITS, now),
+            conn.on_ready(true, false, &LIMITS, now, &mut WriteMetrics::default()),
             Step::Continue
         ));
-        assert!(assert_removed(conn.settle(&LIMITS, now)).is_none());
+        assert!(assert_removed(conn.settle(&LIMITS, now, &mut WriteMetrics::default())).is_none());
     }
 
     #[track_caller]
@@ -1629,11 +1732,11 @@ mod tests {
         let start = Instant::now();
         let mut conn = handshaking(b"GET /health HTTP/1.1\r\n", start);
         assert!(matches!(
-            conn.settle(&LIMITS, start),
+            conn.settle(&LIMITS, start, &mut WriteMetrics::default()),
             Next::Keep { reregister: None, arm: Some(at) } if at == start + HANDSHAKE_WAIT
         ));
         assert!(matches!(
-            conn.on_ready(true, false, &LIMITS, start),
+            conn.on_ready(true, false, &LIMITS, start, &mut WriteMetrics::default()),
             Step::EvaluateHead
         ));
         assert_eq!(conn.head(), b"GET /health HTTP/1.1\r\n");
@@ -1641,7 +1744,7 @@ mod tests {
         // The answer meets a full socket: ask for WRITABLE.
         conn.socket.writes_left = 0;
         conn.respond(b"HTTP/1.1 200 OK\r\n\r\n", start, start + RESPOND);
-        let next = conn.settle(&LIMITS, start);
+        let next = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         assert!(
             matches!(next, Next::Keep { reregister: Some(i), arm: Some(_) } if i.is_writable()),
             "{next:?}"
@@ -1650,10 +1753,10 @@ mod tests {
         conn.socket.writes_left = usize::MAX;
         conn.socket.write_chunk = 5;
         assert!(matches!(
-            conn.on_ready(false, true, &LIMITS, start),
+            conn.on_ready(false, true, &LIMITS, start, &mut WriteMetrics::default()),
             Step::Continue
         ));
-        let next = conn.settle(&LIMITS, start);
+        let next = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         assert!(
             matches!(next, Next::Keep { reregister: Some(i), arm: None } if !i.is_writable()),
             "{next:?}"
@@ -1670,7 +1773,9 @@ mod tests {
     fn a_handshake_times_out_at_its_deadline_and_not_before() {
         let start = Instant::now();
         let mut conn = handshaking(b"GET", start);
-        let Next::Keep { arm: Some(at), .. } = conn.settle(&LIMITS, start) else {
+        let Next::Keep { arm: Some(at), .. } =
+            conn.settle(&LIMITS, start, &mut WriteMetrics::default())
+        else {
             panic!("not armed");
         };
         assert!(conn.timer_fired(at));
@@ -1680,14 +1785,14 @@ mod tests {
         ));
         // Re-armed after a deadline that was not due yet.
         assert!(matches!(
-            conn.settle(&LIMITS, start),
+            conn.settle(&LIMITS, start, &mut WriteMetrics::default()),
             Next::Keep { arm: Some(again), .. } if again == at
         ));
         assert!(matches!(
             conn.on_deadline(&LIMITS, at),
             Step::HandshakeTimedOut { connection_id: 7 }
         ));
-        assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
+        assert!(assert_removed(conn.settle(&LIMITS, at, &mut WriteMetrics::default())).is_none());
     }
 
     #[test]
@@ -1704,7 +1809,7 @@ mod tests {
         let mut conn = open_session(start);
         // Armed at the first ping; nothing earlier since.
         assert!(matches!(
-            conn.settle(&LIMITS, start),
+            conn.settle(&LIMITS, start, &mut WriteMetrics::default()),
             Next::Keep { arm: None, .. }
         ));
         assert!(!conn.timer_fired(start + Duration::from_secs(1)));
@@ -1713,11 +1818,11 @@ mod tests {
         // Pending output brings the write-stall deadline forward: armed again, earlier.
         conn.socket.writes_left = 0;
         assert_eq!(
-            conn.queue_message(Arc::from(&b"m"[..]), 10, start),
+            conn.queue_message(Arc::from(&b"m"[..]), Stamp::default(), 10, start),
             Queued::First
         );
         assert!(matches!(
-            conn.settle(&LIMITS, start),
+            conn.settle(&LIMITS, start, &mut WriteMetrics::default()),
             Next::Keep { reregister: Some(_), arm: Some(at) } if at == start + LIMITS.write_wait
         ));
     }
@@ -1727,11 +1832,20 @@ mod tests {
         let start = Instant::now();
         let mut conn = open_session(start);
         let frame: Frame = Arc::from(&b"msg;"[..]);
-        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::First);
-        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::Again);
-        assert_eq!(conn.queue_message(frame.clone(), 2, start), Queued::Dropped);
+        assert_eq!(
+            conn.queue_message(frame.clone(), Stamp::default(), 2, start),
+            Queued::First
+        );
+        assert_eq!(
+            conn.queue_message(frame.clone(), Stamp::default(), 2, start),
+            Queued::Again
+        );
+        assert_eq!(
+            conn.queue_message(frame.clone(), Stamp::default(), 2, start),
+            Queued::Dropped
+        );
         assert!(matches!(
-            conn.settle(&LIMITS, start),
+            conn.settle(&LIMITS, start, &mut WriteMetrics::default()),
             Next::Keep {
                 reregister: None,
                 ..
@@ -1739,7 +1853,10 @@ mod tests {
         ));
         assert_eq!(conn.socket.written, b"msg;msg;");
         // The next turn marks it again.
-        assert_eq!(conn.queue_message(frame, 2, start), Queued::First);
+        assert_eq!(
+            conn.queue_message(frame, Stamp::default(), 2, start),
+            Queued::First
+        );
     }
 
     #[test]
@@ -1750,7 +1867,7 @@ mod tests {
         assert!(conn.timer_fired(at));
         assert!(matches!(conn.on_deadline(&LIMITS, at), Step::Continue));
         assert!(matches!(
-            conn.settle(&LIMITS, at),
+            conn.settle(&LIMITS, at, &mut WriteMetrics::default()),
             Next::Keep { arm: Some(_), .. }
         ));
         assert_eq!(conn.socket.written, PING_FRAME);
@@ -1763,7 +1880,7 @@ mod tests {
         let later = start + Duration::from_secs(50);
         conn.socket.input = client_frame(0xA, b"");
         assert!(matches!(
-            conn.on_ready(true, false, &LIMITS, later),
+            conn.on_ready(true, false, &LIMITS, later, &mut WriteMetrics::default()),
             Step::Read {
                 pongs: 0,
                 more: false,
@@ -1788,7 +1905,7 @@ mod tests {
             pongs: 2,
             more: false,
             ..
-        } = conn.on_ready(true, false, &LIMITS, start)
+        } = conn.on_ready(true, false, &LIMITS, start, &mut WriteMetrics::default())
         else {
             panic!("expected two pong requests");
         };
@@ -1798,7 +1915,7 @@ mod tests {
             1,
             "one over the limit"
         );
-        let _ = conn.settle(&LIMITS, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         assert_eq!(conn.socket.written, b"PONG;");
     }
 
@@ -1812,7 +1929,7 @@ mod tests {
         assert_eq!(&*ended.user_id, "alice");
         assert_eq!(ended.connection_id, 7);
         assert_eq!(ended.lived, LIMITS.pong_wait);
-        assert!(assert_removed(conn.settle(&LIMITS, at)).is_none());
+        assert!(assert_removed(conn.settle(&LIMITS, at, &mut WriteMetrics::default())).is_none());
         assert!(conn.socket.written.is_empty());
     }
 
@@ -1825,7 +1942,7 @@ mod tests {
             ended(deadline_passes(&mut conn, at)).reason,
             CloseReason::TokenExpired
         );
-        let next = conn.settle(&LIMITS, at);
+        let next = conn.settle(&LIMITS, at, &mut WriteMetrics::default());
         assert!(
             matches!(next, Next::Keep { arm: Some(by), .. } if by == at + LIMITS.write_wait),
             "{next:?}"
@@ -1842,12 +1959,14 @@ mod tests {
         let mut conn = open_session(start);
         let at = start + SESSION_LIFE;
         let _ = ended(deadline_passes(&mut conn, at));
-        let Next::Keep { arm: Some(by), .. } = conn.settle(&LIMITS, at) else {
+        let Next::Keep { arm: Some(by), .. } =
+            conn.settle(&LIMITS, at, &mut WriteMetrics::default())
+        else {
             panic!("closing is armed");
         };
         assert!(conn.timer_fired(by));
         assert!(matches!(conn.on_deadline(&LIMITS, by), Step::Continue));
-        assert!(assert_removed(conn.settle(&LIMITS, by)).is_none());
+        assert!(assert_removed(conn.settle(&LIMITS, by, &mut WriteMetrics::default())).is_none());
     }
 
     #[test]
@@ -1856,16 +1975,16 @@ mod tests {
         let mut conn = open_session(start);
         conn.socket.writes_left = 0;
         for _ in 0..3 {
-            let _ = conn.queue_message(Arc::from(&b"unread"[..]), 10, start);
+            let _ = conn.queue_message(Arc::from(&b"unread"[..]), Stamp::default(), 10, start);
         }
-        let _ = conn.settle(&LIMITS, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         let at = start + LIMITS.write_wait;
         assert_eq!(
             ended(conn.on_deadline(&LIMITS, at)).reason,
             CloseReason::SlowClient
         );
         conn.socket.writes_left = usize::MAX;
-        let _ = conn.settle(&LIMITS, at);
+        let _ = conn.settle(&LIMITS, at, &mut WriteMetrics::default());
         assert_eq!(conn.socket.written, close_frame(4008, "slow client"));
         assert_eq!(
             conn.take_deliveries(),
@@ -1881,13 +2000,13 @@ mod tests {
         let start = Instant::now();
         let mut conn = open_session(start);
         let message: Frame = Arc::from(&b"message"[..]);
-        let _ = conn.queue_message(message.clone(), 10, start);
-        let _ = conn.settle(&LIMITS, start);
+        let _ = conn.queue_message(message.clone(), Stamp::default(), 10, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         conn.socket.writes_left = 1;
         conn.socket.write_chunk = 3;
-        let _ = conn.queue_message(message.clone(), 10, start);
-        let _ = conn.queue_message(message, 10, start);
-        let _ = conn.settle(&LIMITS, start);
+        let _ = conn.queue_message(message.clone(), Stamp::default(), 10, start);
+        let _ = conn.queue_message(message, Stamp::default(), 10, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         assert_eq!(conn.socket.written, b"messagemes");
         // A pong is no delivery.
         assert_eq!(conn.queue_pongs(&Arc::from(&b"PONG"[..]), 1, 10, start), 0);
@@ -1916,16 +2035,28 @@ mod tests {
         conn.socket.writes_left = 0;
         let large: Frame = Arc::from(vec![b'x'; (1 << 20) + 1]);
         let small: Frame = Arc::from(&b"small"[..]);
-        assert_eq!(conn.queue_message(large.clone(), 10, start), Queued::First);
         assert_eq!(
-            conn.queue_message(small.clone(), 10, start),
+            conn.queue_message(large.clone(), Stamp::default(), 10, start),
+            Queued::First
+        );
+        assert_eq!(
+            conn.queue_message(small.clone(), Stamp::default(), 10, start),
             Queued::Dropped
         );
         conn.socket.writes_left = usize::MAX;
-        let _ = conn.settle(&LIMITS, start);
-        assert_eq!(conn.queue_message(small.clone(), 10, start), Queued::First);
-        assert_eq!(conn.queue_message(small, 10, start), Queued::Again);
-        assert_eq!(conn.queue_message(large, 10, start), Queued::Dropped);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
+        assert_eq!(
+            conn.queue_message(small.clone(), Stamp::default(), 10, start),
+            Queued::First
+        );
+        assert_eq!(
+            conn.queue_message(small, Stamp::default(), 10, start),
+            Queued::Again
+        );
+        assert_eq!(
+            conn.queue_message(large, Stamp::default(), 10, start),
+            Queued::Dropped
+        );
     }
 
     #[test]
@@ -1933,8 +2064,9 @@ mod tests {
         let start = Instant::now();
         let mut conn = open_session(start);
         conn.socket.broken = true;
-        let _ = conn.queue_message(Arc::from(&b"m"[..]), 10, start);
-        let ended = assert_removed(conn.settle(&LIMITS, start)).expect("the session ended");
+        let _ = conn.queue_message(Arc::from(&b"m"[..]), Stamp::default(), 10, start);
+        let ended = assert_removed(conn.settle(&LIMITS, start, &mut WriteMetrics::default()))
+            .expect("the session ended");
         assert_eq!(ended.reason, CloseReason::ConnectionLost);
     }
 
@@ -1944,10 +2076,10 @@ mod tests {
         let mut conn = open_session(start);
         conn.socket.input = vec![0x81, 0x02, b'h', b'i']; // unmasked
         assert_eq!(
-            ended(conn.on_ready(true, false, &LIMITS, start)).reason,
+            ended(conn.on_ready(true, false, &LIMITS, start, &mut WriteMetrics::default())).reason,
             CloseReason::ProtocolError
         );
-        let _ = conn.settle(&LIMITS, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         assert_eq!(conn.socket.written, close_frame(1002, "protocol error"));
         assert!(
             conn.socket.write_shut.get(),
@@ -1968,7 +2100,10 @@ mod tests {
             ended(conn.shut_down(&limits, start)).reason,
             CloseReason::Shutdown
         );
-        assert!(matches!(conn.settle(&limits, start), Next::Keep { .. }));
+        assert!(matches!(
+            conn.settle(&limits, start, &mut WriteMetrics::default()),
+            Next::Keep { .. }
+        ));
         assert_eq!(conn.deadline(&limits), Some(deadline));
         assert_eq!(
             conn.socket.written,
@@ -1980,7 +2115,10 @@ mod tests {
             handshake.shut_down(&limits, start),
             Step::Continue
         ));
-        assert!(assert_removed(handshake.settle(&limits, start)).is_none());
+        assert!(
+            assert_removed(handshake.settle(&limits, start, &mut WriteMetrics::default()))
+                .is_none()
+        );
     }
 
     // ----- Token refresh -----------------------------------------------------------
@@ -2028,7 +2166,9 @@ mod tests {
         conn.socket
             .input
             .extend(client_frame(0x1, message.as_bytes()));
-        let Step::Read { refreshes, .. } = conn.on_ready(true, false, &LIMITS, now) else {
+        let Step::Read { refreshes, .. } =
+            conn.on_ready(true, false, &LIMITS, now, &mut WriteMetrics::default())
+        else {
             panic!("expected a read");
         };
         let authenticator = authenticator();
@@ -2042,7 +2182,7 @@ mod tests {
             assert!(!dropped);
             outcomes.push(outcome);
         });
-        let _ = conn.settle(&LIMITS, now);
+        let _ = conn.settle(&LIMITS, now, &mut WriteMetrics::default());
         let answer = String::from_utf8_lossy(&conn.socket.written[2..]).into_owned();
         conn.socket.written.clear();
         assert_eq!(outcomes.len(), 1, "{outcomes:?}");
@@ -2110,7 +2250,7 @@ mod tests {
         let at = conn.timer_at.expect("armed");
         assert!(at <= start + Duration::from_secs(10), "{at:?}");
         assert!(matches!(deadline_passes(&mut conn, at), Step::Continue));
-        let _ = conn.settle(&LIMITS, at);
+        let _ = conn.settle(&LIMITS, at, &mut WriteMetrics::default());
         let text = String::from_utf8_lossy(&conn.socket.written[2..]).into_owned();
         assert!(
             text.starts_with(r#"{"type":"token_expiring","payload":{"expires_at":""#),
@@ -2124,7 +2264,7 @@ mod tests {
             deadline_passes(&mut conn, ping_at),
             Step::Continue
         ));
-        let _ = conn.settle(&LIMITS, ping_at);
+        let _ = conn.settle(&LIMITS, ping_at, &mut WriteMetrics::default());
         assert_eq!(conn.socket.written, PING_FRAME);
     }
 
@@ -2156,46 +2296,49 @@ mod tests {
         let frame = |text: &str| -> Frame { Arc::from(text.as_bytes()) };
         // Live messages while the read is in flight are held, not written.
         assert_eq!(
-            conn.queue_published(frame("L2"), id(2), 8, start),
+            conn.queue_published(frame("L2"), id(2), Stamp::default().later(7), 8, start),
             Queued::Again
         );
         assert_eq!(
-            conn.queue_published(frame("P"), None, 8, start),
+            conn.queue_published(frame("P"), None, Stamp::default(), 8, start),
             Queued::Again
         );
         // A `{"type":"ping"}` before `connected` is not answered (counted dropped):
         // `connected` comes first, and a held pong would count as a delivery.
         assert_eq!(conn.queue_pongs(&frame("G"), 1, 8, start), 1);
-        let _ = conn.settle(&LIMITS, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\n");
         // The read covered up to 9-3: held 9-2 was replayed.
         let replay = vec![
             (StreamId { ms: 9, seq: 1 }, frame("R1")),
             (StreamId { ms: 9, seq: 2 }, frame("R2")),
         ];
+        let mut skipped = Vec::new();
         assert_eq!(
-            conn.finish_history(frame("C"), replay, id(3), start),
+            conn.finish_history(frame("C"), replay, id(3), start, |read_at| skipped
+                .push(read_at)),
             Some(1)
         );
+        assert_eq!(skipped, [Stamp::default().later(7)], "L2's read time");
         // The pub/sub copy of a replayed message can arrive after the read: skipped;
         // from the first newer id on, everything is new.
         assert_eq!(
-            conn.queue_published(frame("L3"), id(3), 8, start),
+            conn.queue_published(frame("L3"), id(3), Stamp::default(), 8, start),
             Queued::Duplicate
         );
         assert_eq!(
-            conn.queue_published(frame("L4"), id(4), 8, start),
+            conn.queue_published(frame("L4"), id(4), Stamp::default(), 8, start),
             Queued::First
         );
         assert_eq!(
-            conn.queue_published(frame("L5"), id(5), 8, start),
+            conn.queue_published(frame("L5"), id(5), Stamp::default(), 8, start),
             Queued::Again
         );
-        let _ = conn.settle(&LIMITS, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
         assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCR1R2PL4L5");
         // Only once: finishing again does nothing.
         assert_eq!(
-            conn.finish_history(frame("C"), Vec::new(), None, start),
+            conn.finish_history(frame("C"), Vec::new(), None, start, |_| {}),
             None
         );
         // The hold is bounded like the queue; what it drops is counted.
@@ -2210,13 +2353,91 @@ mod tests {
             ),
         );
         assert_eq!(
-            conn.queue_published(frame("A"), id(5), 1, start),
+            conn.queue_published(frame("A"), id(5), Stamp::default(), 1, start),
             Queued::Again
         );
         assert_eq!(
-            conn.queue_published(frame("B"), id(6), 1, start),
+            conn.queue_published(frame("B"), id(6), Stamp::default(), 1, start),
             Queued::Dropped
         );
         assert_eq!(conn.held_dropped(), 1);
+    }
+
+    /// A session opened at `start` (101 queued) that waits for its user's
+    /// subscription until `by`.
+    fn awaiting_subscription(start: Instant, by: Instant) -> Connection<MockStream> {
+        let token_exp = crate::clock::unix_secs_now() + SESSION_LIFE.as_secs();
+        let mut conn = handshaking(b"", start);
+        conn.open_awaiting_subscription(
+            b"HTTP/1.1 101\r\n\r\n",
+            0,
+            session_params(start, token_exp, Duration::ZERO),
+            by,
+        );
+        conn
+    }
+
+    #[test]
+    fn a_session_awaiting_its_subscription_holds_messages_until_confirmed() {
+        let start = Instant::now();
+        let by = start + Duration::from_secs(10);
+        let mut conn = awaiting_subscription(start, by);
+        let frame = |text: &str| -> Frame { Arc::from(text.as_bytes()) };
+        assert_eq!(
+            conn.queue_published(frame("M1"), None, Stamp::default(), 8, start),
+            Queued::Again
+        );
+        assert_eq!(conn.queue_pongs(&frame("G"), 1, 8, start), 1, "no pong yet");
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\n");
+        assert_eq!(conn.timer_at, Some(by), "the wait is the earliest deadline");
+        assert!(conn.subscription_confirmed());
+        assert!(!conn.subscription_confirmed(), "once");
+        // Still holding (the history read may follow) until finished: without
+        // history, at once with an empty replay.
+        assert_eq!(
+            conn.queue_published(frame("M2"), None, Stamp::default(), 8, start),
+            Queued::Again
+        );
+        assert_eq!(
+            conn.finish_history(frame("C"), Vec::new(), None, start, |_| {}),
+            Some(0)
+        );
+        assert_eq!(
+            conn.queue_published(frame("M3"), None, Stamp::default(), 8, start),
+            Queued::First
+        );
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
+        assert_eq!(conn.socket.written, b"HTTP/1.1 101\r\n\r\nCM1M2M3");
+        // The passed wait no longer matters.
+        assert!(matches!(conn.on_deadline(&LIMITS, by), Step::Continue));
+    }
+
+    #[test]
+    fn a_subscription_not_confirmed_in_time_closes_with_1013() {
+        let start = Instant::now();
+        let by = start + Duration::from_secs(10);
+        let mut conn = awaiting_subscription(start, by);
+        let _ = conn.queue_published(Arc::from(&b"held"[..]), None, Stamp::default(), 8, start);
+        let _ = conn.settle(&LIMITS, start, &mut WriteMetrics::default());
+        let ended = ended(deadline_passes(&mut conn, by));
+        assert_eq!(ended.reason, CloseReason::SubscriptionTimeout);
+        assert_eq!(ended.reason.label(), "subscription_timeout");
+        let _ = conn.settle(&LIMITS, by, &mut WriteMetrics::default());
+        let mut expected = b"HTTP/1.1 101\r\n\r\n".to_vec();
+        expected.extend(close_frame(1013, "try again later"));
+        assert_eq!(
+            conn.socket.written, expected,
+            "the held message is not sent"
+        );
+        assert!(!conn.subscription_confirmed(), "closed: nothing to release");
+        assert_eq!(
+            conn.take_deliveries(),
+            Deliveries {
+                written: 0,
+                unsent: 1
+            },
+            "the held message is accounted for"
+        );
     }
 }

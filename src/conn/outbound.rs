@@ -12,11 +12,17 @@
 //! (a slow client's queue, or whatever is left when the connection goes). The
 //! server's own frames (`connected`, pong replies) share the bounds but are not
 //! deliveries.
+//!
+//! A delivery carries the time its message was read from Redis; `flush` reads
+//! the clock once per write system call that completes deliveries and records
+//! their latency, and the bytes it writes, in the loop's `WriteMetrics`.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
+use crate::latency::Stamp;
 use crate::message::Frame;
+use crate::metrics::WriteMetrics;
 
 /// Most buffers handed to one `writev`.
 const MAX_IOVECS: usize = 64;
@@ -25,8 +31,8 @@ pub const MAX_CONTROL_BYTES: usize = 16 * 1024;
 
 enum Chunk {
     /// A published message's frame (a delivery), shared with the other
-    /// connections it goes to.
-    Message(Frame),
+    /// connections it goes to, and when its message was read from Redis.
+    Message(Frame, Stamp),
     /// A frame of the server's own (`connected`, a pong reply): bounded like a
     /// message, not counted as a delivery.
     Reply(Frame),
@@ -37,7 +43,7 @@ enum Chunk {
 impl Chunk {
     fn bytes(&self) -> &[u8] {
         match self {
-            Chunk::Message(frame) | Chunk::Reply(frame) => frame,
+            Chunk::Message(frame, _) | Chunk::Reply(frame) => frame,
             Chunk::Control(bytes) => bytes,
         }
     }
@@ -112,9 +118,10 @@ impl OutboundQueue {
         self.message_bytes
     }
 
-    /// Queues a published message's frame unless it is over `limit`.
-    pub fn push_message(&mut self, frame: Frame, limit: FrameLimit) -> bool {
-        self.push_frame(Chunk::Message(frame), limit)
+    /// Queues a published message's frame, read from Redis at `read_at`,
+    /// unless it is over `limit`.
+    pub fn push_message(&mut self, frame: Frame, read_at: Stamp, limit: FrameLimit) -> bool {
+        self.push_frame(Chunk::Message(frame, read_at), limit)
     }
 
     /// Queues a frame of the server's own (`connected`, a pong) unless it is over `limit`.
@@ -140,13 +147,22 @@ impl OutboundQueue {
         std::mem::take(&mut self.deliveries)
     }
 
+    /// Deliveries held outside the queue (live messages held while a session
+    /// waited for `connected`) that the connection drops unsent.
+    pub fn count_unsent(&mut self, deliveries: usize) {
+        self.deliveries.unsent = self
+            .deliveries
+            .unsent
+            .saturating_add(saturating_u32(deliveries));
+    }
+
     /// The connection goes: every delivery still queued (a half-written one
     /// too) is unsent. The queue is left empty.
     pub fn discard_all(&mut self) {
         let unsent = self
             .chunks
             .iter()
-            .filter(|chunk| matches!(chunk, Chunk::Message(_)))
+            .filter(|chunk| matches!(chunk, Chunk::Message(..)))
             .count();
         self.deliveries.unsent = self
             .deliveries
@@ -184,10 +200,10 @@ impl OutboundQueue {
         let mut index = keep_front;
         while index < self.chunks.len() {
             match &self.chunks[index] {
-                Chunk::Message(frame) | Chunk::Reply(frame) => {
+                Chunk::Message(frame, _) | Chunk::Reply(frame) => {
                     self.messages -= 1;
                     self.message_bytes -= frame.len();
-                    if matches!(self.chunks[index], Chunk::Message(_)) {
+                    if matches!(self.chunks[index], Chunk::Message(..)) {
                         self.deliveries.unsent = self.deliveries.unsent.saturating_add(1);
                     }
                     self.chunks.remove(index);
@@ -197,9 +213,14 @@ impl OutboundQueue {
         }
     }
 
-    /// Writes as much as the socket takes, several chunks per system call.
+    /// Writes as much as the socket takes, several chunks per system call, and
+    /// records the bytes and the latency of the deliveries written in `writes`.
     /// Returns the bytes written and whether the queue drained.
-    pub fn flush(&mut self, sink: &mut impl Write) -> io::Result<(usize, FlushResult)> {
+    pub fn flush(
+        &mut self,
+        sink: &mut impl Write,
+        writes: &mut WriteMetrics,
+    ) -> io::Result<(usize, FlushResult)> {
         let mut total = 0;
         while !self.chunks.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
@@ -217,7 +238,8 @@ impl OutboundQueue {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(written) => {
                     total += written;
-                    self.consume(written);
+                    writes.bytes += written as u64;
+                    self.consume(written, writes);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok((total, FlushResult::WouldBlock));
@@ -229,8 +251,10 @@ impl OutboundQueue {
         Ok((total, FlushResult::Drained))
     }
 
-    /// Marks `written` bytes from the front as sent.
-    fn consume(&mut self, mut written: usize) {
+    /// Marks `written` bytes from the front as sent; each delivery completed
+    /// is observed with one clock read for the whole write.
+    fn consume(&mut self, mut written: usize, writes: &mut WriteMetrics) {
+        let mut written_at = None;
         while written > 0 {
             let Some(front) = self.chunks.front() else {
                 return;
@@ -243,10 +267,12 @@ impl OutboundQueue {
             written -= remaining;
             self.front_written = 0;
             match self.chunks.pop_front() {
-                Some(Chunk::Message(frame)) => {
+                Some(Chunk::Message(frame, read_at)) => {
                     self.messages -= 1;
                     self.message_bytes -= frame.len();
                     self.deliveries.written = self.deliveries.written.saturating_add(1);
+                    let at = *written_at.get_or_insert_with(|| writes.latency.now());
+                    writes.latency.observe(read_at, at);
                 }
                 Some(Chunk::Reply(frame)) => {
                     self.messages -= 1;
@@ -296,9 +322,9 @@ mod tests {
     #[test]
     fn bounded_by_message_limit() {
         let mut q = OutboundQueue::default();
-        assert!(q.push_message(frame(b"a"), frames(2)));
-        assert!(q.push_message(frame(b"b"), frames(2)));
-        assert!(!q.push_message(frame(b"c"), frames(2)));
+        assert!(q.push_message(frame(b"a"), Stamp::default(), frames(2)));
+        assert!(q.push_message(frame(b"b"), Stamp::default(), frames(2)));
+        assert!(!q.push_message(frame(b"c"), Stamp::default(), frames(2)));
         assert_eq!(q.messages(), 2);
     }
 
@@ -311,17 +337,23 @@ mod tests {
         let mut q = OutboundQueue::default();
         // Control bytes do not count against the message bytes.
         q.push_control(b"HTTP/1.1 101\r\n\r\n");
-        assert!(q.push_message(frame(&[b'x'; 25]), limit), "alone: taken");
-        assert!(!q.push_message(frame(b"y"), limit), "past the bound");
+        assert!(
+            q.push_message(frame(&[b'x'; 25]), Stamp::default(), limit),
+            "alone: taken"
+        );
+        assert!(
+            !q.push_message(frame(b"y"), Stamp::default(), limit),
+            "past the bound"
+        );
         let mut sink = short_writer(usize::MAX, usize::MAX);
-        q.flush(&mut sink).unwrap();
+        q.flush(&mut sink, &mut WriteMetrics::default()).unwrap();
         assert_eq!(q.message_bytes(), 0);
-        assert!(q.push_message(frame(&[b'a'; 6]), limit));
+        assert!(q.push_message(frame(&[b'a'; 6]), Stamp::default(), limit));
         assert!(
             q.push_reply(frame(&[b'b'; 4]), limit),
             "exactly at the bound"
         );
-        assert!(!q.push_message(frame(b"c"), limit));
+        assert!(!q.push_message(frame(b"c"), Stamp::default(), limit));
         assert_eq!((q.messages(), q.message_bytes()), (2, 10));
     }
 
@@ -329,14 +361,14 @@ mod tests {
     fn deliveries_are_counted_when_written_in_full_and_replies_are_not() {
         let mut q = OutboundQueue::default();
         q.push_reply(frame(b"CONNECTED"), FrameLimit::NONE);
-        q.push_message(frame(b"one"), frames(10));
-        q.push_message(frame(b"two"), frames(10));
+        q.push_message(frame(b"one"), Stamp::default(), frames(10));
+        q.push_message(frame(b"two"), Stamp::default(), frames(10));
         // "CONNECTED" and "one" in full (one slice per write), then one byte of "two".
         let mut sink = short_writer(usize::MAX, 2);
-        q.flush(&mut sink).unwrap();
+        q.flush(&mut sink, &mut WriteMetrics::default()).unwrap();
         sink.write_chunk = 1;
         sink.writes_left = 1;
-        q.flush(&mut sink).unwrap();
+        q.flush(&mut sink, &mut WriteMetrics::default()).unwrap();
         assert_eq!(sink.written, b"CONNECTEDonet");
         assert_eq!(
             q.take_deliveries(),
@@ -363,15 +395,15 @@ mod tests {
     fn short_writes_keep_order_and_resume() {
         let mut q = OutboundQueue::default();
         q.push_control(b"HEAD");
-        q.push_message(frame(b"one"), frames(10));
-        q.push_message(frame(b"two"), frames(10));
+        q.push_message(frame(b"one"), Stamp::default(), frames(10));
+        q.push_message(frame(b"two"), Stamp::default(), frames(10));
         q.push_control(b"!");
         let mut sink = short_writer(3, 2);
-        let (written, result) = q.flush(&mut sink).unwrap();
+        let (written, result) = q.flush(&mut sink, &mut WriteMetrics::default()).unwrap();
         // The default `write_vectored` writes only the first non-empty slice: "HEA", then "D".
         assert_eq!((written, result), (4, FlushResult::WouldBlock));
         sink.writes_left = 100;
-        let (_, result) = q.flush(&mut sink).unwrap();
+        let (_, result) = q.flush(&mut sink, &mut WriteMetrics::default()).unwrap();
         assert_eq!(result, FlushResult::Drained);
         assert_eq!(sink.written, b"HEADonetwo!");
         assert!(q.is_empty());
@@ -382,13 +414,13 @@ mod tests {
     #[test]
     fn discard_keeps_a_half_written_frame() {
         let mut q = OutboundQueue::default();
-        q.push_message(frame(b"first"), frames(10));
-        q.push_message(frame(b"second"), frames(10));
+        q.push_message(frame(b"first"), Stamp::default(), frames(10));
+        q.push_message(frame(b"second"), Stamp::default(), frames(10));
         q.push_control(b"X");
         q.push_reply(frame(b"pong"), frames(10));
-        q.push_message(frame(b"third"), frames(10));
+        q.push_message(frame(b"third"), Stamp::default(), frames(10));
         let mut sink = short_writer(2, 1);
-        q.flush(&mut sink).unwrap();
+        q.flush(&mut sink, &mut WriteMetrics::default()).unwrap();
         q.discard_unsent_messages();
         assert_eq!((q.messages(), q.message_bytes()), (1, 5));
         assert_eq!(
@@ -401,9 +433,41 @@ mod tests {
         );
         sink.writes_left = 100;
         sink.write_chunk = 100;
-        q.flush(&mut sink).unwrap();
+        q.flush(&mut sink, &mut WriteMetrics::default()).unwrap();
         assert_eq!(sink.written, b"firstX");
         assert_eq!(q.take_deliveries().written, 1);
+    }
+
+    #[test]
+    fn written_bytes_and_the_latency_of_written_deliveries_are_recorded() {
+        let mut writes = WriteMetrics::default();
+        let read_at = writes.latency.now();
+        let mut q = OutboundQueue::default();
+        q.push_control(b"HTTP");
+        q.push_reply(frame(b"CONNECTED"), FrameLimit::NONE);
+        q.push_message(frame(b"one"), read_at, frames(10));
+        q.push_message(frame(b"two"), read_at, frames(10));
+        // "HTTP", "CONNECTED", "one" (one slice per write), then one byte of "two".
+        let mut sink = short_writer(usize::MAX, 3);
+        q.flush(&mut sink, &mut writes).unwrap();
+        sink.write_chunk = 1;
+        sink.writes_left = 1;
+        q.flush(&mut sink, &mut writes).unwrap();
+        assert_eq!(writes.bytes, 17);
+        assert_eq!(
+            writes.latency.count(),
+            1,
+            "replies and half frames are not observed"
+        );
+        // The rest of "two" and two more in one write.
+        q.push_message(frame(b"three"), read_at, frames(10));
+        q.push_message(frame(b"four"), read_at, frames(10));
+        let mut all = Vec::new();
+        q.flush(&mut all, &mut writes).unwrap();
+        assert_eq!(all, b"wothreefour");
+        assert_eq!(writes.bytes, 28);
+        assert_eq!(writes.latency.count(), 4);
+        assert_eq!(q.take_deliveries().written, 4, "as many as observed");
     }
 
     #[test]

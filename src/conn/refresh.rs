@@ -240,7 +240,12 @@ impl TokenState {
                 Ok(identity) => {
                     self.exp = identity.expires_at;
                     *expires_at = expiry_instant(identity.expires_at, rules.leeway, now);
-                    self.notice_at = notice_instant(identity.expires_at, rules.notice, now);
+                    // No notice for a token that already expires within the
+                    // notice: `refreshed` tells its expiry, and a notice at once
+                    // would send a client that refreshes on every notice round
+                    // in a loop while its issuer hands out short tokens.
+                    self.notice_at = notice_instant(identity.expires_at, rules.notice, now)
+                        .filter(|at| *at > now);
                     Outcome::Refreshed
                 }
                 Err(error) => Outcome::Invalid(error),

@@ -41,6 +41,7 @@ use crate::config::{RedisConfig, SubscribeMode};
 use crate::logging::RateLimited;
 use crate::message::{Frame, MessageEncoder};
 use crate::redis_reader::build_client;
+use crate::redis_status::RedisStatus;
 
 /// Requests served by one pipeline: bounds a batch's latency and memory in a
 /// reconnect storm (the rest wait for the next batch, a few ms later).
@@ -50,6 +51,12 @@ const IO_WAIT: Duration = Duration::from_secs(1);
 /// After a failed connect, requests are answered `Unavailable` at once for
 /// this long rather than each batch waiting for another connect attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// How long a batch waits for the Redis reader's subscription (just after
+/// start it may not be made yet) before it is answered `Unavailable`.
+const SUBSCRIBED_WAIT: Duration = IO_WAIT;
+/// How often that wait looks at the subscription again.
+const SUBSCRIBED_CHECK: Duration = Duration::from_millis(5);
 
 /// How often an idle thread checks its connection: a Redis restarted without
 /// persistence has lost the function library, and publishers need it back
@@ -123,9 +130,15 @@ pub struct HistoryReader {
 }
 
 impl HistoryReader {
-    /// Starts the thread; `waker` is the event loop's waker (one wake per batch).
-    /// Redis being down is not an error here: requests are answered `Unavailable`.
-    pub fn spawn(settings: HistorySettings, waker: Arc<mio::Waker>) -> io::Result<HistoryReader> {
+    /// Starts the thread; `waker` is the event loop's waker (one wake per batch),
+    /// `pubsub` the Redis reader's status (a read counts only while it is
+    /// subscribed). Redis being down is not an error here: requests are
+    /// answered `Unavailable`.
+    pub fn spawn(
+        settings: HistorySettings,
+        waker: Arc<mio::Waker>,
+        pubsub: Arc<RedisStatus>,
+    ) -> io::Result<HistoryReader> {
         let client = build_client(&settings.redis)?;
         let (requests, request_rx) = mpsc::channel();
         let (answer_tx, answers) = mpsc::channel();
@@ -144,8 +157,10 @@ impl HistoryReader {
             answers: answer_tx,
             waiting: Arc::clone(&waiting),
             waker,
+            pubsub,
             encoder: MessageEncoder::new(),
             unreadable_warnings: RateLimited::new(Duration::from_secs(10)),
+            unsubscribed_warnings: RateLimited::new(Duration::from_secs(10)),
         };
         let thread = std::thread::Builder::new()
             .name("history-reader".into())
@@ -195,8 +210,11 @@ struct ReaderThread {
     answers: Sender<Answer>,
     waiting: Arc<AtomicUsize>,
     waker: Arc<mio::Waker>,
+    /// The Redis reader's status: whether live messages reach the loop.
+    pubsub: Arc<RedisStatus>,
     encoder: MessageEncoder,
     unreadable_warnings: RateLimited,
+    unsubscribed_warnings: RateLimited,
 }
 
 impl ReaderThread {
@@ -315,7 +333,12 @@ impl ReaderThread {
 
     /// Reads the batch (one pipeline per Redis) and answers each request.
     fn serve(&mut self, batch: &[Request]) -> Vec<Answer> {
-        let replies = if self.nodes.is_some() {
+        // Without the subscription, what is published after the read would
+        // never reach these connections: no read, so no `complete` and no
+        // `position` (README, History and resume).
+        let replies = if !self.wait_subscribed() {
+            batch.iter().map(|_| None).collect()
+        } else if self.nodes.is_some() {
             self.read_sharded(batch)
         } else {
             self.read_single(batch)
@@ -450,6 +473,29 @@ impl ReaderThread {
             pending.len()
         );
         replies
+    }
+
+    /// Whether the Redis reader is subscribed, waiting up to `SUBSCRIBED_WAIT`
+    /// for it. A read vouches for every message after its position only if the
+    /// subscription was in place when it was made: the reader marks itself
+    /// subscribed once Redis has confirmed `PSUBSCRIBE`, so a message published
+    /// after the read reaches the loop live.
+    fn wait_subscribed(&mut self) -> bool {
+        let deadline = Instant::now() + SUBSCRIBED_WAIT;
+        while !self.pubsub.is_subscribed() {
+            let now = Instant::now();
+            if now >= deadline {
+                if let Some(suppressed) = self.unsubscribed_warnings.check(now) {
+                    warn!(
+                        "history reader: not subscribed to Redis; resuming clients get \
+                         complete:false ({suppressed} similar suppressed)"
+                    );
+                }
+                return false;
+            }
+            std::thread::sleep(SUBSCRIBED_CHECK);
+        }
+        true
     }
 
     /// Sends the batch's pipeline; on failure the connection is dropped.
