@@ -39,8 +39,10 @@ use log::{debug, error, info, warn};
 use mio::{Events, Poll, Token, Waker};
 use redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, TlsCertificates};
 
+mod sharded;
+
 use crate::clock;
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, SubscribeMode};
 use crate::handover::{
     self, Handoff, Inbox, Published, PushOutcome, QUEUE_BYTES_CAPACITY, QUEUE_CAPACITY,
 };
@@ -466,7 +468,14 @@ impl ReaderThread {
         let ping_interval = config.ping_interval.max(Duration::from_millis(1));
         ReaderThread {
             pattern: subscribe_pattern(&config.channel_prefix),
-            addr: target.addr(),
+            addr: match config.subscribe_mode {
+                SubscribeMode::Sharded => crate::cluster::seeds(&config)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                _ => target.addr(),
+            },
             io_wait: ping_interval.clamp(MIN_IO_WAIT, MAX_IO_WAIT),
             healthy_after: HEALTHY_AFTER.min(ping_interval.saturating_mul(HEALTHY_PINGS)),
             config,
@@ -580,6 +589,9 @@ impl ReaderThread {
     /// subscriptions and a PING leave in one write), and reads until the
     /// connection fails or the thread is asked to stop.
     fn session(&mut self) -> SessionEnd {
+        if self.config.subscribe_mode == SubscribeMode::Sharded {
+            return sharded::session(self);
+        }
         if let Subscription::Lost { attempts, .. } = &mut self.subscription {
             *attempts += 1;
         }

@@ -488,3 +488,61 @@ fn history_reads_and_publishing_follow_a_slot_in_migration() {
         .expect("XLEN at the new owner");
     assert_eq!(len, 3);
 }
+
+// ---------------------------------------------------------------------------
+// The gateway in sharded mode
+// ---------------------------------------------------------------------------
+
+/// A gateway in sharded mode on `cluster` (its seeds, the first node as
+/// REDIS_HOST:REDIS_PORT, which sharded mode does not use), subscribed.
+fn sharded_gateway(cluster: &RedisCluster, extra: &[(&str, &str)]) -> Gateway {
+    let seeds = cluster.seeds();
+    let mut env = vec![
+        ("REDIS_SUBSCRIBE_MODE", "sharded"),
+        ("REDIS_CLUSTER_NODES", seeds.as_str()),
+        ("REDIS_PING_INTERVAL", "1s"),
+        ("REDIS_RECONNECT_MAX", "500ms"),
+    ];
+    env.extend_from_slice(extra);
+    let gw = Gateway::start(cluster.nodes[0].port, &env);
+    gw.wait_redis_connected(secs(10));
+    gw
+}
+
+/// Opens a client of `user` (its `connected` means the subscription is in
+/// place), publishes with SPUBLISH and expects the message.
+#[track_caller]
+fn assert_delivered(cluster: &RedisCluster, gw: &Gateway, user: &str, n: u64) {
+    let (mut ws, hello) = ws_open(gw.port, &gw.token(user));
+    assert_eq!(hello["user_id"], user, "{hello}");
+    let message = format!(r#"{{"type":"n","payload":{n}}}"#);
+    assert_eq!(cluster.spublish(&format!("user_noti:{user}"), &message), 1);
+    let got = recv_json(&mut ws, PROMPT);
+    assert_eq!(got["payload"], n, "{got}");
+}
+
+#[test]
+fn the_gateway_delivers_to_users_on_every_master() {
+    let cluster = RedisCluster::start(3, 0);
+    let gw = sharded_gateway(&cluster, &[]);
+    let users = users_on_each_master(&cluster);
+    for (n, (user, _)) in users.iter().enumerate() {
+        assert_delivered(&cluster, &gw, user, n as u64);
+    }
+    let (code, health) = gw.health();
+    assert_eq!(code, 200, "{health}");
+    let nodes = health["redis"]["nodes"]
+        .as_array()
+        .expect("redis.nodes")
+        .clone();
+    assert_eq!(nodes.len(), 3, "{health}");
+    for node in &nodes {
+        assert_eq!(node["status"], "connected", "{health}");
+    }
+    let text = gw.metrics_text();
+    for master in cluster.masters() {
+        let node = format!("127.0.0.1:{}", cluster.nodes[master].port);
+        let connected = format!(r#"ws_notify_redis_node_connected{{node="{node}"}}"#);
+        assert_eq!(metric_value(&text, &connected), Some(1.0), "{text}");
+    }
+}
