@@ -546,3 +546,126 @@ fn the_gateway_delivers_to_users_on_every_master() {
         assert_eq!(metric_value(&text, &connected), Some(1.0), "{text}");
     }
 }
+
+/// A subscribed user's slot moves to another master while a publisher runs:
+/// Redis sunsubscribes the gateway, which subscribes at the new owner; what
+/// is published after that arrives.
+#[test]
+fn the_gateway_follows_a_slot_migration() {
+    let cluster = RedisCluster::start(3, 0);
+    let gw = sharded_gateway(&cluster, &[]);
+    let (user, from) = users_on_each_master(&cluster).remove(0);
+    let channel = format!("user_noti:{user}");
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|m| *m != from)
+        .expect("another");
+    let (mut ws, _) = ws_open(gw.port, &gw.token(&user));
+    assert_eq!(cluster.spublish(&channel, r#"{"type":"n","payload":0}"#), 1);
+    assert_eq!(recv_json(&mut ws, PROMPT)["payload"], 0);
+
+    cluster.migrate_slot(cluster::key_slot(channel.as_bytes()), to);
+    gw.wait_metric_at_least(
+        r#"ws_notify_redis_resubscribes_total{reason="migration"}"#,
+        1.0,
+    );
+    // Subscribed again at the new owner: SPUBLISH there reaches the gateway.
+    let mut n = 1;
+    wait_until(PROMPT, "the gateway subscribed at the new owner", || {
+        let message = format!(r#"{{"type":"n","payload":{n}}}"#);
+        n += 1;
+        cluster.spublish(&channel, &message) == 1
+    });
+    let got = recv_json(&mut ws, PROMPT);
+    assert_eq!(got["payload"], n - 1, "{got}");
+    gw.wait_redis_connected(PROMPT);
+    let node = format!("127.0.0.1:{}", cluster.nodes[to].port);
+    let held = format!(r#"ws_notify_redis_subscriptions{{mode="sharded",node="{node}"}}"#);
+    assert_eq!(gw.metric(&held), 1.0);
+    // A new client of a user on the migrated slot is subscribed there too.
+    assert_delivered(&cluster, &gw, &user, 99);
+}
+
+/// A master dies; its replica is promoted: the users on it are subscribed at
+/// the new master and receive the next message; /health is degraded while
+/// the master's link is down and healthy again after.
+#[test]
+fn the_gateway_follows_a_failover() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let gw = sharded_gateway(&cluster, &[]);
+    let users = users_on_each_master(&cluster);
+    let (user, master) = users[0].clone();
+    let channel = format!("user_noti:{user}");
+    let (mut ws, _) = ws_open(gw.port, &gw.token(&user));
+    assert_eq!(cluster.spublish(&channel, r#"{"type":"n","payload":0}"#), 1);
+    assert_eq!(recv_json(&mut ws, PROMPT)["payload"], 0);
+
+    let promoted = cluster.kill_and_wait_promotion(master);
+    let mut n = 1;
+    wait_until(
+        secs(15),
+        "the gateway subscribed at the promoted replica",
+        || {
+            let message = format!(r#"{{"type":"n","payload":{n}}}"#);
+            n += 1;
+            cluster.spublish(&channel, &message) == 1
+        },
+    );
+    let got = recv_json(&mut ws, PROMPT);
+    assert_eq!(got["payload"], n - 1, "{got}");
+    gw.wait_redis_connected(secs(10));
+    let (_, health) = gw.health();
+    let promoted = format!("127.0.0.1:{}", cluster.nodes[promoted].port);
+    let nodes = health["redis"]["nodes"].as_array().expect("nodes").clone();
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["node"] == promoted.as_str() && n["status"] == "connected"),
+        "{health}"
+    );
+    assert_eq!(nodes.len(), 3, "the dead master is forgotten: {health}");
+    // Users on the other masters were not disturbed.
+    for (user, _) in &users[1..] {
+        assert_delivered(&cluster, &gw, user, 7);
+    }
+}
+
+/// A master is down when the gateway starts: /health says degraded (503,
+/// with the node's state), and healthy once the master is back; its users
+/// are served then.
+#[test]
+fn a_master_down_at_start_degrades_then_heals() {
+    let mut cluster = RedisCluster::start(3, 0);
+    let (user, master) = users_on_each_master(&cluster).remove(0);
+    cluster.kill(master);
+    // The others notice (cluster-node-timeout) and the cluster goes down.
+    let alive = cluster.masters_seen_alive(master);
+    let seeds = alive
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", cluster.nodes[*n].port))
+        .collect::<Vec<_>>()
+        .join(",");
+    let gw = Gateway::start(
+        cluster.nodes[alive[0]].port,
+        &[
+            ("REDIS_SUBSCRIBE_MODE", "sharded"),
+            ("REDIS_CLUSTER_NODES", &seeds),
+            ("REDIS_PING_INTERVAL", "1s"),
+            ("REDIS_RECONNECT_MAX", "500ms"),
+        ],
+    );
+    wait_until(PROMPT, "/health reports two masters connected", || {
+        let (_, health) = gw.health();
+        health["redis"]["nodes"]
+            .as_array()
+            .is_some_and(|nodes| nodes.iter().filter(|n| n["status"] == "connected").count() == 2)
+    });
+    let (code, health) = gw.health();
+    assert_eq!(code, 503, "{health}");
+    assert_eq!(health["status"], "degraded", "{health}");
+
+    cluster.restart(master);
+    gw.wait_redis_connected(secs(15));
+    assert_delivered(&cluster, &gw, &user, 1);
+}

@@ -208,19 +208,21 @@ impl Shards {
                 return Err(e);
             }
         };
-        self.refresh_at = None;
+        // Slots without an online master (a failed master whose replica is
+        // not promoted yet): ask again soon.
+        self.refresh_at = (topology.unserved_slots() > 0).then(|| Instant::now() + REFRESH_RETRY);
         for index in 0..self.nodes.len() {
             let gone = self.nodes[index]
                 .as_ref()
                 .is_some_and(|node| !topology.masters().any(|m| *m == node.addr));
             if gone {
-                if let Some(mut node) = self.nodes[index].take()
-                    && let NodeState::Up { link, .. } = &mut node.state
-                {
-                    link.deregister(reader.poll.registry());
-                }
                 self.unplace_node(index, &reader.status);
-                info!(node = self.name_of(index); "Redis Cluster: no longer a master");
+                if let Some(mut node) = self.nodes[index].take() {
+                    if let NodeState::Up { link, .. } = &mut node.state {
+                        link.deregister(reader.poll.registry());
+                    }
+                    info!(node = node.name.as_str(); "Redis Cluster: no longer a master");
+                }
             }
         }
         for master in topology.masters() {
@@ -493,9 +495,11 @@ impl Shards {
         }
     }
 
-    /// Every master's link answered its first ping and no user waits for a home.
+    /// Every slot has a master, every master's link answered its first ping
+    /// and no user waits for a home.
     fn all_ready(&self) -> bool {
         self.unplaced == 0
+            && self.topology.unserved_slots() == 0
             && self
                 .nodes
                 .iter()

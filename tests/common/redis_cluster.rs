@@ -209,6 +209,30 @@ impl RedisCluster {
         masters
     }
 
+    /// The other masters, once every one of them sees `dead` as failed (its
+    /// slots then have no online master in `CLUSTER SHARDS`).
+    #[track_caller]
+    pub fn masters_seen_alive(&self, dead: usize) -> Vec<usize> {
+        let others: Vec<usize> = self.live_nodes().filter(|n| *n != dead).collect();
+        let dead_port = format!(":{}@", self.nodes[dead].port);
+        super::wait_until(SETTLE, "the others mark the dead node failed", || {
+            others.iter().all(|n| {
+                self.connect(self.nodes[*n].port)
+                    .and_then(|mut con| {
+                        redis::cmd("CLUSTER").arg("NODES").query::<String>(&mut con)
+                    })
+                    .is_ok_and(|nodes| {
+                        nodes.lines().any(|line| {
+                            line.contains(&dead_port)
+                                && line.contains("fail")
+                                && !line.contains("fail?")
+                        })
+                    })
+            })
+        });
+        others
+    }
+
     /// The live replicas of `master`.
     pub fn replicas_of(&self, master: usize) -> Vec<usize> {
         let port = self.nodes[master].port;
@@ -253,6 +277,22 @@ impl RedisCluster {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Starts a killed `node` again on its port and directory (its
+    /// nodes.conf brings it back into the cluster) and waits until the
+    /// cluster settles.
+    #[track_caller]
+    pub fn restart(&mut self, node: usize) {
+        let mut revived = ClusterNode {
+            port: self.nodes[node].port,
+            child: None,
+        };
+        self.spawn(&mut revived)
+            .and_then(|()| self.wait_ping(revived.port))
+            .unwrap_or_else(|e| panic!("restart node {node}: {e}"));
+        self.nodes[node].child = revived.child;
+        self.wait_until_settled(|_| true);
     }
 
     /// `CLUSTER FAILOVER` on `replica` (its master must be up): the replica
