@@ -3,6 +3,8 @@
 //! ```text
 //!  Redis --PSUBSCRIBE <prefix>*  (pattern mode)
 //!        --SUBSCRIBE <prefix><user> ... (channel mode: the users the loop asks for)
+//!        --SSUBSCRIBE <prefix><user> ... (sharded mode: one link per cluster
+//!          master, each user at the master of its channel's slot: [`sharded`])
 //!      --> [redis-reader thread: its own mio Poll: the link's socket + a Waker]
 //!      pubsub::Link: RESP frames parsed in the read buffer, no allocation
 //!      strip the prefix, copy (user id, payload) into one `Published`
