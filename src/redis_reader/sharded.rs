@@ -39,6 +39,14 @@ struct Place {
     confirmed: bool,
 }
 
+impl Place {
+    /// Forgets the link; true when the subscription had been confirmed.
+    fn unplace(&mut self) -> bool {
+        self.node = None;
+        std::mem::take(&mut self.confirmed)
+    }
+}
+
 /// A master and its link.
 struct Node {
     addr: NodeAddr,
@@ -72,6 +80,9 @@ struct Shards {
     confirmed: u64,
     /// Users with no link (their master's link is down or unknown).
     unplaced: usize,
+    /// A link came up or the topology changed: look for homes for the
+    /// unplaced (not every turn: that is a walk over every user).
+    placement_due: bool,
     /// When to ask for the topology again.
     refresh_at: Option<Instant>,
     /// The node to ask first: the one that said a slot moved knows it.
@@ -144,6 +155,7 @@ pub(super) fn session(reader: &mut ReaderThread) -> SessionEnd {
         unplaced: 0,
         refresh_at: None,
         ask_first: None,
+        placement_due: true,
         nodes_dirty: true,
     };
     // The wanted set survives only as the loop's changes: everything the
@@ -249,6 +261,7 @@ impl Shards {
         }
         self.topology = topology;
         self.nodes_dirty = true;
+        self.placement_due = true;
         Ok(())
     }
 
@@ -271,12 +284,8 @@ impl Shards {
         let before = self.unplaced;
         for place in self.users.values_mut() {
             if place.node == Some(index) {
-                place.node = None;
                 self.unplaced += 1;
-                if place.confirmed {
-                    place.confirmed = false;
-                    self.confirmed -= 1;
-                }
+                self.confirmed -= u64::from(place.unplace());
             }
         }
         if let Some(node) = self.nodes.get_mut(index).and_then(Option::as_mut) {
@@ -299,6 +308,7 @@ impl Shards {
 
     /// Subscribes every unplaced user whose master's link is up.
     fn place_unplaced(&mut self, reader: &ReaderThread, batch: &mut SlotBatch) {
+        self.placement_due = false;
         if self.unplaced == 0 {
             return;
         }
@@ -440,6 +450,9 @@ impl Shards {
             );
         }
         reader.status.set_error(format!("{}: {error}", node.name));
+        // Starts the outage clock: "re-subscribed" is logged and counted once
+        // every master's link is back.
+        reader.lost_subscription();
         self.unplace_node(index, &reader.status);
         self.refresh_at = Some(Instant::now());
     }
@@ -550,9 +563,11 @@ impl Shards {
                 changes_pending = false;
                 self.apply_changes(reader);
             }
-            let mut batch = SlotBatch::default();
-            self.place_unplaced(reader, &mut batch);
-            batch.finish(&mut self.nodes, &reader.status);
+            if self.placement_due {
+                let mut batch = SlotBatch::default();
+                self.place_unplaced(reader, &mut batch);
+                batch.finish(&mut self.nodes, &reader.status);
+            }
 
             let now = Instant::now();
             let mut wake_at = now + STOP_CHECK;
@@ -809,10 +824,8 @@ impl Shards {
         if place.node != Some(index) {
             return;
         }
-        place.node = None;
         self.unplaced += 1;
-        if place.confirmed {
-            place.confirmed = false;
+        if place.unplace() {
             self.confirmed -= 1;
             if let Some(node) = self.nodes[index].as_mut() {
                 node.subscriptions = node.subscriptions.saturating_sub(1);
