@@ -656,36 +656,24 @@ impl ReaderThread {
                 return self.failed(ready, self.describe(&e));
             }
             let now = Instant::now();
-            let mut wake_at = now + STOP_CHECK;
-            if !ready {
-                if now >= connect_deadline {
-                    let waited = self.io_wait.as_millis();
-                    return self.failed(ready, format!("not subscribed within {waited} ms"));
-                }
-                wake_at = wake_at.min(connect_deadline);
-            }
-            // Every command's reply within io_wait of sending it, a pong
-            // included, whatever trickles in meanwhile.
-            if let Some((command, sent)) = link.oldest_unanswered() {
-                let due = sent + self.io_wait;
-                if now >= due {
-                    let (name, waited) = (command.name(), self.io_wait.as_millis());
-                    return self.failed(ready, format!("{name}: no reply within {waited} ms"));
-                }
-                wake_at = wake_at.min(due);
-            }
-            // A ping only after `ping_interval` without a frame: under a flood,
-            // messages prove the link alive (and a pong queued behind a
-            // backlog would measure the backlog, not the link); a Redis that
-            // freezes mid-flood goes quiet, so it is pinged and caught.
-            if ready && !link.ping_in_flight() {
-                let due = last_frame + self.config.ping_interval;
-                if now >= due {
-                    link.ping();
-                    continue;
-                }
-                wake_at = wake_at.min(due);
-            }
+            let checked = check_deadlines(
+                link,
+                LinkTimes {
+                    ready,
+                    connect_deadline,
+                    last_frame,
+                },
+                self.io_wait,
+                self.config.ping_interval,
+                now,
+                now + STOP_CHECK,
+            );
+            let wake_at = match checked {
+                Err(error) => return self.failed(ready, error),
+                // Flush the ping before waiting.
+                Ok(Deadlines::Pinged) => continue,
+                Ok(Deadlines::WakeAt(at)) => at,
+            };
             let timeout = if read_pending || link.has_input() {
                 Duration::ZERO
             } else {
@@ -913,6 +901,62 @@ impl ReaderThread {
             PushOutcome::Closed => Some(SessionEnd::InboxClosed),
         }
     }
+}
+
+/// What a link's deadlines say (see [`check_deadlines`]).
+enum Deadlines {
+    /// Nothing is due: wait until this instant at the latest.
+    WakeAt(Instant),
+    /// A ping was queued: flush it before waiting.
+    Pinged,
+}
+
+/// The instants a link's deadlines are measured from.
+struct LinkTimes {
+    /// The link answered its first ping (everything sent at connect is answered).
+    ready: bool,
+    connect_deadline: Instant,
+    last_frame: Instant,
+}
+
+/// One link's deadlines at `now` (the one-link session and each link of the
+/// sharded one): connected and subscribed within `io_wait`, every reply
+/// within `io_wait` of its command, whatever trickles in meanwhile, and a ping
+/// once the link carried no frame for `ping_interval` (not under a flood:
+/// messages prove the link alive, and a pong queued behind a backlog would
+/// measure the backlog; a Redis that freezes mid-flood goes quiet, so it is
+/// pinged and caught). `Err` names the deadline that passed.
+fn check_deadlines(
+    link: &mut Link,
+    times: LinkTimes,
+    io_wait: Duration,
+    ping_interval: Duration,
+    now: Instant,
+    mut wake_at: Instant,
+) -> Result<Deadlines, String> {
+    if !times.ready {
+        if now >= times.connect_deadline {
+            return Err(format!("not subscribed within {} ms", io_wait.as_millis()));
+        }
+        wake_at = wake_at.min(times.connect_deadline);
+    }
+    if let Some((command, sent)) = link.oldest_unanswered() {
+        let due = sent + io_wait;
+        if now >= due {
+            let (name, waited) = (command.name(), io_wait.as_millis());
+            return Err(format!("{name}: no reply within {waited} ms"));
+        }
+        wake_at = wake_at.min(due);
+    }
+    if times.ready && !link.ping_in_flight() {
+        let due = times.last_frame + ping_interval;
+        if now >= due {
+            link.ping();
+            return Ok(Deadlines::Pinged);
+        }
+        wake_at = wake_at.min(due);
+    }
+    Ok(Deadlines::WakeAt(wake_at))
 }
 
 /// Marks Redis as not subscribed when the reader thread ends by a panic that

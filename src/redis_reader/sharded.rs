@@ -591,31 +591,26 @@ impl Shards {
                             lost.push((index, reader.describe(&e)));
                             continue;
                         }
-                        if !*ready {
-                            if now >= *connect_deadline {
-                                let waited = reader.io_wait.as_millis();
-                                lost.push((index, format!("not subscribed within {waited} ms")));
+                        let times = LinkTimes {
+                            ready: *ready,
+                            connect_deadline: *connect_deadline,
+                            last_frame: *last_frame,
+                        };
+                        let ping_interval = reader.config.ping_interval;
+                        match check_deadlines(
+                            link,
+                            times,
+                            reader.io_wait,
+                            ping_interval,
+                            now,
+                            wake_at,
+                        ) {
+                            Err(error) => {
+                                lost.push((index, error));
                                 continue;
                             }
-                            wake_at = wake_at.min(*connect_deadline);
-                        }
-                        if let Some((command, sent)) = link.oldest_unanswered() {
-                            let due = sent + reader.io_wait;
-                            if now >= due {
-                                let (name, waited) = (command.name(), reader.io_wait.as_millis());
-                                lost.push((index, format!("{name}: no reply within {waited} ms")));
-                                continue;
-                            }
-                            wake_at = wake_at.min(due);
-                        }
-                        if *ready && !link.ping_in_flight() {
-                            let due = *last_frame + reader.config.ping_interval;
-                            if now >= due {
-                                link.ping();
-                                any_pending = true;
-                            } else {
-                                wake_at = wake_at.min(due);
-                            }
+                            Ok(Deadlines::Pinged) => any_pending = true,
+                            Ok(Deadlines::WakeAt(at)) => wake_at = at,
                         }
                         any_pending |= *read_pending || link.has_input();
                     }
