@@ -669,3 +669,90 @@ fn a_master_down_at_start_degrades_then_heals() {
     gw.wait_redis_connected(secs(15));
     assert_delivered(&cluster, &gw, &user, 1);
 }
+
+/// History on, a publisher running through a slot migration: messages
+/// published after the move arrive live, and a resume from the first message
+/// recovers every one of them (`complete:true`), wherever the stream was when
+/// each was appended.
+#[test]
+fn a_migration_under_a_running_publisher_loses_nothing_with_history() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let cluster = RedisCluster::start(3, 0);
+    let gw = sharded_gateway(&cluster, &[("WS_HISTORY_SIZE", "1000")]);
+    for master in cluster.masters() {
+        wait_until(PROMPT, "the library is loaded", || {
+            has_library(&cluster, master)
+        });
+    }
+    let (user, from) = users_on_each_master(&cluster).remove(0);
+    let channel = format!("user_noti:{user}");
+    let to = cluster
+        .masters()
+        .into_iter()
+        .find(|m| *m != from)
+        .expect("another");
+    let (mut ws, _) = ws_open(gw.port, &gw.token(&user));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let stop = Arc::clone(&stop);
+        let mut nodes = cluster::Nodes::new(sharded_config(&cluster.seeds()), secs(2), None);
+        let channel = channel.clone();
+        std::thread::spawn(move || {
+            nodes.refresh().expect("topology");
+            let mut ids = Vec::new();
+            for n in 0.. {
+                if stop.load(Ordering::Acquire) && n >= 5 {
+                    break;
+                }
+                let mut fcall = redis::cmd("FCALL");
+                fcall
+                    .arg("ws_notify_spublish")
+                    .arg(1)
+                    .arg(&channel)
+                    .arg(format!(r#"{{"type":"n","payload":{n}}}"#));
+                let id: String = nodes
+                    .query_routed(channel.as_bytes(), &fcall)
+                    .unwrap_or_else(|e| panic!("FCALL #{n}: {e}"));
+                ids.push(id);
+                std::thread::sleep(ms(5));
+            }
+            ids
+        })
+    };
+    std::thread::sleep(ms(100));
+    cluster.migrate_slot(cluster::key_slot(channel.as_bytes()), to);
+    gw.wait_metric_at_least(
+        r#"ws_notify_redis_resubscribes_total{reason="migration"}"#,
+        1.0,
+    );
+    gw.wait_redis_connected(PROMPT);
+    std::thread::sleep(ms(100));
+    stop.store(true, Ordering::Release);
+    let published = publisher.join().expect("publisher");
+
+    // The last message was published after the gateway subscribed at the new
+    // owner: it arrives live.
+    let last = published.last().expect("published").clone();
+    let mut live = Vec::new();
+    while live.last() != Some(&last) {
+        let msg = recv_json(&mut ws, PROMPT);
+        live.push(msg["id"].as_str().expect("id").to_string());
+    }
+    // Everything after the first message is in the history, in order.
+    let query = format!("/ws?token={}&since={}", gw.token(&user), published[0]);
+    let (mut resumed, hello) =
+        expect_connected(ws_connect_with(gw.port, &query, &[]).expect("connect"));
+    assert_eq!(hello["recovery"]["complete"], true, "{hello}");
+    assert_eq!(hello["recovery"]["count"], published.len() - 1, "{hello}");
+    for id in &published[1..] {
+        assert_eq!(recv_json(&mut resumed, PROMPT)["id"], id.as_str());
+    }
+    eprintln!(
+        "{} published during the move, {} of them live",
+        published.len(),
+        live.len()
+    );
+}
