@@ -36,6 +36,15 @@ fn users_on_each_master(cluster: &RedisCluster) -> Vec<(String, usize)> {
         .collect()
 }
 
+/// A master other than `than`.
+fn other_master(cluster: &RedisCluster, than: usize) -> usize {
+    cluster
+        .masters()
+        .into_iter()
+        .find(|m| *m != than)
+        .expect("another master")
+}
+
 /// A redis-rs connection that `SSUBSCRIBE`d to one shard channel.
 struct ShardSubscriber {
     con: redis::Connection,
@@ -194,11 +203,7 @@ fn publish_in_sharded_mode_reaches_shard_subscribers_on_every_master() {
         let channel = format!("user_noti:{user}");
         let mut subscriber = ShardSubscriber::new(&cluster, master, &channel);
         // The only seed is another master: the CLI finds the owner itself.
-        let other = cluster
-            .masters()
-            .into_iter()
-            .find(|m| *m != master)
-            .expect("another");
+        let other = other_master(&cluster, master);
         let seed = format!("127.0.0.1:{}", cluster.nodes[other].port);
         let payload = format!(r#"{{"n":{n}}}"#);
         let out = cli(
@@ -238,11 +243,7 @@ fn routed_commands_follow_a_migrated_slot() {
     let (user, master) = users_on_each_master(&cluster).remove(0);
     let channel = format!("user_noti:{user}");
     let slot = cluster::key_slot(channel.as_bytes());
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|m| *m != master)
-        .expect("another");
+    let to = other_master(&cluster, master);
     let mut set = redis::cmd("SET");
     set.arg(&channel).arg("v");
     nodes
@@ -344,11 +345,7 @@ fn redis_unsubscribes_shard_subscribers_whose_slot_moved() {
     let (user, master) = users_on_each_master(&cluster).remove(0);
     let channel = format!("user_noti:{user}");
     let mut subscriber = ShardSubscriber::new(&cluster, master, &channel);
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|m| *m != master)
-        .expect("another");
+    let to = other_master(&cluster, master);
     cluster.migrate_slot(cluster::key_slot(channel.as_bytes()), to);
     let reply = subscriber
         .con
@@ -452,11 +449,7 @@ fn history_reads_and_publishing_follow_a_slot_in_migration() {
         ("WS_HISTORY_SIZE", "5"),
     ];
     let (user, from) = users_on_each_master(&cluster).remove(0);
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|m| *m != from)
-        .expect("another");
+    let to = other_master(&cluster, from);
     let slot = cluster::key_slot(format!("user_noti:{user}").as_bytes());
     let gw = Gateway::start(cluster.nodes[0].port, &env);
     let publish = |kind: &str| {
@@ -556,11 +549,7 @@ fn the_gateway_follows_a_slot_migration() {
     let gw = sharded_gateway(&cluster, &[]);
     let (user, from) = users_on_each_master(&cluster).remove(0);
     let channel = format!("user_noti:{user}");
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|m| *m != from)
-        .expect("another");
+    let to = other_master(&cluster, from);
     let (mut ws, _) = ws_open(gw.port, &gw.token(&user));
     assert_eq!(cluster.spublish(&channel, r#"{"type":"n","payload":0}"#), 1);
     assert_eq!(recv_json(&mut ws, PROMPT)["payload"], 0);
@@ -688,11 +677,7 @@ fn a_migration_under_a_running_publisher_loses_nothing_with_history() {
     }
     let (user, from) = users_on_each_master(&cluster).remove(0);
     let channel = format!("user_noti:{user}");
-    let to = cluster
-        .masters()
-        .into_iter()
-        .find(|m| *m != from)
-        .expect("another");
+    let to = other_master(&cluster, from);
     let (mut ws, _) = ws_open(gw.port, &gw.token(&user));
 
     let stop = Arc::new(AtomicBool::new(false));
