@@ -441,6 +441,15 @@ fn redis_config<F: Fn(&str) -> Option<String>>(env: &Env<F>) -> Result<RedisConf
         }
         (_, None) => Vec::new(),
     };
+    if subscribe_mode == SubscribeMode::Sharded && connection.db != 0 {
+        return Err(error(
+            "REDIS_DB",
+            format!(
+                "is {} (or the database of REDIS_URL): a Redis Cluster has only database 0 (REDIS_SUBSCRIBE_MODE=sharded)",
+                connection.db
+            ),
+        ));
+    }
     let channel_prefix = env
         .get("REDIS_CHANNEL_PREFIX")
         .unwrap_or_else(|| "user_noti:".to_string());
@@ -1277,6 +1286,12 @@ mod tests {
 
         let missing = error_for(&[("REDIS_SUBSCRIBE_MODE", "sharded")]);
         assert_eq!(missing.variable, "REDIS_CLUSTER_NODES");
+        let db = error_for(&[
+            ("REDIS_SUBSCRIBE_MODE", "sharded"),
+            ("REDIS_CLUSTER_NODES", "10.0.0.1:7000"),
+            ("REDIS_DB", "2"),
+        ]);
+        assert_eq!(db.variable, "REDIS_DB");
         assert!(missing.message.contains("required"), "{missing}");
         let stray = error_for(&[("REDIS_CLUSTER_NODES", "127.0.0.1:7000")]);
         assert_eq!(stray.variable, "REDIS_CLUSTER_NODES");

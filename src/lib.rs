@@ -20,6 +20,9 @@
 //! In the per-user subscription modes (`REDIS_SUBSCRIBE_MODE=channel`,
 //! `sharded`) the loop keeps who needs which channel (`user_channels`) and
 //! asks the reader to subscribe and unsubscribe through `subscriptions`.
+//! In `sharded` mode (Redis Cluster) the reader holds one link per master and
+//! `SSUBSCRIBE`s each channel at its slot's master; `cluster` knows the slots
+//! and the topology (also for the history reader and `ws-notify publish`).
 //! Messages cross through `handover` (one queue, one wake per batch); health
 //! state crosses in atomics (`redis_status::RedisStatus`). The whole picture is
 //! in docs/ARCHITECTURE.md.
@@ -27,6 +30,7 @@
 pub mod auth;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod handover;

@@ -360,12 +360,45 @@ impl Metrics {
             crate::config::SubscribeMode::Channel => "{mode=\"channel\"}",
             crate::config::SubscribeMode::Sharded => "{mode=\"sharded\"}",
         };
+        // Sharded mode: per master, labelled with its address.
+        let nodes = redis.nodes();
+        let node_label = |node: &str| node.replace('\\', "\\\\").replace('"', "\\\"");
+        let by_node: Vec<(String, u64)> = nodes
+            .iter()
+            .map(|n| {
+                let label = format!("{{mode=\"sharded\",node=\"{}\"}}", node_label(&n.node));
+                (label, n.subscriptions)
+            })
+            .collect();
+        let subscriptions: Vec<(&str, u64)> =
+            if redis.mode() == crate::config::SubscribeMode::Sharded {
+                by_node.iter().map(|(l, v)| (l.as_str(), *v)).collect()
+            } else {
+                vec![(mode, redis.subscriptions())]
+            };
         metric(
             "redis_subscriptions",
             "gauge",
-            "Subscriptions Redis confirmed and the reader holds (the pattern, or users' channels).",
-            &[(mode, redis.subscriptions())],
+            "Subscriptions Redis confirmed and the reader holds (the pattern, or users' channels; per master in sharded mode).",
+            &subscriptions,
         );
+        if redis.mode() == crate::config::SubscribeMode::Sharded {
+            let connected: Vec<(String, u64)> = nodes
+                .iter()
+                .map(|n| {
+                    let label = format!("{{node=\"{}\"}}", node_label(&n.node));
+                    (label, u64::from(n.connected))
+                })
+                .collect();
+            let connected: Vec<(&str, u64)> =
+                connected.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+            metric(
+                "redis_node_connected",
+                "gauge",
+                "Sharded mode: 1 while the link to this master is up and answered its first ping.",
+                &connected,
+            );
+        }
         metric(
             "redis_subscribe_total",
             "counter",
@@ -381,11 +414,17 @@ impl Metrics {
         metric(
             "redis_resubscribes_total",
             "counter",
-            "Channels subscribed again, by reason (after a reconnect).",
-            &[(
-                "{reason=\"reconnect\"}",
-                redis.resubscribes_after_reconnect(),
-            )],
+            "Channels subscribed again, by reason (after a reconnect; sharded mode: after their slot moved).",
+            &[
+                (
+                    "{reason=\"reconnect\"}",
+                    redis.resubscribes_after_reconnect(),
+                ),
+                (
+                    "{reason=\"migration\"}",
+                    redis.resubscribes_after_migration(),
+                ),
+            ],
         );
         metric(
             "uptime_seconds",
@@ -552,6 +591,24 @@ pub fn render_health(gauges: &Gauges, redis: &RedisStatus, now: &Timestamp) -> (
     }
     if let Some(error) = redis.last_error().filter(|_| !subscribed) {
         redis_json["error"] = serde_json::json!(error);
+    }
+    if redis.mode() == crate::config::SubscribeMode::Sharded {
+        let nodes: Vec<serde_json::Value> = redis
+            .nodes()
+            .iter()
+            .map(|node| {
+                let mut entry = serde_json::json!({
+                    "node": node.node,
+                    "status": if node.connected { "connected" } else { "disconnected" },
+                    "subscriptions": node.subscriptions,
+                });
+                if let Some(ping) = node.ping.filter(|_| node.connected) {
+                    entry["ping_ms"] = serde_json::json!(ping.as_micros() as f64 / 1000.0);
+                }
+                entry
+            })
+            .collect();
+        redis_json["nodes"] = serde_json::json!(nodes);
     }
     let body = serde_json::json!({
         "status": if subscribed { "healthy" } else { "degraded" },

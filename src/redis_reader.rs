@@ -3,6 +3,8 @@
 //! ```text
 //!  Redis --PSUBSCRIBE <prefix>*  (pattern mode)
 //!        --SUBSCRIBE <prefix><user> ... (channel mode: the users the loop asks for)
+//!        --SSUBSCRIBE <prefix><user> ... (sharded mode: one link per cluster
+//!          master, each user at the master of its channel's slot: [`sharded`])
 //!      --> [redis-reader thread: its own mio Poll: the link's socket + a Waker]
 //!      pubsub::Link: RESP frames parsed in the read buffer, no allocation
 //!      strip the prefix, copy (user id, payload) into one `Published`
@@ -39,8 +41,10 @@ use log::{debug, error, info, warn};
 use mio::{Events, Poll, Token, Waker};
 use redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, TlsCertificates};
 
+mod sharded;
+
 use crate::clock;
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, SubscribeMode};
 use crate::handover::{
     self, Handoff, Inbox, Published, PushOutcome, QUEUE_BYTES_CAPACITY, QUEUE_CAPACITY,
 };
@@ -531,7 +535,14 @@ impl ReaderThread {
         let ping_interval = config.ping_interval.max(Duration::from_millis(1));
         ReaderThread {
             pattern: subscribe_pattern(&config.channel_prefix),
-            addr: target.addr(),
+            addr: match config.subscribe_mode {
+                SubscribeMode::Sharded => crate::cluster::seeds(&config)
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                _ => target.addr(),
+            },
             io_wait: ping_interval.clamp(MIN_IO_WAIT, MAX_IO_WAIT),
             healthy_after: HEALTHY_AFTER.min(ping_interval.saturating_mul(HEALTHY_PINGS)),
             config,
@@ -645,6 +656,9 @@ impl ReaderThread {
     /// subscriptions and a PING leave in one write), and reads until the
     /// connection fails or the thread is asked to stop.
     fn session(&mut self) -> SessionEnd {
+        if self.config.subscribe_mode == SubscribeMode::Sharded {
+            return sharded::session(self);
+        }
         if let Subscription::Lost { attempts, .. } = &mut self.subscription {
             *attempts += 1;
         }
@@ -707,36 +721,24 @@ impl ReaderThread {
                 return self.failed(ready, self.describe(&e));
             }
             let now = Instant::now();
-            let mut wake_at = now + STOP_CHECK;
-            if !ready {
-                if now >= connect_deadline {
-                    let waited = self.io_wait.as_millis();
-                    return self.failed(ready, format!("not subscribed within {waited} ms"));
-                }
-                wake_at = wake_at.min(connect_deadline);
-            }
-            // Every command's reply within io_wait of sending it, a pong
-            // included, whatever trickles in meanwhile.
-            if let Some((command, sent)) = link.oldest_unanswered() {
-                let due = sent + self.io_wait;
-                if now >= due {
-                    let (name, waited) = (command.name(), self.io_wait.as_millis());
-                    return self.failed(ready, format!("{name}: no reply within {waited} ms"));
-                }
-                wake_at = wake_at.min(due);
-            }
-            // A ping only after `ping_interval` without a frame: under a flood,
-            // messages prove the link alive (and a pong queued behind a
-            // backlog would measure the backlog, not the link); a Redis that
-            // freezes mid-flood goes quiet, so it is pinged and caught.
-            if ready && !link.ping_in_flight() {
-                let due = last_frame + self.config.ping_interval;
-                if now >= due {
-                    link.ping();
-                    continue;
-                }
-                wake_at = wake_at.min(due);
-            }
+            let checked = check_deadlines(
+                link,
+                LinkTimes {
+                    ready,
+                    connect_deadline,
+                    last_frame,
+                },
+                self.io_wait,
+                self.config.ping_interval,
+                now,
+                now + STOP_CHECK,
+            );
+            let wake_at = match checked {
+                Err(error) => return self.failed(ready, error),
+                // Flush the ping before waiting.
+                Ok(Deadlines::Pinged) => continue,
+                Ok(Deadlines::WakeAt(at)) => at,
+            };
             let timeout = if read_pending || link.has_input() {
                 Duration::ZERO
             } else {
@@ -963,6 +965,62 @@ impl ReaderThread {
             PushOutcome::Closed => Some(SessionEnd::InboxClosed),
         }
     }
+}
+
+/// What a link's deadlines say (see [`check_deadlines`]).
+enum Deadlines {
+    /// Nothing is due: wait until this instant at the latest.
+    WakeAt(Instant),
+    /// A ping was queued: flush it before waiting.
+    Pinged,
+}
+
+/// The instants a link's deadlines are measured from.
+struct LinkTimes {
+    /// The link answered its first ping (everything sent at connect is answered).
+    ready: bool,
+    connect_deadline: Instant,
+    last_frame: Instant,
+}
+
+/// One link's deadlines at `now` (the one-link session and each link of the
+/// sharded one): connected and subscribed within `io_wait`, every reply
+/// within `io_wait` of its command, whatever trickles in meanwhile, and a ping
+/// once the link carried no frame for `ping_interval` (not under a flood:
+/// messages prove the link alive, and a pong queued behind a backlog would
+/// measure the backlog; a Redis that freezes mid-flood goes quiet, so it is
+/// pinged and caught). `Err` names the deadline that passed.
+fn check_deadlines(
+    link: &mut Link,
+    times: LinkTimes,
+    io_wait: Duration,
+    ping_interval: Duration,
+    now: Instant,
+    mut wake_at: Instant,
+) -> Result<Deadlines, String> {
+    if !times.ready {
+        if now >= times.connect_deadline {
+            return Err(format!("not subscribed within {} ms", io_wait.as_millis()));
+        }
+        wake_at = wake_at.min(times.connect_deadline);
+    }
+    if let Some((command, sent)) = link.oldest_unanswered() {
+        let due = sent + io_wait;
+        if now >= due {
+            let (name, waited) = (command.name(), io_wait.as_millis());
+            return Err(format!("{name}: no reply within {waited} ms"));
+        }
+        wake_at = wake_at.min(due);
+    }
+    if times.ready && !link.ping_in_flight() {
+        let due = times.last_frame + ping_interval;
+        if now >= due {
+            link.ping();
+            return Ok(Deadlines::Pinged);
+        }
+        wake_at = wake_at.min(due);
+    }
+    Ok(Deadlines::WakeAt(wake_at))
 }
 
 /// Marks Redis as not subscribed when the reader thread ends by a panic that

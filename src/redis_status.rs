@@ -37,6 +37,24 @@ pub struct RedisStatus {
     unsubscribes: AtomicU64,
     /// Channels subscribed again after a reconnect.
     resubscribes_reconnect: AtomicU64,
+    /// Sharded mode: channels subscribed again at a new owner after Redis
+    /// dropped them because their slot moved.
+    resubscribes_migration: AtomicU64,
+    /// Sharded mode: each master's link (replaced as a whole when it changes).
+    nodes: Mutex<Vec<NodeHealth>>,
+}
+
+/// Sharded mode: one master's link, for `/health` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHealth {
+    /// `host:port`.
+    pub node: String,
+    /// The link is up and answered its first ping.
+    pub connected: bool,
+    /// Channels Redis confirmed on this link.
+    pub subscriptions: u64,
+    /// The last ping round trip on this link.
+    pub ping: Option<Duration>,
 }
 
 impl Default for RedisStatus {
@@ -65,6 +83,8 @@ impl RedisStatus {
             subscribes: AtomicU64::new(0),
             unsubscribes: AtomicU64::new(0),
             resubscribes_reconnect: AtomicU64::new(0),
+            resubscribes_migration: AtomicU64::new(0),
+            nodes: Mutex::new(Vec::new()),
         }
     }
 
@@ -100,6 +120,19 @@ impl RedisStatus {
 
     /// Connected, the subscriptions in place when the link came up confirmed
     /// by Redis, and the first ping answered.
+    /// Sharded mode: channels subscribed again after their slot moved.
+    pub fn resubscribes_after_migration(&self) -> u64 {
+        self.resubscribes_migration.load(Ordering::Relaxed)
+    }
+
+    /// Sharded mode: each master's link (empty in the other modes).
+    pub fn nodes(&self) -> Vec<NodeHealth> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     pub fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
     }
@@ -185,6 +218,18 @@ impl RedisStatus {
 
     pub(crate) fn count_unsubscribes(&self, channels: u64) {
         self.unsubscribes.fetch_add(channels, Ordering::Relaxed);
+    }
+
+    pub(crate) fn count_resubscribes_after_migration(&self, channels: u64) {
+        self.resubscribes_migration
+            .fetch_add(channels, Ordering::Relaxed);
+    }
+
+    pub(crate) fn set_nodes(&self, nodes: Vec<NodeHealth>) {
+        *self
+            .nodes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = nodes;
     }
 
     pub(crate) fn count_resubscribes_after_reconnect(&self, channels: u64) {

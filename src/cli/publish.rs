@@ -4,7 +4,9 @@
 //! that the payload is JSON. The payload's bytes are sent as given. With
 //! `WS_HISTORY_SIZE` set, it publishes through the Redis function
 //! `ws_notify_publish` (loading the library if Redis lacks it), so that the
-//! message is kept for resuming clients, and prints the message's id.
+//! message is kept for resuming clients, and prints the message's id. With
+//! `REDIS_SUBSCRIBE_MODE=sharded` it publishes with `SPUBLISH` (or
+//! `ws_notify_spublish`) on the cluster master that owns the channel's slot.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -12,8 +14,9 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use super::{Arg, EXIT_FAILURE, EXIT_USAGE, ParseStop, Parser};
-use crate::config::Config;
-use crate::history::library_code;
+use crate::cluster;
+use crate::config::{Config, SubscribeMode};
+use crate::history::{library_code, load_library};
 use crate::message::validate_published;
 use crate::redis_reader::build_client;
 
@@ -27,8 +30,10 @@ the number of Redis subscribers that received it: gateway instances, not
 WebSocket clients. With WS_HISTORY_SIZE set (history on), it publishes with
 the Redis function ws_notify_publish instead (loading the function library
 with WS_HISTORY_SIZE and WS_HISTORY_TTL if Redis lacks it) and prints the
-message's id. The payload must be JSON (default null); put -- before
-arguments that start with '-'.
+message's id. With REDIS_SUBSCRIBE_MODE=sharded it publishes on the Redis
+Cluster of REDIS_CLUSTER_NODES with SPUBLISH (or ws_notify_spublish), on the
+master that owns the channel's slot. The payload must be JSON (default null);
+put -- before arguments that start with '-'.
 
 Example: ws-notify publish alice order_shipped '{\"order_id\":42}'
 
@@ -113,29 +118,22 @@ pub fn run(args: &PublishArgs) -> ExitCode {
     }
     let channel = format!("{}{}", config.redis.channel_prefix, args.user);
     let redis = &config.redis;
-    let target = format!("{}:{} db {}", redis.host, redis.port, redis.db);
-    let result = build_client(redis)
-        .map_err(|e| e.to_string())
-        .and_then(|client| {
-            client
-                .get_connection_with_timeout(REDIS_TIMEOUT)
-                .map_err(|e| format!("connect: {e}"))
-        })
-        .and_then(|mut con| {
-            con.set_read_timeout(Some(REDIS_TIMEOUT))
-                .and_then(|()| con.set_write_timeout(Some(REDIS_TIMEOUT)))
-                .map_err(|e| format!("connect: {e}"))?;
-            if config.history_size > 0 {
-                return publish_with_history(&mut con, &config, &channel, &message)
-                    .map(Published::Id);
-            }
-            redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(&message)
-                .query::<i64>(&mut con)
-                .map(Published::Receivers)
-                .map_err(|e| format!("PUBLISH: {e}"))
-        });
+    let (target, result) = if redis.subscribe_mode == SubscribeMode::Sharded {
+        let seeds = cluster::seeds(redis)
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        (
+            format!("Cluster {seeds}"),
+            publish_sharded(&config, &channel, &message),
+        )
+    } else {
+        (
+            format!("{}:{} db {}", redis.host, redis.port, redis.db),
+            publish_single(&config, &channel, &message),
+        )
+    };
     match result {
         Ok(Published::Id(id)) => {
             println!("{id}");
@@ -154,6 +152,67 @@ pub fn run(args: &PublishArgs) -> ExitCode {
             eprintln!("ws-notify publish: Redis {target}: {e}");
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// PUBLISH, or FCALL ws_notify_publish with history on, on the one Redis.
+fn publish_single(config: &Config, channel: &str, message: &str) -> Result<Published, String> {
+    build_client(&config.redis)
+        .map_err(|e| e.to_string())
+        .and_then(|client| {
+            client
+                .get_connection_with_timeout(REDIS_TIMEOUT)
+                .map_err(|e| format!("connect: {e}"))
+        })
+        .and_then(|mut con| {
+            con.set_read_timeout(Some(REDIS_TIMEOUT))
+                .and_then(|()| con.set_write_timeout(Some(REDIS_TIMEOUT)))
+                .map_err(|e| format!("connect: {e}"))?;
+            if config.history_size > 0 {
+                return publish_with_history(&mut con, config, channel, message).map(Published::Id);
+            }
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query::<i64>(&mut con)
+                .map(Published::Receivers)
+                .map_err(|e| format!("PUBLISH: {e}"))
+        })
+}
+
+/// `REDIS_SUBSCRIBE_MODE=sharded`: SPUBLISH, or FCALL ws_notify_spublish with
+/// history on, on the master that owns the channel's slot (found with
+/// CLUSTER SHARDS from the seeds; a MOVED reply is followed once). When the
+/// function is missing, the library is loaded on every master, since the
+/// next user's channel may live on any of them.
+fn publish_sharded(config: &Config, channel: &str, message: &str) -> Result<Published, String> {
+    let mut nodes = cluster::Nodes::new(config.redis.clone(), REDIS_TIMEOUT, None);
+    nodes.refresh()?;
+    if config.history_size == 0 {
+        let mut spublish = redis::cmd("SPUBLISH");
+        spublish.arg(channel).arg(message);
+        return nodes
+            .query_routed::<i64>(channel.as_bytes(), &spublish)
+            .map(Published::Receivers)
+            .map_err(|e| format!("SPUBLISH: {e}"));
+    }
+    let mut fcall = redis::cmd("FCALL");
+    fcall
+        .arg("ws_notify_spublish")
+        .arg(1)
+        .arg(channel)
+        .arg(message);
+    match nodes.query_routed::<String>(channel.as_bytes(), &fcall) {
+        Ok(id) => Ok(Published::Id(id)),
+        Err(e) if e.to_string().contains("Function not found") => {
+            let library = library_code(config.history_size, config.history_ttl);
+            nodes.load_library_everywhere(&library)?;
+            nodes
+                .query_routed::<String>(channel.as_bytes(), &fcall)
+                .map(Published::Id)
+                .map_err(|e| format!("FCALL ws_notify_spublish: {e}"))
+        }
+        Err(e) => Err(format!("FCALL ws_notify_spublish: {e}")),
     }
 }
 
@@ -186,12 +245,7 @@ fn publish_with_history(
         Ok(id) => Ok(id),
         Err(e) if e.to_string().contains("Function not found") => {
             let library = library_code(config.history_size, config.history_ttl);
-            redis::cmd("FUNCTION")
-                .arg("LOAD")
-                .arg("REPLACE")
-                .arg(&library)
-                .query::<String>(con)
-                .map_err(|e| format!("FUNCTION LOAD (Redis 7.0+ is needed): {e}"))?;
+            load_library(con, &library)?;
             fcall(con).map_err(|e| format!("FCALL ws_notify_publish: {e}"))
         }
         Err(e) => Err(format!("FCALL ws_notify_publish: {e}")),

@@ -35,6 +35,18 @@ pub fn library_code(size: usize, ttl: Duration) -> String {
         )
 }
 
+/// `FUNCTION LOAD REPLACE <library>` on one Redis (a cluster needs it on
+/// every master).
+pub fn load_library(con: &mut redis::Connection, library: &str) -> Result<(), String> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(library)
+        .query::<String>(con)
+        .map(drop)
+        .map_err(|e| format!("FUNCTION LOAD (Redis 7.0+ is needed): {e}"))
+}
+
 /// A Redis stream entry id, `<milliseconds>-<sequence>`. Ordered as Redis orders
 /// them (milliseconds first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

@@ -16,7 +16,13 @@
 //! so a resuming client gets `connected` with `complete:false` instead of
 //! hanging. On each (re)connect it loads the `ws_notify` function library
 //! (`FUNCTION LOAD REPLACE`): a Redis restarted without persistence has lost it.
+//!
+//! In sharded mode (Redis Cluster) it holds a connection per master
+//! ([`crate::cluster::Nodes`]), loads the library on each, and reads each
+//! user's stream on the master that owns its slot (the stream's key is the
+//! channel's name, so the same slot as the channel): one pipeline per master.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
@@ -28,9 +34,10 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use redis::{Client, Connection, Value};
 
-use super::{StreamId, library_code, splice_id};
+use super::{StreamId, library_code, load_library, splice_id};
 use crate::clock::Timestamp;
-use crate::config::RedisConfig;
+use crate::cluster::{NodeAddr, Nodes, Redirect};
+use crate::config::{RedisConfig, SubscribeMode};
 use crate::logging::RateLimited;
 use crate::message::{Frame, MessageEncoder};
 use crate::redis_reader::build_client;
@@ -136,8 +143,12 @@ impl HistoryReader {
         let (requests, request_rx) = mpsc::channel();
         let (answer_tx, answers) = mpsc::channel();
         let waiting = Arc::new(AtomicUsize::new(0));
+        let library = library_code(settings.size, settings.ttl);
+        let nodes = (settings.redis.subscribe_mode == SubscribeMode::Sharded)
+            .then(|| Nodes::new(settings.redis.clone(), IO_WAIT, Some(library.clone())));
         let thread = ReaderThread {
-            library: library_code(settings.size, settings.ttl),
+            library,
+            nodes,
             settings,
             client,
             connection: None,
@@ -190,7 +201,10 @@ struct ReaderThread {
     library: String,
     client: Client,
     connection: Option<Connection>,
-    /// When the last connect failed.
+    /// Sharded mode: connections to the cluster's masters (each loads the
+    /// library when opened); `client` and `connection` are then unused.
+    nodes: Option<Nodes>,
+    /// When the last connect (or, sharded, topology refresh) failed.
     failed_at: Option<Instant>,
     requests: Receiver<Request>,
     answers: Sender<Answer>,
@@ -207,7 +221,7 @@ impl ReaderThread {
     fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         // Connect (and load the function library) at start, not on the first client.
-        self.connect();
+        self.check_connection();
         loop {
             match self.requests.recv_timeout(IDLE_CHECK) {
                 Ok(request) => batch.push(request),
@@ -266,18 +280,13 @@ impl ReaderThread {
             Ok(mut con) => {
                 self.failed_at = None;
                 // Reads work without the library; publishers need it.
-                match redis::cmd("FUNCTION")
-                    .arg("LOAD")
-                    .arg("REPLACE")
-                    .arg(&self.library)
-                    .query::<String>(&mut con)
-                {
+                match load_library(&mut con, &self.library) {
                     Ok(_) => info!(
                         "history on: Redis function library ws_notify loaded (WS_HISTORY_SIZE={}, WS_HISTORY_TTL={:?})",
                         self.settings.size, self.settings.ttl
                     ),
                     Err(e) => warn!(
-                        "history on, but the function library ws_notify could not be loaded (Redis 7.0+ is needed): {e}"
+                        "history on, but the function library ws_notify could not be loaded: {e}"
                     ),
                 }
                 self.connection = Some(con);
@@ -294,8 +303,26 @@ impl ReaderThread {
     }
 
     /// While idle: PING the connection (reconnecting, and so reloading the
-    /// library, when it is gone), or try to connect again.
+    /// library, when it is gone), or try to connect again. In sharded mode:
+    /// refresh the topology (a failover or a new master) and check a
+    /// connection to every master, so each has the library.
     fn check_connection(&mut self) {
+        if let Some(nodes) = self.nodes.as_mut() {
+            if self.failed_at.is_some_and(|at| at.elapsed() < RETRY_AFTER) {
+                return;
+            }
+            let errors = match nodes.refresh() {
+                Ok(()) => nodes.check_masters(),
+                Err(e) => vec![e],
+            };
+            if errors.is_empty() {
+                self.failed_at = None;
+            } else {
+                warn!("history reader: Redis Cluster: {}", errors.join("; "));
+                self.failed_at = Some(Instant::now());
+            }
+            return;
+        }
         if let Some(con) = self.connection.as_mut()
             && redis::cmd("PING").query::<String>(con).is_err()
         {
@@ -304,51 +331,26 @@ impl ReaderThread {
         self.connect();
     }
 
-    /// One pipeline for the whole batch: per request the newest entry (the
-    /// position), and for a resume the newest `size + 1` entries from `since` on.
-    /// A connection found broken is replaced once (Redis restarted meanwhile).
+    /// Reads the batch (one pipeline per Redis) and answers each request.
     fn serve(&mut self, batch: &[Request]) -> Vec<Answer> {
-        let unavailable = || {
-            batch
-                .iter()
-                .map(|request| answer(request, Outcome::Unavailable))
-                .collect()
-        };
         // Without the subscription, what is published after the read would
         // never reach these connections: no read, so no `complete` and no
         // `position` (README, History and resume).
-        if !self.wait_subscribed() {
-            return unavailable();
-        }
-        let mut values = None;
-        for _ in 0..2 {
-            if !self.connect() {
-                break;
-            }
-            match self.read(batch) {
-                Ok(read) => {
-                    values = Some(read);
-                    break;
-                }
-                // A slow Redis is not waited for twice.
-                Err(ReadFailed::TimedOut) => break,
-                Err(ReadFailed::Broken) => {}
-            }
-        }
-        let Some(values) = values else {
-            return unavailable();
+        let replies = if !self.wait_subscribed() {
+            batch.iter().map(|_| None).collect()
+        } else if self.nodes.is_some() {
+            self.read_sharded(batch)
+        } else {
+            self.read_single(batch)
         };
-        let mut values = values.into_iter();
         batch
             .iter()
-            .map(|request| {
-                let position = values.next();
-                // Only a resume sent the second command.
-                let range = match request.since {
-                    Some(_) => values.next(),
-                    None => None,
+            .zip(replies)
+            .map(|(request, replies)| {
+                let Some(Replies { position, range }) = replies else {
+                    return answer(request, Outcome::Unavailable);
                 };
-                let outcome = match self.recover(request, position, range) {
+                let outcome = match self.recover(request, Some(position), range) {
                     Some(recovered) => Outcome::Read(recovered),
                     None => {
                         if let Some(suppressed) = self.unreadable_warnings.check(Instant::now()) {
@@ -366,6 +368,111 @@ impl ReaderThread {
                 answer(request, outcome)
             })
             .collect()
+    }
+
+    /// One pipeline for the whole batch on the one Redis. A connection found
+    /// broken is replaced once (Redis restarted meanwhile). None for every
+    /// request when Redis cannot be read.
+    fn read_single(&mut self, batch: &[Request]) -> Vec<Option<Replies>> {
+        for _ in 0..2 {
+            if !self.connect() {
+                break;
+            }
+            match self.read(batch) {
+                Ok(values) => return split_replies(batch.iter(), values),
+                // A slow Redis is not waited for twice.
+                Err(ReadFailed::TimedOut) => break,
+                Err(ReadFailed::Broken) => {}
+            }
+        }
+        batch.iter().map(|_| None).collect()
+    }
+
+    /// Sharded mode: one pipeline per master, for the requests whose stream
+    /// (key = channel name) lives in that master's slots. A request answered
+    /// ASK (its slot is being migrated and the stream already moved) is asked
+    /// again at the target after `ASKING`; one answered MOVED, or whose master
+    /// could not be reached, again after a topology refresh (a failover, a
+    /// migrated slot). Two rounds at most; None for what could not be read.
+    fn read_sharded(&mut self, batch: &[Request]) -> Vec<Option<Replies>> {
+        let mut replies: Vec<Option<Replies>> = batch.iter().map(|_| None).collect();
+        let Some(nodes) = self.nodes.as_mut() else {
+            return replies;
+        };
+        let prefix = &self.settings.redis.channel_prefix;
+        let size = self.settings.size;
+        let mut pending: Vec<(usize, Route)> =
+            (0..batch.len()).map(|i| (i, Route::Owner)).collect();
+        let mut key = String::new();
+        for attempt in 0..2 {
+            let stale = nodes.topology().masters().next().is_none();
+            let rerouted = pending.iter().any(|(_, route)| *route == Route::Owner);
+            if stale || (attempt > 0 && rerouted) {
+                if self.failed_at.is_some_and(|at| at.elapsed() < RETRY_AFTER) {
+                    break;
+                }
+                if let Err(e) = nodes.refresh() {
+                    warn!("history reader: Redis Cluster topology: {e}");
+                    self.failed_at = Some(Instant::now());
+                    break;
+                }
+            }
+            // (node, after ASKING) -> the requests read there.
+            let mut by_node: BTreeMap<(NodeAddr, bool), Vec<usize>> = BTreeMap::new();
+            let mut retry = Vec::new();
+            for (index, route) in pending.drain(..) {
+                match route {
+                    Route::Asking(node) => by_node.entry((node, true)).or_default().push(index),
+                    Route::Owner => {
+                        key.clear();
+                        key.push_str(prefix);
+                        key.push_str(&batch[index].user_id);
+                        match nodes.topology().master_for_key(key.as_bytes()) {
+                            Some(master) => by_node
+                                .entry((master.clone(), false))
+                                .or_default()
+                                .push(index),
+                            None => retry.push((index, Route::Owner)),
+                        }
+                    }
+                }
+            }
+            for ((node, asking), indexes) in by_node {
+                let requests = || indexes.iter().map(|i| &batch[*i]);
+                let values = nodes.connection(&node).and_then(|con| {
+                    pipeline(prefix, size, asking, requests())
+                        .query::<Vec<Value>>(con)
+                        .map_err(|e| format!("{node}: {e}"))
+                });
+                let values = match values {
+                    Ok(values) => values,
+                    Err(e) => {
+                        warn!("history reader: Redis read failed: {e}");
+                        nodes.drop_connection(&node);
+                        retry.extend(indexes.into_iter().map(|i| (i, Route::Owner)));
+                        continue;
+                    }
+                };
+                let split = split_replies(requests(), values);
+                for (index, read) in indexes.iter().copied().zip(split) {
+                    match read.as_ref().map(|read| read.redirect(&node.host)) {
+                        Some(None) => replies[index] = read,
+                        Some(Some(Redirect::Ask(to))) => retry.push((index, Route::Asking(to))),
+                        Some(Some(Redirect::Moved(_))) | None => retry.push((index, Route::Owner)),
+                    }
+                }
+            }
+            pending = retry;
+            if pending.is_empty() {
+                break;
+            }
+        }
+        debug!(
+            "history read for {} connections ({} unavailable)",
+            batch.len(),
+            pending.len()
+        );
+        replies
     }
 
     /// Whether the Redis reader is subscribed, waiting up to `SUBSCRIBED_WAIT`
@@ -396,30 +503,12 @@ impl ReaderThread {
         let Some(con) = self.connection.as_mut() else {
             return Err(ReadFailed::Broken);
         };
-        let mut pipe = redis::pipe();
-        // One user's WRONGTYPE must not fail everyone's read.
-        pipe.ignore_errors();
-        let prefix = &self.settings.redis.channel_prefix;
-        let mut key = String::new();
-        for request in batch {
-            key.clear();
-            key.push_str(prefix);
-            key.push_str(&request.user_id);
-            pipe.cmd("XREVRANGE")
-                .arg(&key)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
-            if let Some(since) = request.since {
-                pipe.cmd("XREVRANGE")
-                    .arg(&key)
-                    .arg("+")
-                    .arg(since.to_string())
-                    .arg("COUNT")
-                    .arg(self.settings.size + 1);
-            }
-        }
+        let pipe = pipeline(
+            &self.settings.redis.channel_prefix,
+            self.settings.size,
+            false,
+            batch.iter(),
+        );
         match pipe.query::<Vec<Value>>(con) {
             Ok(values) => {
                 debug!("history read for {} connections", batch.len());
@@ -491,6 +580,94 @@ enum ReadFailed {
     /// The connection broke (Redis restarted, or was never connected): worth
     /// one new connection at once.
     Broken,
+}
+
+/// One request's replies: the newest entry, and for a resume the range.
+struct Replies {
+    position: Value,
+    range: Option<Value>,
+}
+
+impl Replies {
+    /// A MOVED or ASK reply: the stream is (being) moved to another master.
+    /// `asked` is the host of the node that answered.
+    fn redirect(&self, asked: &str) -> Option<Redirect> {
+        let redirect = |value: &Value| match value {
+            Value::ServerError(e) => Redirect::from_error(Some(e.code()), e.details(), asked),
+            _ => None,
+        };
+        redirect(&self.position).or_else(|| self.range.as_ref().and_then(redirect))
+    }
+}
+
+/// Where a sharded read goes next.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// The master of the stream's slot in the topology.
+    Owner,
+    /// This node, after `ASKING` (the slot is being migrated to it).
+    Asking(NodeAddr),
+}
+
+/// Per request the newest entry (the position), and for a resume the newest
+/// `size + 1` entries from `since` on. Errors are kept per command: one user's
+/// WRONGTYPE (or MOVED) must not fail everyone's read. With `asking`, each
+/// command follows an `ASKING` (which holds for one command only), whose
+/// replies are left out.
+fn pipeline<'a>(
+    prefix: &str,
+    size: usize,
+    asking: bool,
+    requests: impl Iterator<Item = &'a Request>,
+) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    let mut key = String::new();
+    for request in requests {
+        key.clear();
+        key.push_str(prefix);
+        key.push_str(&request.user_id);
+        if asking {
+            pipe.cmd("ASKING").ignore();
+        }
+        pipe.cmd("XREVRANGE")
+            .arg(&key)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+        if let Some(since) = request.since {
+            if asking {
+                pipe.cmd("ASKING").ignore();
+            }
+            pipe.cmd("XREVRANGE")
+                .arg(&key)
+                .arg("+")
+                .arg(since.to_string())
+                .arg("COUNT")
+                .arg(size + 1);
+        }
+    }
+    pipe
+}
+
+/// The pipeline's replies, cut per request (only a resume sent the second
+/// command). None where replies are missing.
+fn split_replies<'a>(
+    requests: impl Iterator<Item = &'a Request>,
+    values: Vec<Value>,
+) -> Vec<Option<Replies>> {
+    let mut values = values.into_iter();
+    requests
+        .map(|request| {
+            let position = values.next()?;
+            let range = match request.since {
+                Some(_) => Some(values.next()?),
+                None => None,
+            };
+            Some(Replies { position, range })
+        })
+        .collect()
 }
 
 fn answer(request: &Request, outcome: Outcome) -> Answer {

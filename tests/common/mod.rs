@@ -9,6 +9,7 @@
 //!
 //! One module per concept, all re-exported here (`use common::*`):
 //! - `redis_server`: `RedisServer`;
+//! - `redis_cluster`: `RedisCluster`, a Redis Cluster of `redis-server`s;
 //! - `gateway`: `Gateway`, the binary under test;
 //! - `http`: raw HTTP requests and responses, `/health`, `/metrics`;
 //! - `ws`: tungstenite's client and the `recv_*` helpers;
@@ -29,6 +30,7 @@ pub mod procs;
 pub mod procstat;
 pub mod python;
 pub mod raw_ws;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod tls;
 pub mod tokens;
@@ -37,8 +39,8 @@ pub mod ws;
 // Each test file uses only some of these.
 #[allow(unused_imports)]
 pub use self::{
-    files::*, gateway::*, http::*, messages::*, procstat::*, raw_ws::*, redis_server::*, tls::*,
-    tokens::*, ws::*,
+    files::*, gateway::*, http::*, messages::*, procstat::*, raw_ws::*, redis_cluster::*,
+    redis_server::*, tls::*, tokens::*, ws::*,
 };
 
 use std::hash::{BuildHasher, RandomState};
