@@ -63,8 +63,9 @@ pub struct Config {
     /// `Origin` (not a browser) is always let through; a cookie token needs a
     /// listed one, so `JWT_COOKIE_NAME` requires this list.
     pub allowed_origins: Vec<String>,
-    /// `WS_LOOP_NICE`, default 10 (0-19): how much lower than the Redis reader the
-    /// event loop runs, so the reader keeps pace with Redis under CPU contention.
+    /// `WS_LOOP_NICE`, default 0 (0-19): how much lower than the Redis reader the
+    /// event loop runs, so the reader keeps pace with Redis under CPU contention
+    /// (0: the same priority; the reader keeps pace without help, PERFORMANCE.md).
     pub loop_nice: i32,
     /// `SHUTDOWN_TIMEOUT`, default 30s: the wait for close replies, counted from
     /// the end of the drain.
@@ -372,7 +373,7 @@ impl Config {
             history_size: env.parse("WS_HISTORY_SIZE", 0, parse_history_size)?,
             history_ttl: env.parse("WS_HISTORY_TTL", secs(24 * 3600), parse_interval)?,
             allowed_origins,
-            loop_nice: env.parse("WS_LOOP_NICE", 10, parse_nice)?,
+            loop_nice: env.parse("WS_LOOP_NICE", 0, parse_nice)?,
             shutdown_timeout: env.parse("SHUTDOWN_TIMEOUT", secs(30), parse_interval)?,
             shutdown_drain: env.parse("SHUTDOWN_DRAIN", Duration::ZERO, parse_duration)?,
             log_level: env.parse("LOGGER_LEVEL", LevelFilter::Info, parse_log_level)?,
@@ -1118,7 +1119,7 @@ mod tests {
         assert_eq!(config.send_buffer_bytes, 1 << 20);
         assert_eq!(config.history_size, 0);
         assert_eq!(config.history_ttl, secs(24 * 3600));
-        assert_eq!(config.loop_nice, 10);
+        assert_eq!(config.loop_nice, 0);
         assert!(config.allowed_origins.is_empty());
         assert_eq!(config.shutdown_timeout, secs(30));
         assert_eq!(config.shutdown_drain, Duration::ZERO);
@@ -1165,7 +1166,7 @@ mod tests {
                 "WS_ALLOWED_ORIGINS",
                 " https://a.example.com ,, https://b.example.com,",
             ),
-            ("WS_LOOP_NICE", "0"),
+            ("WS_LOOP_NICE", "5"),
             ("SHUTDOWN_TIMEOUT", "1m"),
             ("LOGGER_LEVEL", "WARNING"),
             ("LOGGER_ENCODING", "console"),
@@ -1211,7 +1212,7 @@ mod tests {
         assert_eq!(config.send_buffer, 8);
         assert_eq!(config.token_expiry_notice, Duration::ZERO);
         assert_eq!(config.send_buffer_bytes, 512 << 10);
-        assert_eq!(config.loop_nice, 0);
+        assert_eq!(config.loop_nice, 5);
         assert_eq!(
             config.allowed_origins,
             vec!["https://a.example.com", "https://b.example.com"]

@@ -771,8 +771,10 @@ impl ReaderThread {
                 }
                 // One clock read per socket read: the read time of every
                 // message it completed, for the delivery latency (README
-                // "Endpoints"), and the link's last sign of life.
+                // "Endpoints"), and the link's last sign of life; and one
+                // wall-clock read for the last message's time (`/health`).
                 let read_at = Instant::now();
+                let read_unix_millis = clock::unix_millis(SystemTime::now());
                 let mut frames = 0u32;
                 loop {
                     let event = match link.next_event() {
@@ -783,7 +785,9 @@ impl ReaderThread {
                     frames += 1;
                     match event {
                         Event::Message { channel, payload } => {
-                            if let Some(end) = self.hand_over(channel, payload, read_at) {
+                            if let Some(end) =
+                                self.hand_over(channel, payload, read_at, read_unix_millis)
+                            {
                                 return end;
                             }
                         }
@@ -917,16 +921,17 @@ impl ReaderThread {
         }
     }
 
-    /// Strips the prefix and queues the message, read at `read_at`, for the
-    /// loop. Returns Some when the thread should end.
+    /// Strips the prefix and queues the message, read at `read_at`
+    /// (`read_unix_millis` on the wall clock), for the loop. Returns Some when
+    /// the thread should end.
     fn hand_over(
         &mut self,
         channel: &[u8],
         payload: &[u8],
         read_at: Instant,
+        read_unix_millis: u64,
     ) -> Option<SessionEnd> {
-        self.status
-            .count_received(clock::unix_millis(SystemTime::now()));
+        self.status.count_received(read_unix_millis);
         let prefix = self.config.channel_prefix.as_str();
         // The one UTF-8 check: the user id crosses to the loop as a `str`.
         let name = std::str::from_utf8(channel).ok();

@@ -279,12 +279,12 @@ fn console_encoding_starts() {
 }
 
 #[test]
-fn the_event_loop_runs_below_the_redis_reader() {
+fn ws_loop_nice_runs_the_event_loop_below_the_redis_reader() {
     let own = stat_fields("/proc/self/stat")[16]
         .parse::<i64>()
         .expect("nice");
     let redis = RedisServer::start();
-    for (value, steps) in [(None, 10), (Some("3"), 3), (Some("0"), 0)] {
+    for (value, steps) in [(None, 0), (Some("10"), 10), (Some("3"), 3)] {
         let env: Vec<(&str, &str)> = value.map(|v| ("WS_LOOP_NICE", v)).into_iter().collect();
         let gw = Gateway::start(redis.port, &env);
         gw.wait_redis_connected(PROMPT);

@@ -555,14 +555,16 @@ fn publisher_flood_of_200k_is_accounted_for_exactly() {
 
 /// The full million of issue 3, for an optimised build:
 /// `cargo test --release --test redis_resilience -- --ignored publisher_flood`.
-/// The reader thread reads about as fast as Redis accepts pipelined PUBLISHes,
-/// so on 2 cores, with Redis, this publisher and the gateway sharing them, this
-/// depends on scheduling. Measured 2026-11-28, 15 runs alone (4 of them with
-/// `WS_LOOP_NICE=0`; published in 1.4-2.2 s): 11 delivered everything, 3
-/// counted part as `queue_full` drops (25,210 / 55,883 / 174,310) and passed,
-/// 1 was cut off by Redis (peak 30.7 MiB, 613,470 delivered) and failed. The peak of Redis's output buffer for the
-/// gateway ranged from 0 to 31.4 MiB of its 32 MiB limit. In a debug build the
-/// reader is several times slower and is always cut off.
+/// The reader (its own RESP parser, about 0.4 µs of CPU a message) reads
+/// faster than Redis accepts pipelined PUBLISHes, even at the event loop's
+/// priority (`WS_LOOP_NICE=0`, the default). Measured 2026-12-02, 10 runs on 2
+/// cores shared with another test suite (published in 1.48-1.88 s): none cut
+/// off, peak output buffer 0.0 MiB in every run; 8 delivered everything, 2
+/// counted part as `buffer_full` drops (5,548 / 91,061: this one test client
+/// reads slower than the server writes). With redis-rs's parser in the reader
+/// (2026-11-28, 15 runs) 1 run was cut off by Redis (peak 30.7 MiB) and the
+/// peak ranged up to 31.4 MiB of the 32 MiB limit. A debug build's reader is
+/// several times slower: this needs `--release`.
 #[test]
 #[ignore]
 fn publisher_flood_of_a_million_is_accounted_for_exactly() {
