@@ -32,17 +32,35 @@ const REFRESH_WAIT: Duration = Duration::from_secs(1);
 /// After a failed refresh, the next one waits this long.
 const REFRESH_RETRY: Duration = Duration::from_millis(500);
 
-/// One wanted user's subscription.
+/// One user's subscription (as `UserChannel` in channel mode: only the reply
+/// to the last SSUBSCRIBE or SUNSUBSCRIBE sent tells where it stands).
 struct Place {
     /// The node link its SSUBSCRIBE went to; None while it needs one.
     node: Option<usize>,
     confirmed: bool,
+    /// False once the loop unsubscribed it: kept until the SUNSUBSCRIBE's reply.
+    wanted: bool,
+    /// The loop's last Subscribe number, echoed in the confirmation.
+    request: u64,
+    /// SSUBSCRIBE and SUNSUBSCRIBE commands sent on `node` and not answered.
+    in_flight: u32,
 }
 
 impl Place {
+    fn new(request: u64) -> Place {
+        Place {
+            node: None,
+            confirmed: false,
+            wanted: true,
+            request,
+            in_flight: 0,
+        }
+    }
+
     /// Forgets the link; true when the subscription had been confirmed.
     fn unplace(&mut self) -> bool {
         self.node = None;
+        self.in_flight = 0;
         std::mem::take(&mut self.confirmed)
     }
 }
@@ -162,14 +180,10 @@ pub(super) fn session(reader: &mut ReaderThread) -> SessionEnd {
     // loop still wants after a session ends is asked for again below (the
     // loop re-requests nothing, so keep what the last session knew).
     if let Some(wanted) = reader.wanted.as_mut() {
-        for (user, _) in wanted.users.drain() {
-            shards.users.insert(
-                user,
-                Place {
-                    node: None,
-                    confirmed: false,
-                },
-            );
+        for (user, channel) in wanted.users.drain() {
+            if channel.wanted {
+                shards.users.insert(user, Place::new(channel.request));
+            }
         }
         wanted.confirmed = 0;
     }
@@ -194,7 +208,20 @@ impl Shards {
     /// Hands the wanted set back to the reader's `Wanted` for the next session.
     fn keep_wanted(&mut self, reader: &mut ReaderThread) {
         if let Some(wanted) = reader.wanted.as_mut() {
-            wanted.users = self.users.drain().map(|(user, _)| (user, false)).collect();
+            wanted.users = self
+                .users
+                .drain()
+                .filter(|(_, place)| place.wanted)
+                .map(|(user, place)| {
+                    let channel = UserChannel {
+                        wanted: true,
+                        request: place.request,
+                        in_flight: 0,
+                        confirmed: false,
+                    };
+                    (user, channel)
+                })
+                .collect();
             wanted.confirmed = 0;
         }
     }
@@ -282,6 +309,9 @@ impl Shards {
     /// resubscription after a reconnect).
     fn unplace_node(&mut self, index: usize, status: &RedisStatus) {
         let before = self.unplaced;
+        // Users unsubscribed and only waiting for the reply are done.
+        self.users
+            .retain(|_, place| place.wanted || place.node != Some(index));
         for place in self.users.values_mut() {
             if place.node == Some(index) {
                 self.unplaced += 1;
@@ -329,6 +359,7 @@ impl Shards {
         for (user, index, channel) in placed {
             if let Some(place) = self.users.get_mut(&user) {
                 place.node = Some(index);
+                place.in_flight += 1;
                 self.unplaced -= 1;
             }
             batch.add(
@@ -354,59 +385,79 @@ impl Shards {
         let mut batch = SlotBatch::default();
         for change in &taken {
             match change {
-                Change::Subscribe(user) => match self.users.get(user) {
-                    Some(Place {
-                        confirmed: true, ..
-                    }) => {
-                        if let Some(wanted) = reader.wanted.as_ref() {
-                            wanted.confirmations.push(user);
+                Change::Subscribe(user, request) => {
+                    if let Some(place) = self.users.get_mut(user) {
+                        place.request = *request;
+                        if place.wanted {
+                            // Confirmed and settled: at once; else when Redis answers.
+                            if place.confirmed
+                                && place.in_flight == 0
+                                && let Some(wanted) = reader.wanted.as_ref()
+                            {
+                                wanted.confirmations.push(user, *request);
+                            }
+                            continue;
                         }
+                        // Its SUNSUBSCRIBE is in flight on `node`: subscribe
+                        // again there (a moved slot is followed like any other).
+                        place.wanted = true;
+                        if let Some(index) = place.node {
+                            place.in_flight += 1;
+                            batch.add(
+                                &mut self.nodes,
+                                &reader.status,
+                                SubscriptionKind::Ssubscribe,
+                                index,
+                                format!("{prefix}{user}"),
+                            );
+                        }
+                        continue;
                     }
-                    Some(_) => {}
-                    None => {
-                        let channel = format!("{prefix}{user}");
-                        let node = self.home_of(&channel);
-                        match node {
-                            Some(index) => batch.add(
+                    let channel = format!("{prefix}{user}");
+                    let mut place = Place::new(*request);
+                    place.node = self.home_of(&channel);
+                    match place.node {
+                        Some(index) => {
+                            place.in_flight = 1;
+                            batch.add(
                                 &mut self.nodes,
                                 &reader.status,
                                 SubscriptionKind::Ssubscribe,
                                 index,
                                 channel,
-                            ),
-                            None => self.unplaced += 1,
-                        }
-                        self.users.insert(
-                            user.clone(),
-                            Place {
-                                node,
-                                confirmed: false,
-                            },
-                        );
-                    }
-                },
-                Change::Unsubscribe(user) => {
-                    let Some(place) = self.users.remove(user) else {
-                        continue;
-                    };
-                    match place.node {
-                        None => self.unplaced -= 1,
-                        Some(index) => {
-                            if place.confirmed {
-                                self.confirmed -= 1;
-                                if let Some(node) = self.nodes[index].as_mut() {
-                                    node.subscriptions = node.subscriptions.saturating_sub(1);
-                                }
-                            }
-                            batch.add(
-                                &mut self.nodes,
-                                &reader.status,
-                                SubscriptionKind::Sunsubscribe,
-                                index,
-                                format!("{prefix}{user}"),
                             );
                         }
+                        None => self.unplaced += 1,
                     }
+                    self.users.insert(user.clone(), place);
+                }
+                Change::Unsubscribe(user) => {
+                    let Some(place) = self.users.get_mut(user) else {
+                        continue;
+                    };
+                    if !place.wanted {
+                        continue;
+                    }
+                    place.wanted = false;
+                    let Some(index) = place.node else {
+                        self.unplaced -= 1;
+                        self.users.remove(user);
+                        continue;
+                    };
+                    if std::mem::take(&mut place.confirmed) {
+                        self.confirmed -= 1;
+                        if let Some(node) = self.nodes[index].as_mut() {
+                            node.subscriptions = node.subscriptions.saturating_sub(1);
+                        }
+                    }
+                    place.in_flight += 1;
+                    batch.add(
+                        &mut self.nodes,
+                        &reader.status,
+                        SubscriptionKind::Sunsubscribe,
+                        index,
+                        format!("{prefix}{user}"),
+                    );
                 }
             }
         }
@@ -689,6 +740,7 @@ impl Shards {
                     }
                 }
                 let read_at = Instant::now();
+                let read_unix_millis = clock::unix_millis(SystemTime::now());
                 let mut frames = 0u32;
                 loop {
                     let event = match link.next_event() {
@@ -702,7 +754,9 @@ impl Shards {
                     frames += 1;
                     match event {
                         Event::Message { channel, payload } => {
-                            if let Some(end) = reader.hand_over(channel, payload, read_at) {
+                            if let Some(end) =
+                                reader.hand_over(channel, payload, read_at, read_unix_millis)
+                            {
                                 return Some(end);
                             }
                         }
@@ -778,35 +832,46 @@ impl Shards {
                     return;
                 };
                 match kind {
-                    SubscriptionKind::Ssubscribe => self.confirmed_on(reader, index, user),
+                    SubscriptionKind::Ssubscribe => self.answered(reader, index, user),
                     SubscriptionKind::Sunsubscribe if !solicited => {
                         self.moved_away(reader, index, user)
                     }
+                    SubscriptionKind::Sunsubscribe => self.answered(reader, index, user),
                     _ => {}
                 }
             }
         }
     }
 
-    /// Redis confirmed `user`'s SSUBSCRIBE on link `index`.
-    fn confirmed_on(&mut self, reader: &ReaderThread, index: usize, user: &str) {
+    /// Redis answered an SSUBSCRIBE or SUNSUBSCRIBE of `user`'s channel on
+    /// link `index`. Once the last one sent is answered, a wanted channel is
+    /// confirmed (the loop hears it with the request it asked last) and an
+    /// unwanted one is forgotten.
+    fn answered(&mut self, reader: &ReaderThread, index: usize, user: &str) {
         let Some(wanted) = reader.wanted.as_ref() else {
             return;
         };
-        match self.users.get_mut(user) {
-            Some(place) if place.node == Some(index) && !place.confirmed => {
-                place.confirmed = true;
-                self.confirmed += 1;
-                if let Some(node) = self.nodes[index].as_mut() {
-                    node.subscriptions += 1;
-                }
-                reader.status.set_subscriptions(self.confirmed);
-                self.nodes_dirty = true;
-                wanted.confirmations.push(user);
+        let Some(place) = self.users.get_mut(user) else {
+            return;
+        };
+        if place.node != Some(index) {
+            return; // a reply from a link the user has left
+        }
+        place.in_flight = place.in_flight.saturating_sub(1);
+        if place.in_flight > 0 {
+            return;
+        }
+        if !place.wanted {
+            self.users.remove(user);
+        } else if !place.confirmed {
+            place.confirmed = true;
+            self.confirmed += 1;
+            if let Some(node) = self.nodes[index].as_mut() {
+                node.subscriptions += 1;
             }
-            Some(_) => {}
-            // Unsubscribed meanwhile: every Subscribe gets its confirmation.
-            None => wanted.confirmations.push(user),
+            reader.status.set_subscriptions(self.confirmed);
+            self.nodes_dirty = true;
+            wanted.confirmations.push(user, place.request);
         }
     }
 
@@ -817,6 +882,10 @@ impl Shards {
             return;
         };
         if place.node != Some(index) {
+            return;
+        }
+        if !place.wanted {
+            self.users.remove(user);
             return;
         }
         self.unplaced += 1;
