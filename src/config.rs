@@ -150,6 +150,17 @@ pub struct RedisConfig {
     pub unsubscribe_linger: Duration,
 }
 
+impl RedisConfig {
+    /// `REDIS_CLUSTER_NODES` as `host:port,...` (IPv6 hosts in brackets).
+    pub fn cluster_nodes_text(&self) -> String {
+        self.cluster_nodes
+            .iter()
+            .map(|(host, port)| host_port_text(host, *port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// How the reader subscribes (`REDIS_SUBSCRIBE_MODE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscribeMode {

@@ -279,6 +279,9 @@ fn the_start_up_line_has_the_version_and_the_configuration_without_secrets() {
     assert_eq!(start["redis_port"], redis.port);
     assert_eq!(start["max_connections"], 10_000);
     assert_eq!(start["shutdown_drain"], "3s");
+    assert_eq!(start["redis_subscribe_mode"], "pattern");
+    assert_eq!(start["redis_unsubscribe_linger"], "5s");
+    assert_eq!(start["history_size"], 0);
     assert_eq!(start["jwt_secret_key"], "***");
     assert_eq!(start["redis_password"], "***");
     let logs = gw.logs();

@@ -107,6 +107,7 @@ fn log_startup(config: &Config) {
             .unwrap_or_default()
     };
     let (public_key_file, tls_ca_file) = (path(&jwt.public_key_file), path(&redis.tls_ca_file));
+    let cluster_nodes = redis.cluster_nodes_text();
     log::info!(
         version = env!("CARGO_PKG_VERSION"),
         listen = config.listen_addr_text().as_str(),
@@ -129,6 +130,9 @@ fn log_startup(config: &Config) {
         redis_channel_prefix = redis.channel_prefix.as_str(),
         redis_ping_interval:? = redis.ping_interval,
         redis_reconnect_max:? = redis.reconnect_max,
+        redis_subscribe_mode = redis.subscribe_mode.as_str(),
+        redis_cluster_nodes = cluster_nodes.as_str(),
+        redis_unsubscribe_linger:? = redis.unsubscribe_linger,
         ping_interval:? = config.ping_interval,
         pong_wait:? = config.pong_wait,
         write_wait:? = config.write_wait,
@@ -137,6 +141,9 @@ fn log_startup(config: &Config) {
         max_connections = config.max_connections,
         max_connections_per_user = config.max_connections_per_user,
         send_buffer = config.send_buffer,
+        send_buffer_bytes = config.send_buffer_bytes,
+        history_size = config.history_size,
+        history_ttl:? = config.history_ttl,
         token_expiry_notice:? = config.token_expiry_notice,
         allowed_origins = config.allowed_origins.join(",").as_str(),
         loop_nice = config.loop_nice,
