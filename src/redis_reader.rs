@@ -295,7 +295,7 @@ enum Subscription {
     },
 }
 
-/// One user's channel on the reader's side.
+/// One user's channel on the reader's side, in channel and sharded modes.
 #[derive(Debug)]
 struct UserChannel {
     /// The loop's last change for it was a Subscribe (false: an Unsubscribe
@@ -303,13 +303,97 @@ struct UserChannel {
     wanted: bool,
     /// The loop's number of that Subscribe, echoed in the confirmation.
     request: u64,
-    /// SUBSCRIBE and UNSUBSCRIBE commands sent on this link and not answered.
-    /// Only the reply to the last one tells where the channel stands: Redis
-    /// answers in order, and a SUBSCRIBE's reply followed by an UNSUBSCRIBE's
-    /// does not mean subscribed.
+    /// (S)SUBSCRIBE and (S)UNSUBSCRIBE commands sent on its link and not
+    /// answered. Only the reply to the last one tells where the channel
+    /// stands: Redis answers in order, and a SUBSCRIBE's reply followed by an
+    /// UNSUBSCRIBE's does not mean subscribed.
     in_flight: u32,
     /// Redis confirmed it on the current link and nothing was sent since.
     confirmed: bool,
+}
+
+/// What the loop's Subscribe asks of a channel.
+enum SubscribeStep {
+    /// Confirmed with nothing in flight: confirm again at once.
+    ConfirmNow,
+    /// A command is in flight: confirmed (with the new request) on its reply.
+    AwaitReply,
+    /// Not wanted so far: send a SUBSCRIBE (`sent` once it is queued).
+    Send,
+}
+
+/// Where a channel stands after the reply to one of its commands.
+enum Settled {
+    /// More replies to come.
+    InFlight,
+    /// Unsubscribed: forget the entry.
+    Forget,
+    /// Newly confirmed: tell the loop, with `request`.
+    Confirmed,
+    /// Nothing changed.
+    Unchanged,
+}
+
+impl UserChannel {
+    /// A channel nobody has asked for yet (a Subscribe follows).
+    fn new(request: u64) -> UserChannel {
+        UserChannel {
+            wanted: false,
+            request,
+            in_flight: 0,
+            confirmed: false,
+        }
+    }
+
+    /// The loop's Subscribe numbered `request`.
+    fn subscribe(&mut self, request: u64) -> SubscribeStep {
+        self.request = request;
+        if !self.wanted {
+            self.wanted = true;
+            SubscribeStep::Send
+        } else if self.confirmed && self.in_flight == 0 {
+            SubscribeStep::ConfirmNow
+        } else {
+            SubscribeStep::AwaitReply
+        }
+    }
+
+    /// The loop's Unsubscribe: None when it was not wanted, else whether it
+    /// had been confirmed (send an UNSUBSCRIBE, or forget it without a link).
+    fn unsubscribe(&mut self) -> Option<bool> {
+        if !self.wanted {
+            return None;
+        }
+        self.wanted = false;
+        Some(std::mem::take(&mut self.confirmed))
+    }
+
+    /// A command for it was queued on its link.
+    fn sent(&mut self) {
+        self.in_flight += 1;
+    }
+
+    /// Redis answered one of its commands.
+    fn answered(&mut self) -> Settled {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.in_flight > 0 {
+            Settled::InFlight
+        } else if !self.wanted {
+            Settled::Forget
+        } else if !self.confirmed {
+            self.confirmed = true;
+            Settled::Confirmed
+        } else {
+            Settled::Unchanged
+        }
+    }
+
+    /// Its link is gone: nothing is confirmed or in flight any more. Returns
+    /// whether it had been confirmed.
+    fn link_gone(&mut self) -> bool {
+        self.in_flight = 0;
+        std::mem::take(&mut self.confirmed)
+    }
 }
 
 /// Channel mode: the users whose channel the loop wants, and the queues
@@ -340,8 +424,7 @@ impl Wanted {
     fn new_link(&mut self) {
         self.users.retain(|_, user| user.wanted);
         for user in self.users.values_mut() {
-            user.confirmed = false;
-            user.in_flight = 0;
+            user.link_gone();
         }
         self.confirmed = 0;
     }
@@ -350,7 +433,7 @@ impl Wanted {
     /// as in flight.
     fn resubscribe(&mut self) -> impl Iterator<Item = &str> {
         self.users.iter_mut().map(|(user, channel)| {
-            channel.in_flight += 1;
+            channel.sent();
             &**user
         })
     }
@@ -368,45 +451,33 @@ impl Wanted {
             match change {
                 Change::Subscribe(user, request) => {
                     if !self.users.contains_key(&user) {
-                        let channel = UserChannel {
-                            wanted: false,
-                            request,
-                            in_flight: 0,
-                            confirmed: false,
-                        };
-                        self.users.insert(user.clone(), channel);
+                        self.users.insert(user.clone(), UserChannel::new(request));
                     }
                     let Some(channel) = self.users.get_mut(&user) else {
                         continue;
                     };
-                    channel.request = request;
-                    if channel.wanted {
-                        if channel.confirmed && channel.in_flight == 0 {
-                            self.confirmations.push(&user, request);
+                    match channel.subscribe(request) {
+                        SubscribeStep::ConfirmNow => self.confirmations.push(&user, request),
+                        SubscribeStep::AwaitReply => {}
+                        SubscribeStep::Send => {
+                            if let Some(link) = link.as_deref_mut() {
+                                channel.sent();
+                                batch.add(link, status, SubscriptionKind::Subscribe, &user);
+                            }
                         }
-                        // Else in flight: confirmed with this request when Redis confirms.
-                        continue;
-                    }
-                    channel.wanted = true;
-                    if let Some(link) = link.as_deref_mut() {
-                        channel.in_flight += 1;
-                        batch.add(link, status, SubscriptionKind::Subscribe, &user);
                     }
                 }
                 Change::Unsubscribe(user) => {
                     let Some(channel) = self.users.get_mut(&user) else {
                         continue;
                     };
-                    if !channel.wanted {
+                    let Some(was_confirmed) = channel.unsubscribe() else {
                         continue;
-                    }
-                    channel.wanted = false;
-                    if std::mem::take(&mut channel.confirmed) {
-                        self.confirmed -= 1;
-                    }
+                    };
+                    self.confirmed -= usize::from(was_confirmed);
                     match link.as_deref_mut() {
                         Some(link) => {
-                            channel.in_flight += 1;
+                            channel.sent();
                             batch.add(link, status, SubscriptionKind::Unsubscribe, &user);
                         }
                         None => {
@@ -430,17 +501,16 @@ impl Wanted {
         let Some(channel) = self.users.get_mut(user) else {
             return; // a reply from before a new link's `new_link`: nothing to do
         };
-        channel.in_flight = channel.in_flight.saturating_sub(1);
-        if channel.in_flight > 0 {
-            return;
-        }
-        if !channel.wanted {
-            self.users.remove(user);
-        } else if !channel.confirmed {
-            channel.confirmed = true;
-            self.confirmed += 1;
-            status.set_subscriptions(self.confirmed as u64);
-            self.confirmations.push(user, channel.request);
+        match channel.answered() {
+            Settled::Forget => {
+                self.users.remove(user);
+            }
+            Settled::Confirmed => {
+                self.confirmed += 1;
+                status.set_subscriptions(self.confirmed as u64);
+                self.confirmations.push(user, channel.request);
+            }
+            Settled::InFlight | Settled::Unchanged => {}
         }
     }
 }

@@ -32,36 +32,19 @@ const REFRESH_WAIT: Duration = Duration::from_secs(1);
 /// After a failed refresh, the next one waits this long.
 const REFRESH_RETRY: Duration = Duration::from_millis(500);
 
-/// One user's subscription (as `UserChannel` in channel mode: only the reply
-/// to the last SSUBSCRIBE or SUNSUBSCRIBE sent tells where it stands).
+/// One user's subscription: its channel's state (as in channel mode) and the
+/// master link it is placed on.
 struct Place {
     /// The node link its SSUBSCRIBE went to; None while it needs one.
     node: Option<usize>,
-    confirmed: bool,
-    /// False once the loop unsubscribed it: kept until the SUNSUBSCRIBE's reply.
-    wanted: bool,
-    /// The loop's last Subscribe number, echoed in the confirmation.
-    request: u64,
-    /// SSUBSCRIBE and SUNSUBSCRIBE commands sent on `node` and not answered.
-    in_flight: u32,
+    channel: UserChannel,
 }
 
 impl Place {
-    fn new(request: u64) -> Place {
-        Place {
-            node: None,
-            confirmed: false,
-            wanted: true,
-            request,
-            in_flight: 0,
-        }
-    }
-
     /// Forgets the link; true when the subscription had been confirmed.
     fn unplace(&mut self) -> bool {
         self.node = None;
-        self.in_flight = 0;
-        std::mem::take(&mut self.confirmed)
+        self.channel.link_gone()
     }
 }
 
@@ -180,9 +163,16 @@ pub(super) fn session(reader: &mut ReaderThread) -> SessionEnd {
     // loop still wants after a session ends is asked for again below (the
     // loop re-requests nothing, so keep what the last session knew).
     if let Some(wanted) = reader.wanted.as_mut() {
-        for (user, channel) in wanted.users.drain() {
+        for (user, mut channel) in wanted.users.drain() {
             if channel.wanted {
-                shards.users.insert(user, Place::new(channel.request));
+                channel.link_gone();
+                shards.users.insert(
+                    user,
+                    Place {
+                        node: None,
+                        channel,
+                    },
+                );
             }
         }
         wanted.confirmed = 0;
@@ -211,15 +201,10 @@ impl Shards {
             wanted.users = self
                 .users
                 .drain()
-                .filter(|(_, place)| place.wanted)
-                .map(|(user, place)| {
-                    let channel = UserChannel {
-                        wanted: true,
-                        request: place.request,
-                        in_flight: 0,
-                        confirmed: false,
-                    };
-                    (user, channel)
+                .filter(|(_, place)| place.channel.wanted)
+                .map(|(user, mut place)| {
+                    place.channel.link_gone();
+                    (user, place.channel)
                 })
                 .collect();
             wanted.confirmed = 0;
@@ -311,7 +296,7 @@ impl Shards {
         let before = self.unplaced;
         // Users unsubscribed and only waiting for the reply are done.
         self.users
-            .retain(|_, place| place.wanted || place.node != Some(index));
+            .retain(|_, place| place.channel.wanted || place.node != Some(index));
         for place in self.users.values_mut() {
             if place.node == Some(index) {
                 self.unplaced += 1;
@@ -359,7 +344,7 @@ impl Shards {
         for (user, index, channel) in placed {
             if let Some(place) = self.users.get_mut(&user) {
                 place.node = Some(index);
-                place.in_flight += 1;
+                place.channel.sent();
                 self.unplaced -= 1;
             }
             batch.add(
@@ -386,71 +371,73 @@ impl Shards {
         for change in &taken {
             match change {
                 Change::Subscribe(user, request) => {
-                    if let Some(place) = self.users.get_mut(user) {
-                        place.request = *request;
-                        if place.wanted {
-                            // Confirmed and settled: at once; else when Redis answers.
-                            if place.confirmed
-                                && place.in_flight == 0
-                                && let Some(wanted) = reader.wanted.as_ref()
-                            {
+                    if !self.users.contains_key(user) {
+                        let channel = UserChannel::new(*request);
+                        self.users.insert(
+                            user.clone(),
+                            Place {
+                                node: None,
+                                channel,
+                            },
+                        );
+                        self.unplaced += 1;
+                    }
+                    let Some(place) = self.users.get_mut(user) else {
+                        continue;
+                    };
+                    match place.channel.subscribe(*request) {
+                        SubscribeStep::ConfirmNow => {
+                            if let Some(wanted) = reader.wanted.as_ref() {
                                 wanted.confirmations.push(user, *request);
                             }
-                            continue;
                         }
-                        // Its SUNSUBSCRIBE is in flight on `node`: subscribe
-                        // again there (a moved slot is followed like any other).
-                        place.wanted = true;
-                        if let Some(index) = place.node {
-                            place.in_flight += 1;
-                            batch.add(
-                                &mut self.nodes,
-                                &reader.status,
-                                SubscriptionKind::Ssubscribe,
-                                index,
-                                format!("{prefix}{user}"),
-                            );
+                        SubscribeStep::AwaitReply => {}
+                        // A new user, or one whose SUNSUBSCRIBE is in flight
+                        // on `node` (subscribed again there: a moved slot is
+                        // followed like any other).
+                        SubscribeStep::Send => {
+                            let channel = format!("{prefix}{user}");
+                            let node = place.node.or_else(|| {
+                                let home = self.home_of(&channel)?;
+                                self.unplaced -= 1;
+                                Some(home)
+                            });
+                            let Some(place) = self.users.get_mut(user) else {
+                                continue;
+                            };
+                            place.node = node;
+                            if let Some(index) = node {
+                                place.channel.sent();
+                                batch.add(
+                                    &mut self.nodes,
+                                    &reader.status,
+                                    SubscriptionKind::Ssubscribe,
+                                    index,
+                                    channel,
+                                );
+                            }
                         }
-                        continue;
                     }
-                    let channel = format!("{prefix}{user}");
-                    let mut place = Place::new(*request);
-                    place.node = self.home_of(&channel);
-                    match place.node {
-                        Some(index) => {
-                            place.in_flight = 1;
-                            batch.add(
-                                &mut self.nodes,
-                                &reader.status,
-                                SubscriptionKind::Ssubscribe,
-                                index,
-                                channel,
-                            );
-                        }
-                        None => self.unplaced += 1,
-                    }
-                    self.users.insert(user.clone(), place);
                 }
                 Change::Unsubscribe(user) => {
                     let Some(place) = self.users.get_mut(user) else {
                         continue;
                     };
-                    if !place.wanted {
+                    let Some(was_confirmed) = place.channel.unsubscribe() else {
                         continue;
-                    }
-                    place.wanted = false;
+                    };
                     let Some(index) = place.node else {
                         self.unplaced -= 1;
                         self.users.remove(user);
                         continue;
                     };
-                    if std::mem::take(&mut place.confirmed) {
+                    if was_confirmed {
                         self.confirmed -= 1;
                         if let Some(node) = self.nodes[index].as_mut() {
                             node.subscriptions = node.subscriptions.saturating_sub(1);
                         }
                     }
-                    place.in_flight += 1;
+                    place.channel.sent();
                     batch.add(
                         &mut self.nodes,
                         &reader.status,
@@ -857,21 +844,20 @@ impl Shards {
         if place.node != Some(index) {
             return; // a reply from a link the user has left
         }
-        place.in_flight = place.in_flight.saturating_sub(1);
-        if place.in_flight > 0 {
-            return;
-        }
-        if !place.wanted {
-            self.users.remove(user);
-        } else if !place.confirmed {
-            place.confirmed = true;
-            self.confirmed += 1;
-            if let Some(node) = self.nodes[index].as_mut() {
-                node.subscriptions += 1;
+        match place.channel.answered() {
+            Settled::Forget => {
+                self.users.remove(user);
             }
-            reader.status.set_subscriptions(self.confirmed);
-            self.nodes_dirty = true;
-            wanted.confirmations.push(user, place.request);
+            Settled::Confirmed => {
+                self.confirmed += 1;
+                if let Some(node) = self.nodes[index].as_mut() {
+                    node.subscriptions += 1;
+                }
+                reader.status.set_subscriptions(self.confirmed);
+                self.nodes_dirty = true;
+                wanted.confirmations.push(user, place.channel.request);
+            }
+            Settled::InFlight | Settled::Unchanged => {}
         }
     }
 
@@ -884,7 +870,7 @@ impl Shards {
         if place.node != Some(index) {
             return;
         }
-        if !place.wanted {
+        if !place.channel.wanted {
             self.users.remove(user);
             return;
         }
